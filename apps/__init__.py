@@ -1,0 +1,1 @@
+"""The `fpdm` command line."""

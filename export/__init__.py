@@ -1,0 +1,1 @@
+"""ONNX export of fpdm models with the solver unrolled (see DESIGN.md)."""

@@ -1,0 +1,44 @@
+"""fpdm: Fixed Point Diffusion Models (Bai & Melas-Kyriazi, CVPR 2024, arXiv 2401.08741).
+
+The core: interfaces, the plugin registry and the shared solve loop. Built-in plugins live in
+`fpdm.plugins`, ONNX export in `fpdm.export`, the CLI in `fpdm.apps`.
+"""
+
+from .errors import FpdmError, FpdmRuntimeError, PluginError, UnknownNameError, UsageError
+from .hookspecs import hookimpl
+from .interfaces import (
+    BudgetAllocator,
+    Denoiser,
+    DenoiserOutput,
+    ReusePolicy,
+    Schedule,
+    Solver,
+    SolverResult,
+    SolverStats,
+)
+from .registry import Registry, default_registry
+from .solving import IterativeSolver, relative_residual
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetAllocator",
+    "Denoiser",
+    "DenoiserOutput",
+    "FpdmError",
+    "FpdmRuntimeError",
+    "IterativeSolver",
+    "PluginError",
+    "Registry",
+    "ReusePolicy",
+    "Schedule",
+    "Solver",
+    "SolverResult",
+    "SolverStats",
+    "UnknownNameError",
+    "UsageError",
+    "__version__",
+    "default_registry",
+    "hookimpl",
+    "relative_residual",
+]

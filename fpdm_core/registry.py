@@ -1,0 +1,248 @@
+"""Plugin loading and the name -> factory registry (the one place names become objects).
+
+Built-ins and third-party plugins arrive the same way: modules named in the `fpdm` entry-point group,
+each implementing some `register_<kinds>` hooks (see `fpdm.hookspecs`). Each plugin is loaded and
+registered on its own: a plugin that fails to import, implements an unknown hook, registers a bad or
+duplicate name, or raises in a hook is reported by name and rolled back, and the others still load.
+`FPDM_LOAD_PLUGINS` restricts third-party loading to a comma list of plugin or distribution names, or
+disables it when empty; fpdm's own built-ins always load.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import re
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from typing import Any
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import DuplicateNameError, FpdmError, PluginError, UnknownNameError, UsageError
+from .interfaces import BudgetAllocator, Denoiser, ReusePolicy, Schedule, Solver
+
+ENTRY_POINT_GROUP = "fpdm"
+ENV_LOAD_PLUGINS = "FPDM_LOAD_PLUGINS"
+BUILTIN_SOURCE = "built-in"
+
+# kind -> (hook that registers it, interface its instances must implement; None = any callable)
+KINDS: dict[str, tuple[str, type | None]] = {
+    "solver": ("register_solvers", Solver),
+    "denoiser": ("register_denoisers", Denoiser),
+    "schedule": ("register_schedules", Schedule),
+    "reuse_policy": ("register_reuse_policies", ReusePolicy),
+    "allocator": ("register_budget_allocators", BudgetAllocator),
+    "sampler": ("register_samplers", None),
+    "exporter": ("register_exporters", None),
+    "command": ("register_commands", None),
+}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@attrs.frozen
+class Entry:
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    description: str = ""
+
+
+@attrs.frozen
+class PluginInfo:
+    """One plugin as `fpdm plugins` shows it. `error` is None for a plugin that loaded."""
+
+    name: str
+    source: str
+    registered: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "registered": {k: list(v) for k, v in self.registered.items()}, "error": self.error}
+
+
+class Registry:
+    """Names of every kind, the plugin each came from, and the plugins that failed."""
+
+    def __init__(self) -> None:
+        self._pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        self._pm.add_hookspecs(hookspecs)
+        self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self._plugins: dict[str, PluginInfo] = {}
+
+    # ---------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, *, only: Iterable[str] | None = None) -> Registry:
+        """Load fpdm's built-ins and the installed third-party plugins (restricted to `only` when given)."""
+        registry = cls()
+        wanted = None if only is None else set(only)
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=_builtin_first):
+            source = _source_of(ep)
+            if source != BUILTIN_SOURCE and wanted is not None and not ({ep.name, _dist_name(ep)} & wanted):
+                continue
+            try:
+                module = ep.load()
+            except Exception as exc:  # a plugin's import may fail in any way; it must not take fpdm down
+                registry._plugins[ep.name] = PluginInfo(ep.name, source, error=f"import failed: {_describe(exc)}")
+                continue
+            registry.add_plugin(module, name=ep.name, source=source)
+        return registry
+
+    def add_plugin(self, plugin: object, *, name: str, source: str = "local") -> PluginInfo:
+        """Register one plugin object (module or instance); all of its registrations or none of them."""
+        if name in self._plugins:
+            info = PluginInfo(name, source, error=f"a plugin named {name!r} is already loaded")
+            self._plugins[f"{name} ({source})"] = info
+            return info
+        staged: list[Entry] = []
+        try:
+            self._pm.register(plugin, name=name)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            info = PluginInfo(name, source, error=f"invalid plugin: {exc}")
+            self._plugins[name] = info
+            return info
+        try:
+            self._check_hooks(plugin)
+            for kind, (hook_name, _) in KINDS.items():
+                for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+                    if impl.plugin is plugin:
+                        register = self._stager(kind, name, staged)
+                        impl.function(**{arg: register for arg in impl.argnames})
+            self._commit(staged)
+        except Exception as exc:  # roll back: a half-registered plugin is worse than none
+            self._pm.unregister(plugin)
+            info = PluginInfo(name, source, error=_describe(exc))
+        else:
+            registered: dict[str, tuple[str, ...]] = {}
+            for entry in staged:
+                registered[entry.kind] = (*registered.get(entry.kind, ()), entry.name)
+            info = PluginInfo(name, source, registered)
+        self._plugins[name] = info
+        return info
+
+    def _check_hooks(self, plugin: object) -> None:
+        known = sorted(hook for hook, _ in KINDS.values())
+        for caller in self._pm.get_hookcallers(plugin) or []:
+            if caller.spec is None:
+                raise PluginError(f"implements unknown hook {caller.name!r}; known hooks: {', '.join(known)}")
+
+    def _stager(self, kind: str, plugin: str, staged: list[Entry]) -> Callable[..., None]:
+        interface = KINDS[kind][1]
+
+        def register(name: str, factory: Callable[..., Any], *, description: str = "") -> None:
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise PluginError(f"bad {kind} name {name!r}: use letters, digits, '_', '.', '-'")
+            if not callable(factory):
+                raise PluginError(f"{kind} {name!r}: factory {factory!r} is not callable")
+            if interface is not None and isinstance(factory, type) and not issubclass(factory, interface):
+                raise PluginError(f"{kind} {name!r}: {factory.__name__} does not derive from fpdm.{interface.__name__}")
+            if any(e.kind == kind and e.name == name for e in staged):
+                raise DuplicateNameError(f"{kind} {name!r} registered twice by plugin {plugin!r}")
+            staged.append(Entry(kind, name, factory, plugin, str(description)))
+
+        return register
+
+    def _commit(self, staged: list[Entry]) -> None:
+        for entry in staged:
+            held = self._entries[entry.kind].get(entry.name)
+            if held is not None:
+                raise DuplicateNameError(f"{entry.kind} {entry.name!r} is already registered by plugin {held.plugin!r}")
+        for entry in staged:
+            self._entries[entry.kind][entry.name] = entry
+
+    # ---------------------------------------------------------------------------------------------- lookup
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._kind(kind))
+
+    def entry(self, kind: str, name: str) -> Entry:
+        entries = self._kind(kind)
+        if name not in entries:
+            raise UnknownNameError(kind.replace("_", " "), name, entries)
+        return entries[name]
+
+    def plugins(self) -> list[PluginInfo]:
+        return list(self._plugins.values())
+
+    def create(self, kind: str, name: str, **options: Any) -> Any:
+        """Build a registered `kind` by name with keyword options, validated: unknown options are errors."""
+        entry = self.entry(kind, name)
+        label = f"{kind.replace('_', ' ')} {name!r}"
+        allowed = option_names(entry.factory)
+        if allowed is not None:
+            unknown = sorted(set(options) - set(allowed))
+            if unknown:
+                listing = ", ".join(allowed) if allowed else "(none)"
+                raise UsageError(f"{label} has no option {unknown[0]!r}; options: {listing}")
+        try:
+            obj = entry.factory(**options)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{label}: bad option: {exc}") from exc
+        except Exception as exc:
+            raise PluginError(f"{label} from plugin {entry.plugin!r} failed to build: {_describe(exc)}") from exc
+        interface = KINDS[kind][1]
+        if interface is not None and not isinstance(obj, interface):
+            raise PluginError(
+                f"{label} from plugin {entry.plugin!r} returned {type(obj).__name__}, not an fpdm.{interface.__name__}"
+            )
+        return obj
+
+    def _kind(self, kind: str) -> dict[str, Entry]:
+        if kind not in self._entries:
+            raise UnknownNameError("kind", kind, self._entries)
+        return self._entries[kind]
+
+
+def option_names(factory: Callable[..., Any]) -> list[str] | None:
+    """Keyword options a factory accepts, or None when it takes arbitrary **kwargs (it then validates itself)."""
+    if attrs.has(factory):
+        return [f.alias for f in attrs.fields(factory) if f.init]  # type: ignore[arg-type]
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def plugins_from_env() -> list[str] | None:
+    """`FPDM_LOAD_PLUGINS`: unset -> None (load all), "" -> [] (none), "a,b" -> those names."""
+    value = os.environ.get(ENV_LOAD_PLUGINS)
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+@functools.lru_cache(maxsize=1)
+def default_registry() -> Registry:
+    """The process-wide registry, loaded once on first use (honours FPDM_LOAD_PLUGINS)."""
+    return Registry.load(only=plugins_from_env())
+
+
+def _dist_name(ep: metadata.EntryPoint) -> str:
+    return ep.dist.name if ep.dist is not None else ""
+
+
+def _source_of(ep: metadata.EntryPoint) -> str:
+    if ep.dist is None:
+        return "unknown distribution"
+    if re.sub(r"[-_.]+", "-", ep.dist.name).lower() == "fpdm":
+        return BUILTIN_SOURCE
+    return f"{ep.dist.name} {ep.dist.version}"
+
+
+def _builtin_first(ep: metadata.EntryPoint) -> tuple[bool, str, str]:
+    return (_source_of(ep) != BUILTIN_SOURCE, _dist_name(ep), ep.name)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: our own errors speak for themselves, anything else is prefixed with its type."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else ""
+    if isinstance(exc, FpdmError):
+        return first
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
