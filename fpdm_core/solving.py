@@ -22,9 +22,15 @@ RESIDUAL_EPS = 1e-8
 
 
 def relative_residual(z: Tensor, fz: Tensor) -> Tensor:
-    """||f(z) - z|| / (||f(z)|| + eps) per sample, in fp32: scale-free, so one tol fits every model size."""
+    """||f(z) - z|| / (||f(z)|| + eps) per sample, in fp32: scale-free, so one tol fits every model size.
+
+    NaN where either norm is not finite (NaN/inf in the state, or a state so large its norm overflows):
+    such a sample has diverged, it must not read as converged through inf / inf or x / inf.
+    """
     diff = (fz.float() - z.float()).flatten(1).norm(dim=1)  # (B,)
-    return diff / (fz.float().flatten(1).norm(dim=1) + RESIDUAL_EPS)
+    size = fz.float().flatten(1).norm(dim=1)  # (B,)
+    res = diff / (size + RESIDUAL_EPS)
+    return torch.where(torch.isfinite(diff) & torch.isfinite(size), res, math.nan)
 
 
 def check_solve_args(max_iter: Any, tol: Any, check_every: Any) -> None:

@@ -56,7 +56,7 @@ class Anderson(IterativeSolver):
     Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 2011.
     Mixing weights alpha minimise ||sum_i alpha_i (f(x_i) - x_i)|| subject to sum alpha = 1; that is
     alpha proportional to (G G^T + lam * s * I)^-1 1 with s the mean squared residual of the window, so the
-    regularisation follows the problem's scale. History and the small solve stay in fp32 whatever dtype f uses.
+    regularisation follows the problem's scale. History and the small solve stay in at least fp32 whatever dtype f uses.
     """
 
     m: int = attrs.field(default=5, validator=[v.instance_of(int), v.ge(1)])
@@ -70,8 +70,9 @@ class Anderson(IterativeSolver):
         self, state: tuple[tuple[Tensor, ...], tuple[Tensor, ...]], z: Tensor, fz: Tensor, *, exportable: bool = False
     ) -> tuple[Tensor, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:
         xs, fs = state
-        xs = (*xs, z.flatten(1).float())[-self.m :]  # window of iterates, each (B, n) fp32
-        fs = (*fs, fz.flatten(1).float())[-self.m :]  # their images
+        dtype = torch.promote_types(z.dtype, torch.float32)  # at least fp32, whatever f runs in
+        xs = (*xs, z.flatten(1).to(dtype))[-self.m :]  # window of iterates, each (B, n)
+        fs = (*fs, fz.flatten(1).to(dtype))[-self.m :]  # their images
         x_hist, f_hist = torch.stack(xs, 1), torch.stack(fs, 1)  # (B, h, n)
         g = f_hist - x_hist  # (B, h, n) residuals
         gram = g @ g.transpose(1, 2)  # (B, h, h)
