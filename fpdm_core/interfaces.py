@@ -42,8 +42,10 @@ class SolverStats:
     """Per-sample statistics of one solve. Every tensor has the batch as its first dimension.
 
     iterations: function evaluations spent on each sample, int64 (B,).
-    residual:   relative residual ||f(z) - z|| / (||f(z)|| + eps) of the returned estimate, float32 (B,);
-                inf where no finite estimate was ever seen.
+    residual:   relative residual ||f(z) - z|| / (||f(z)|| + eps) of the step that produced the returned
+                estimate, float32 (B,). inf where f never gave a finite image; NaN where it was not measured:
+                max_iter = 0, or a sample that diverged under a fixed count (tol = 0 checks only finiteness
+                on the way, to stay cheap; ask for `trace` to measure every step).
     converged:  residual <= tol, bool (B,). With tol = 0 (a fixed count) only an exact fixed point counts.
     trace:      residual after every evaluation, float32 (B, max_iter), NaN after a sample stopped;
                 None unless asked for.

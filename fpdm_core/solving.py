@@ -24,13 +24,16 @@ RESIDUAL_EPS = 1e-8
 def relative_residual(z: Tensor, fz: Tensor) -> Tensor:
     """||f(z) - z|| / (||f(z)|| + eps) per sample, in fp32: scale-free, so one tol fits every model size.
 
-    NaN where either norm is not finite (NaN/inf in the state, or a state so large its norm overflows):
-    such a sample has diverged, it must not read as converged through inf / inf or x / inf.
+    NaN wherever the state is not finite or so large that its norm overflows: such a sample has diverged
+    and must not read as converged through x / inf = 0. Comparisons with NaN are false, which is what the
+    solve loop relies on to stop and never accept it.
     """
-    diff = (fz.float() - z.float()).flatten(1).norm(dim=1)  # (B,)
-    size = fz.float().flatten(1).norm(dim=1)  # (B,)
-    res = diff / (size + RESIDUAL_EPS)
-    return torch.where(torch.isfinite(diff) & torch.isfinite(size), res, math.nan)
+    dims = tuple(range(1, z.dim()))
+    dtype = torch.promote_types(fz.dtype, torch.float32)  # bf16/fp16 maps are measured in fp32, fp64 in fp64
+    diff = torch.linalg.vector_norm(fz.to(dtype) - z.to(dtype), dim=dims)  # (B,)
+    size = torch.linalg.vector_norm(fz, dim=dims, dtype=dtype)  # (B,)
+    res = (diff + 0.0 * size) / (size + RESIDUAL_EPS)  # 0 * inf = NaN marks an overflowed norm
+    return torch.nan_to_num(res, nan=math.nan, posinf=math.nan).float()
 
 
 def check_solve_args(max_iter: Any, tol: Any, check_every: Any) -> None:
@@ -89,33 +92,49 @@ class IterativeSolver(Solver):
         check_solve_args(max_iter, tol, check_every)
         batch, device = z0.shape[0], z0.device
         exact = tol == 0
-        # Full-batch results; the loop works on the still-active rows and writes back when it compacts.
+        # Full-batch results, filled when rows leave the loop (compaction) and at the end.
         out = torch.empty_like(z0)
         best = torch.full((batch,), math.inf if max_iter else math.nan, device=device)
         iters = torch.zeros(batch, dtype=torch.int64, device=device)
-        conv = torch.zeros(batch, dtype=torch.bool, device=device)
         trc = torch.full((batch, max_iter), math.nan, device=device) if trace else None
 
+        # The loop works on the active rows only: `rows` maps them into the batch. A sample that never
+        # sees a finite image of f keeps z0 as its estimate.
         rows = torch.arange(batch, device=device)
-        # A sample that never sees a finite image of f keeps z0 as its estimate.
-        act = _Active(z0.clone(), best.clone(), iters.clone(), conv.clone(), trc)
+        out_a, best_a, iters_a, trc_a = z0.clone(), best.clone(), iters.clone(), None if trc is None else trc.clone()
         live = torch.ones(batch, dtype=torch.bool, device=device)
         z, fa, state = z0, f, self.init_state(z0)
         can_restrict = isinstance(f, RestrictableMap)
 
+        def write_back() -> None:
+            out.index_copy_(0, rows, out_a)
+            best.index_copy_(0, rows, best_a)
+            iters.index_copy_(0, rows, iters_a)
+            if trc is not None:
+                trc.index_copy_(0, rows, trc_a)
+
+        dims, norm_dtype = tuple(range(1, z0.dim())), torch.promote_types(z0.dtype, torch.float32)
         for k in range(max_iter):
             fz = fa(z)
-            res = relative_residual(z.detach(), fz.detach())  # (A,) bookkeeping only, never differentiated
-            finite = torch.isfinite(res)
-            take = live & finite if exact else live & finite & (res <= act.best)
-            act.out = torch.where(_rows_mask(take, fz), fz.to(out.dtype), act.out)
-            act.best = torch.where(take, res, act.best)
-            act.iters += live
-            act.conv |= live & (res <= tol)
-            if act.trace is not None:
-                act.trace[:, k] = torch.where(live, res, math.nan)
-            done = ~finite if exact else ~finite | (res <= tol)
-            live = live & ~done
+            last = k + 1 == max_iter
+            if exact and trc_a is None and not last:
+                # A fixed count needs no residual on the way, only whether f stayed finite: one reduction.
+                finite = torch.linalg.vector_norm(fz.detach(), dim=dims, dtype=norm_dtype).isfinite()  # (A,)
+                take = live & finite
+                out_a = torch.where(_rows_mask(take, fz), fz.to(out.dtype), out_a)
+                best_a = torch.where(take, math.nan, best_a)  # diverged rows keep NaN: never measured
+                iters_a += live
+                live = take
+            else:
+                res = relative_residual(z.detach(), fz.detach())  # (A,) bookkeeping only, NaN when diverged
+                # Exact count: keep the latest finite image. Tolerance: keep the best one (NaN never compares).
+                take = live & (res == res) if exact else live & (res < best_a)
+                out_a = torch.where(_rows_mask(take, fz), fz.to(out.dtype), out_a)
+                best_a = torch.where(take, res, best_a)
+                iters_a += live
+                if trc_a is not None:
+                    trc_a[:, k] = torch.where(live, res, math.nan)
+                live = take if exact else live & (res > tol)
             if k + 1 == max_iter:
                 break
             z, state = self.step(state, z, fz)
@@ -125,32 +144,11 @@ class IterativeSolver(Solver):
                 if n_live == 0:
                     break
                 if can_restrict and n_live < live.shape[0]:
+                    write_back()
                     keep = live.nonzero().squeeze(1)
-                    act.write_back(rows, out, best, iters, conv, trc)
-                    rows, act = rows[keep], act.select(keep)
-                    z, state, live = z[keep], self.select_state(state, keep), live[keep]
+                    rows, z, state, live = rows[keep], z[keep], self.select_state(state, keep), live[keep]
+                    out_a, best_a, iters_a = out_a[keep], best_a[keep], iters_a[keep]
+                    trc_a = None if trc_a is None else trc_a[keep]
                     fa = f.restrict(rows)  # type: ignore[union-attr]
-        act.write_back(rows, out, best, iters, conv, trc)
-        return SolverResult(out, SolverStats(iters, best, conv, trc))
-
-
-class _Active:
-    """Per-sample results of the rows still in the loop (a view of the batch that shrinks on compaction)."""
-
-    def __init__(self, out: Tensor, best: Tensor, iters: Tensor, conv: Tensor, trace: Tensor | None) -> None:
-        self.out, self.best, self.iters, self.conv = out, best, iters, conv
-        self.trace = None if trace is None else trace.clone()
-
-    def select(self, keep: Tensor) -> _Active:
-        trace = None if self.trace is None else self.trace[keep]
-        return _Active(self.out[keep], self.best[keep], self.iters[keep], self.conv[keep], trace)
-
-    def write_back(
-        self, rows: Tensor, out: Tensor, best: Tensor, iters: Tensor, conv: Tensor, trace: Tensor | None
-    ) -> None:
-        out.index_copy_(0, rows, self.out)
-        best.index_copy_(0, rows, self.best)
-        iters.index_copy_(0, rows, self.iters)
-        conv.index_copy_(0, rows, self.conv)
-        if trace is not None and self.trace is not None:
-            trace.index_copy_(0, rows, self.trace)
+        write_back()
+        return SolverResult(out, SolverStats(iters, best, best <= tol, trc))

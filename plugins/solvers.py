@@ -49,54 +49,59 @@ def spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
     return aug[:, :, h]  # (B, h)
 
 
+AndersonState = tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor | None]
+
+
 @attrs.frozen
 class Anderson(IterativeSolver):
     """Anderson acceleration (type II) with a window of `m` past iterates.
 
     Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 2011.
-    Mixing weights alpha minimise ||sum_i alpha_i (f(x_i) - x_i)|| subject to sum alpha = 1; that is
-    alpha proportional to (G G^T + lam * s * I)^-1 1 with s the mean squared residual of the window, so the
-    regularisation follows the problem's scale. History and the small solve stay in at least fp32 whatever dtype f uses.
+    Mixing weights alpha minimise ||sum_i alpha_i g_i|| (g_i = f(x_i) - x_i) subject to sum alpha = 1, i.e.
+    alpha proportional to (G G^T / s + lam I)^-1 1 with s the mean squared residual of the window, so the
+    regularisation follows the problem's scale. The next iterate is sum_i alpha_i (f(x_i) - (1 - beta) g_i).
+    The window keeps f(x_i), g_i and their Gram matrix (updated by one row per step), in at least fp32.
     """
 
     m: int = attrs.field(default=5, validator=[v.instance_of(int), v.ge(1)])
     beta: float = attrs.field(default=1.0, converter=float, validator=[v.gt(0.0), v.le(1.0)])
     lam: float = attrs.field(default=1e-4, converter=float, validator=[v.gt(0.0)])
 
-    def init_state(self, z0: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        return (), ()
+    def init_state(self, z0: Tensor) -> AndersonState:
+        return (), (), None
 
-    def step(
-        self, state: tuple[tuple[Tensor, ...], tuple[Tensor, ...]], z: Tensor, fz: Tensor, *, exportable: bool = False
-    ) -> tuple[Tensor, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:
-        xs, fs = state
+    def step(self, state: AndersonState, z: Tensor, fz: Tensor, *, exportable: bool = False) -> tuple[Tensor, AndersonState]:
+        fs, gs, gram = state
         dtype = torch.promote_types(z.dtype, torch.float32)  # at least fp32, whatever f runs in
-        xs = (*xs, z.flatten(1).to(dtype))[-self.m :]  # window of iterates, each (B, n)
-        fs = (*fs, fz.flatten(1).to(dtype))[-self.m :]  # their images
-        x_hist, f_hist = torch.stack(xs, 1), torch.stack(fs, 1)  # (B, h, n)
-        g = f_hist - x_hist  # (B, h, n) residuals
-        gram = g @ g.transpose(1, 2)  # (B, h, h)
-        h = gram.shape[-1]
-        eye = torch.eye(h, dtype=gram.dtype, device=gram.device)
+        f_new = fz.flatten(1).to(dtype)  # (B, n)
+        g_new = f_new - z.flatten(1).to(dtype)  # (B, n)
+        if len(fs) == self.m:  # window full: forget the oldest
+            fs, gs, gram = fs[1:], gs[1:], gram[:, 1:, 1:]  # type: ignore[index]
+        fs, gs = (*fs, f_new), (*gs, g_new)
+        dots = torch.stack([torch.linalg.vecdot(g, g_new) for g in gs], 1)  # (B, h) new Gram row
+        gram = dots[:, :, None] if gram is None else torch.cat([torch.cat([gram, dots[:, :-1, None]], 2), dots[:, None, :]], 1)
+        h = len(gs)
+        eye = torch.eye(h, dtype=dtype, device=z.device)
         scale = torch.diagonal(gram, dim1=1, dim2=2).mean(1).clamp_min(1e-30)  # (B,)
         system = gram / scale[:, None, None] + self.lam * eye  # (B, h, h) SPD, O(1) entries
-        ones = torch.ones(gram.shape[:2], dtype=gram.dtype, device=gram.device)  # (B, h)
+        ones = torch.ones(gram.shape[:2], dtype=dtype, device=z.device)  # (B, h)
         if exportable:
             w = spd_solve(system, ones)
         else:
             # One fused LAPACK/cuSOLVER call; solve_ex skips the error check, which would sync with the host.
             w = torch.linalg.solve_ex(system, ones.unsqueeze(-1))[0].squeeze(-1)
         alpha = w / w.sum(1, keepdim=True)  # (B, h) sums to 1
-        mixed = (alpha.unsqueeze(1) @ f_hist).squeeze(1)  # (B, n)
+        mixed = fs[0] * alpha[:, :1]  # (B, n)
+        for i in range(1, h):
+            mixed = mixed + fs[i] * alpha[:, i : i + 1]
         if self.beta != 1.0:
-            mixed = self.beta * mixed + (1.0 - self.beta) * (alpha.unsqueeze(1) @ x_hist).squeeze(1)
-        return mixed.view_as(z).to(z.dtype), (xs, fs)
+            for i in range(h):
+                mixed = mixed - (1.0 - self.beta) * gs[i] * alpha[:, i : i + 1]
+        return mixed.view_as(z).to(z.dtype), (fs, gs, gram)
 
-    def select_state(
-        self, state: tuple[tuple[Tensor, ...], tuple[Tensor, ...]], rows: Tensor
-    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        xs, fs = state
-        return tuple(x[rows] for x in xs), tuple(f[rows] for f in fs)
+    def select_state(self, state: AndersonState, rows: Tensor) -> AndersonState:
+        fs, gs, gram = state
+        return tuple(f[rows] for f in fs), tuple(g[rows] for g in gs), None if gram is None else gram[rows]
 
 
 @hookimpl
