@@ -4,6 +4,8 @@ The core: interfaces, the plugin registry and the shared solve loop. Built-in pl
 `fpdm.plugins`, ONNX export in `fpdm.export`, the CLI in `fpdm.apps`.
 """
 
+from importlib import metadata as _metadata
+
 from .errors import FpdmError, FpdmRuntimeError, PluginError, UnknownNameError, UsageError
 from .hookspecs import hookimpl
 from .interfaces import (
@@ -19,7 +21,10 @@ from .interfaces import (
 from .registry import Registry, default_registry
 from .solving import IterativeSolver, relative_residual
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("fpdm")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BudgetAllocator",

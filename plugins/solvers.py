@@ -91,12 +91,12 @@ class Anderson(IterativeSolver):
             # One fused LAPACK/cuSOLVER call; solve_ex skips the error check, which would sync with the host.
             w = torch.linalg.solve_ex(system, ones.unsqueeze(-1))[0].squeeze(-1)
         alpha = w / w.sum(1, keepdim=True)  # (B, h) sums to 1
-        mixed = fs[0] * alpha[:, :1]  # (B, n)
+        mixed = fs[0] * alpha[:, :1]  # (B, n) a fresh tensor: accumulating into it in place is autograd-safe
         for i in range(1, h):
-            mixed = mixed + fs[i] * alpha[:, i : i + 1]
+            mixed.addcmul_(fs[i], alpha[:, i : i + 1])
         if self.beta != 1.0:
             for i in range(h):
-                mixed = mixed - (1.0 - self.beta) * gs[i] * alpha[:, i : i + 1]
+                mixed.addcmul_(gs[i], alpha[:, i : i + 1], value=self.beta - 1.0)
         return mixed.view_as(z).to(z.dtype), (fs, gs, gram)
 
     def select_state(self, state: AndersonState, rows: Tensor) -> AndersonState:

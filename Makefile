@@ -1,0 +1,18 @@
+# The two set-up commands of README.md. Each works on a fresh machine and installs what it needs.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: demo test setup bench
+
+demo: setup  ## set up, then run the main job
+	fpdm plugins
+	fpdm solve --all --rate 0.99
+
+test: setup  ## set up, then run the whole test suite
+	$(PYTHON) -m pytest -q
+
+setup:
+	bash .ci/setup
+
+bench: setup  ## rerun the benchmarks and refresh their README tables
+	$(PYTHON) benchmarks/solvers.py --update-readme
