@@ -161,7 +161,12 @@ class Registry:
     def entry(self, kind: str, name: str) -> Entry:
         entries = self._kind(kind)
         if name not in entries:
-            raise UnknownNameError(kind.replace("_", " "), name, entries)
+            error = UnknownNameError(kind.replace("_", " "), name, entries)
+            failed = sorted(info.name for info in self._plugins.values() if info.error)
+            if failed:  # the name may belong to a plugin that did not load: say so
+                error.args = (f"{error.args[0]} ({len(failed)} plugin(s) failed to load: {', '.join(failed)}; "
+                              "see `fpdm plugins`)",)
+            raise error
         return entries[name]
 
     def plugins(self) -> list[PluginInfo]:

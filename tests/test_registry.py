@@ -128,6 +128,8 @@ def test_entry_points_load_one_by_one_with_isolation(tmp_path, monkeypatch):
     assert infos["broken"].error == "import failed: ImportError: no such thing"
     assert infos["missing"].error.startswith("import failed: ModuleNotFoundError")
     assert infos["solvers"].error is None
+    with pytest.raises(UnknownNameError, match=r"2 plugin\(s\) failed to load: broken, missing; see `fpdm plugins`"):
+        Registry.load().create("solver", "something")
 
     only = Registry.load(only=["fpdm-toy"])  # by distribution name
     assert "toy" in only.names("solver") and {i.name for i in only.plugins()} == {"solvers", "commands", "toy"}
