@@ -6,6 +6,7 @@ export stores `to_dict(config)` so it can be rebuilt with `from_dict`.
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
 import typing
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 import attrs
 from attrs import validators as v
 
+from .data import DataConfig
 from .errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -27,9 +29,11 @@ T = TypeVar("T")
 
 @attrs.frozen
 class SolverConfig:
-    """Which solver finds the fixed point and how hard it tries. `options` go to the solver's factory."""
+    """Which solver finds the fixed point and how hard it tries. `options` go to the solver's factory.
+    Training draws its iteration count per step from `train.no_grad_iters`; `max_iter` serves solving
+    and sampling."""
 
-    name: str = "anderson"
+    name: str = "fixed_point"
     max_iter: int = attrs.field(default=12, validator=v.ge(0))
     tol: float = attrs.field(default=0.0, validator=v.ge(0.0))
     check_every: int = attrs.field(default=1, validator=v.ge(1))
@@ -37,8 +41,75 @@ class SolverConfig:
 
 
 @attrs.frozen
+class ModelConfig:
+    """The denoiser. `arch` is FAMILY-SIZE/PATCH (FPDM-XL/2, DiT-S/4, ...); FAMILY is a registered denoiser.
+    hidden_size / num_heads / depth override the named size; input size, channels and classes come from data."""
+
+    arch: str = "FPDM-XS/4"
+    hidden_size: int | None = attrs.field(default=None, validator=v.optional(v.ge(4)))
+    num_heads: int | None = attrs.field(default=None, validator=v.optional(v.ge(1)))
+    depth: int | None = attrs.field(default=None, validator=v.optional(v.ge(1)))  # DiT blocks
+    pre_depth: int = attrs.field(default=1, validator=v.ge(0))
+    post_depth: int = attrs.field(default=1, validator=v.ge(0))
+    mlp_ratio: float = attrs.field(default=4.0, validator=v.gt(0.0))
+    learn_sigma: bool = True
+    prepost_timestep: bool = False  # official default: pre/post blocks see the class only
+    options: dict[str, Any] = attrs.field(factory=dict)  # extra options of a third-party denoiser
+
+
+@attrs.frozen
+class DiffusionConfig:
+    schedule: str = "linear"  # a registered schedule
+    num_train_timesteps: int = attrs.field(default=1000, validator=v.ge(1))
+    prediction: str = attrs.field(default="eps", validator=v.in_(("eps", "v")))
+    zero_terminal_snr: bool = False
+    options: dict[str, Any] = attrs.field(factory=dict)  # schedule options, e.g. beta_start, beta_end
+
+
+def _range(lo: int) -> Any:
+    def check(instance: Any, attribute: attrs.Attribute, value: list[int]) -> None:
+        if len(value) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+            raise ValueError(f"'{attribute.name}' must be two integers [min, max], got {value!r}")
+        if value[0] < lo or value[0] > value[1]:
+            raise ValueError(f"'{attribute.name}' must satisfy {lo} <= min <= max, got {value!r}")
+
+    return check
+
+
+@attrs.frozen
+class TrainConfig:
+    """The training loop. S-JFB draws n_no_grad ~ U[no_grad_iters] and n_grad ~ U[grad_iters] each step."""
+
+    steps: int = attrs.field(default=2000, validator=v.ge(1))
+    batch_size: int = attrs.field(default=64, validator=v.ge(1))
+    lr: float = attrs.field(default=1e-4, validator=v.gt(0.0))
+    weight_decay: float = attrs.field(default=0.0, validator=v.ge(0.0))
+    grad_clip: float = attrs.field(default=0.0, validator=v.ge(0.0))  # 0 = off
+    ema_decay: float = attrs.field(default=0.9999, validator=[v.ge(0.0), v.lt(1.0)])
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): short runs get a useful EMA
+    label_dropout: float = attrs.field(default=0.1, validator=[v.ge(0.0), v.lt(1.0)])
+    no_grad_iters: list[int] = attrs.field(factory=lambda: [0, 10], validator=_range(0))
+    grad_iters: list[int] = attrs.field(factory=lambda: [1, 12], validator=_range(0))
+    no_grad_tol: float = attrs.field(default=0.0, validator=v.ge(0.0))  # > 0: the no-grad solve may stop early
+    checkpoint_activations: bool = False  # gradient checkpointing per block and per grad-phase iteration
+    precision: str = attrs.field(default="auto", validator=v.in_(("auto", "fp32", "bf16")))  # auto: bf16 on CUDA
+    tf32: bool = True
+    compile: bool = False
+    device: str = "auto"
+    seed: int = attrs.field(default=0, validator=v.ge(0))
+    log_every: int = attrs.field(default=50, validator=v.ge(1))
+    ckpt_every: int = attrs.field(default=500, validator=v.ge(1))
+    keep_checkpoints: int = attrs.field(default=2, validator=v.ge(1))
+    out_dir: str = "runs/fashion_mnist"
+
+
+@attrs.frozen
 class Config:
+    model: ModelConfig = attrs.field(factory=ModelConfig)
+    diffusion: DiffusionConfig = attrs.field(factory=DiffusionConfig)
+    data: DataConfig = attrs.field(factory=DataConfig)
     solver: SolverConfig = attrs.field(factory=SolverConfig)
+    train: TrainConfig = attrs.field(factory=TrainConfig)
 
 
 def from_dict(cls: type[T], data: Any, *, path: str = "") -> T:
@@ -104,10 +175,11 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     *,
     defaults: tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
 ) -> Config:
-    """Class defaults <- `defaults` (a command's own, as KEY=VALUE) <- TOML file <- `overrides`, validated
-    into a frozen `Config`."""
-    data: dict[str, Any] = {}
+    """Class defaults <- `base` (e.g. a run's saved config) <- `defaults` (a command's own, as KEY=VALUE)
+    <- TOML file <- `overrides`, validated into a frozen `Config`."""
+    data: dict[str, Any] = copy.deepcopy(base) if base else {}
     _apply_overrides(data, defaults)
     if path is not None:
         try:

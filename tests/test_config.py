@@ -25,7 +25,7 @@ def test_defaults_file_and_overrides_layer_in_order(tmp_path):
     "text, overrides, message",
     [
         ("[solver\n", (), "bad TOML"),
-        ("[solvr]\n", (), "unknown key 'solvr'; known keys in the config: solver"),
+        ("[solvr]\n", (), "unknown key 'solvr'; known keys in the config: model, diffusion, data, solver, train"),
         ("[solver]\nmax_iters = 3\n", (), "unknown key 'solver.max_iters'"),
         ("[solver]\nmax_iter = '3'\n", (), "solver.max_iter must be int, got str"),
         ("[solver]\nmax_iter = true\n", (), "solver.max_iter must be int, got bool"),

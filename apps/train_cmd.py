@@ -1,0 +1,75 @@
+"""`fpdm train`: config -> build -> train loop -> checkpoints, metrics.jsonl and a loss plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fpdm.config import Config, load_config
+from fpdm.errors import UsageError
+from fpdm.training import train
+
+from .plots import line_plot
+from .presets import resolve_config
+
+DEFAULT_PRESET = "fashion_mnist"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help=f"preset name or TOML file (default: the {DEFAULT_PRESET} preset)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+
+def train_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-def]
+    add_config_arguments(parser)
+    parser.add_argument("--plugin", metavar="SOLVER", help="solver of the S-JFB no-grad phase (= --set solver.name=SOLVER)")
+    parser.add_argument("--out", metavar="DIR", help="run folder (= --set train.out_dir=DIR)")
+    parser.add_argument("--steps", type=int, help="= --set train.steps=N")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (= --set train.device=...)")
+    parser.add_argument("--resume", action="store_true", help="continue the run folder from its newest checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args: argparse.Namespace) -> int:
+        overrides = list(args.set)
+        for flag, key in ((args.plugin, "solver.name"), (args.out, "train.out_dir"), (args.steps, "train.steps"),
+                          (args.device, "train.device")):
+            if flag is not None:
+                overrides.append(f"{key}={json.dumps(flag)}")
+        config = _config(args, overrides)
+        out = Path(config.train.out_dir)
+        print(f"fpdm train: {config.model.arch} on {config.data.name}, solver {config.solver.name}, "
+              f"{config.train.steps} steps -> {out}")
+        result = train(config, resume=args.resume, progress=not args.no_progress)
+        _report(result.history, out)
+        print(f"checkpoint: {result.checkpoint}")
+        return 0
+
+    return run
+
+
+def _config(args: argparse.Namespace, overrides: list[str]) -> Config:
+    """Resuming without --config continues the run's own saved config; otherwise the preset or file."""
+    if args.resume and args.config is None:
+        probe = load_config(resolve_config(DEFAULT_PRESET), overrides)
+        saved = Path(probe.train.out_dir) / "config.json"
+        if not saved.is_file():
+            raise UsageError(f"nothing to resume: {saved} does not exist (pass --out RUN_DIR)")
+        try:
+            base = json.loads(saved.read_text())
+        except ValueError as exc:
+            raise UsageError(f"unreadable run config {saved}: {exc}") from None
+        return load_config(None, overrides, base=base)
+    return load_config(resolve_config(args.config or DEFAULT_PRESET), overrides)
+
+
+def _report(history: list[dict], out: Path) -> None:
+    if not history:
+        return
+    print("loss curve (mean over each logging window):")
+    picks = history if len(history) <= 10 else [history[round(i * (len(history) - 1) / 9)] for i in range(10)]
+    for rec in picks:
+        print(f"  step {rec['step']:>7}  loss {rec['loss']:.4f}  {rec['img_per_s']:.0f} img/s")
+    points = [(rec["step"], rec["loss"]) for rec in history]
+    plot = line_plot({"loss": points}, out / "loss.png", title="training loss", xlabel="step", ylabel="loss", log_y=True)
+    print(f"loss plot: {plot}")

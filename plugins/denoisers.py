@@ -1,0 +1,12 @@
+"""Built-in denoisers: the FPDM transformer and the DiT baseline, built from the same blocks."""
+
+from __future__ import annotations
+
+from fpdm import hookimpl
+from fpdm.models import DiT, FPDM
+
+
+@hookimpl
+def register_denoisers(register):  # type: ignore[no-untyped-def]
+    register("fpdm", FPDM, description="pre blocks, one block iterated to a fixed point, post blocks (Bai et al. 2024)")
+    register("dit", DiT, description="diffusion transformer baseline, a plain stack of blocks (Peebles & Xie 2023)")
