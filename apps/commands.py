@@ -17,6 +17,7 @@ from fpdm.errors import UsageError
 from fpdm.problems import LinearContraction, TanhContraction
 from fpdm.registry import default_registry
 
+from .sample_cmd import sample_command
 from .train_cmd import train_command
 
 Handler = Callable[[argparse.Namespace], int]
@@ -106,3 +107,4 @@ def register_commands(register):  # type: ignore[no-untyped-def]
     register("plugins", plugins_command, description="list plugins, where they came from and what they registered")
     register("solve", solve_command, description="run solvers on a synthetic contraction and print their stats")
     register("train", train_command, description="train an FPDM or DiT (S-JFB), with checkpoints and a loss log")
+    register("sample", sample_command, description="sample images under a block budget, with per-step stats")

@@ -12,9 +12,32 @@ from PIL import Image, ImageDraw, ImageFont
 COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
 
 
-def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: str | Path, *, title: str, xlabel: str,
-              ylabel: str, log_y: bool = False, size: tuple[int, int] = (720, 440)) -> Path:
-    """Draw each named series of (x, y) points; written to a temporary name, then renamed into place."""
+def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: str | Path, **kwargs) -> Path:  # type: ignore[no-untyped-def]
+    """draw_plot, saved to `path` (a temporary name, then renamed into place)."""
+    return save_png(draw_plot(series, **kwargs), path)
+
+
+def save_png(img: Image.Image, path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    img.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
+def stack_images(images: Sequence[Image.Image]) -> Image.Image:
+    """Panels one above the other."""
+    out = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    y = 0
+    for img in images:
+        out.paste(img, (0, y))
+        y += img.height
+    return out
+
+
+def draw_plot(series: dict[str, Sequence[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
+              log_y: bool = False, size: tuple[int, int] = (720, 440)) -> Image.Image:
+    """Each named series of (x, y) points as a line; non-finite (and, on a log axis, non-positive) y skipped."""
     width, height = size
     left, right, top, bottom = 70, 20, 36, 50
     img = Image.new("RGB", size, "white")
@@ -51,8 +74,4 @@ def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: str | Path
     draw.text((left, 10), title, fill="black", font=font)
     draw.text(((width - left) // 2, height - 18), xlabel, fill="black", font=font)
     draw.text((4, 18), ylabel, fill="black", font=font)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return img

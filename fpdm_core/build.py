@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .checkpoint import Checkpoint
 from .config import DiffusionConfig, ModelConfig, SolverConfig
 from .errors import UsageError
 from .interfaces import Denoiser, Schedule, Solver
@@ -47,6 +48,18 @@ def build_schedule(config: DiffusionConfig, registry: Registry | None = None) ->
     registry = registry or default_registry()
     return registry.create("schedule", config.schedule, num_train_timesteps=config.num_train_timesteps,
                            zero_terminal_snr=config.zero_terminal_snr, **config.options)
+
+
+def load_denoiser(ckpt: Checkpoint, *, ema: bool = True, registry: Registry | None = None) -> Denoiser:
+    """The checkpoint's denoiser with its EMA (default) or raw weights, in eval mode."""
+    registry = registry or default_registry()
+    options = {**ckpt.spec.get("options", {}), "checkpoint": False}
+    model = registry.create("denoiser", ckpt.spec.get("denoiser", "?"), **options)
+    try:
+        model.load_state_dict(ckpt.ema if ema else ckpt.model)
+    except RuntimeError as exc:
+        raise UsageError(f"weights in {ckpt.path} do not fit its model spec: {str(exc).splitlines()[0]}") from None
+    return model.eval()
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], sections: tuple[str, ...]) -> None:

@@ -1,7 +1,8 @@
 """Checkpoints that cannot run code and are never half-written.
 
 A checkpoint is a folder `step-NNNNNNNN/` holding model.safetensors, ema.safetensors, optimizer.pt and
-trainer.pt (tensors and plain values only, loaded with weights_only=True), config.json and meta.json
+trainer.pt (tensors and plain values only, loaded with weights_only=True), config.json, model.json (how to
+rebuild the denoiser without the data set) and meta.json
 (format version, step and the sha256 of every file). It is written under a hidden temporary name, fsynced,
 then renamed into place, so a crash leaves either the previous checkpoints or the new one, never a torn one.
 """
@@ -33,6 +34,7 @@ class Checkpoint:
     path: Path
     step: int
     config: dict[str, Any]
+    spec: dict[str, Any]  # {"denoiser": registered name, "options": factory options, "class_names": [...]}
     model: dict[str, Tensor]
     ema: dict[str, Tensor]
 
@@ -62,7 +64,8 @@ def _weights(module: nn.Module) -> dict[str, Tensor]:
 
 
 def save_checkpoint(root: Path, step: int, *, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: dict[str, Any], trainer_state: dict[str, Any], keep: int, fpdm_version: str) -> Path:
+                    config: dict[str, Any], spec: dict[str, Any], trainer_state: dict[str, Any], keep: int,
+                    fpdm_version: str) -> Path:
     """Write checkpoint `step` under `root` atomically and keep only the newest `keep` checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"{PREFIX}{step:08d}"
@@ -76,6 +79,7 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module, ema: nn.Module, 
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / "model.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
         files = sorted(p.name for p in tmp.iterdir())
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "fpdm_version": fpdm_version, "step": step,
                 "sha256": {f: _sha256(tmp / f) for f in files}}
@@ -135,12 +139,19 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
                 raise UsageError(f"checkpoint file missing: {file}")
             if _sha256(file) != digest:
                 raise UsageError(f"checkpoint file corrupt (checksum mismatch): {file}")
-    try:
-        config = json.loads((ckpt / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"unreadable checkpoint config {ckpt / 'config.json'}: {exc}") from None
-    return Checkpoint(ckpt, int(meta["step"]), config, _safetensors(ckpt / "model.safetensors"),
+    config, spec = _json(ckpt / "config.json"), _json(ckpt / "model.json")
+    return Checkpoint(ckpt, int(meta["step"]), config, spec, _safetensors(ckpt / "model.safetensors"),
                       _safetensors(ckpt / "ema.safetensors"))
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"unreadable checkpoint file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"unreadable checkpoint file {path}: not a JSON object")
+    return data
 
 
 def _safetensors(path: Path) -> dict[str, Tensor]:

@@ -99,12 +99,14 @@ class Solver(abc.ABC):
         f: FixedPointMap,
         z0: Tensor,
         *,
-        max_iter: int,
+        max_iter: int | Tensor,
         tol: float,
         check_every: int = 1,
         trace: bool = False,
     ) -> SolverResult:
-        """Solve z = f(z) from z0 (B, ...). Returns estimates of z0's shape and dtype."""
+        """Solve z = f(z) from z0 (B, ...). Returns estimates of z0's shape and dtype.
+
+        max_iter is one cap for all, or an int64 (B,) tensor of per-sample caps (adaptive budgets)."""
 
     def unrolled(self, f: FixedPointMap, z0: Tensor, *, iters: int) -> Tensor:
         """The data-independent form used by export: exactly `iters` evaluations, no host control flow.
@@ -148,13 +150,14 @@ class Denoiser(nn.Module, metaclass=abc.ABCMeta):
         y: Tensor | None,
         *,
         z0: Tensor | None = None,
-        iters: int,
+        iters: int | Tensor,
         solver: Solver | None = None,
         tol: float = 0.0,
         grad_iters: int = 0,
     ) -> DenoiserOutput:
-        """x (B, C, H, W), t (B,) timesteps, y (B,) labels or None. `iters` solver evaluations without grad,
-        then `grad_iters` evaluations with autograd (S-JFB). DiT ignores the fixed-point arguments."""
+        """x (B, C, H, W), t (B,) timesteps, y (B,) labels or None. `iters` solver evaluations without grad
+        (or per-sample caps, an int64 (B,) tensor), then `grad_iters` evaluations with autograd (S-JFB).
+        DiT ignores the fixed-point arguments."""
 
     @abc.abstractmethod
     def blocks_per_call(self, iters: int) -> int:
@@ -208,7 +211,13 @@ class ReusePolicy(abc.ABC):
 
 
 class BudgetAllocator(abc.ABC):
-    """Splits a sampling budget of fixed-point iterations over the sampling steps."""
+    """Splits a sampling budget of fixed-point iterations over the sampling steps.
+
+    `tol` > 0 makes the allocation adaptive: the sampler solves every step to that relative residual, and
+    each sample carries the iterations it did not need into its next step, the plan staying the total cap.
+    """
+
+    tol: float = 0.0
 
     @abc.abstractmethod
     def allocate(self, total_iters: int, timesteps: Sequence[int]) -> list[int]:

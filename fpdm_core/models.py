@@ -240,7 +240,7 @@ class FPDM(_Backbone):
     def blocks_per_call(self, iters: int) -> int:
         return self.pre_depth + iters + self.post_depth
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, z0: Tensor | None = None, iters: int,
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, z0: Tensor | None = None, iters: int | Tensor,
                 solver: Solver | None = None, tol: float = 0.0, grad_iters: int = 0) -> DenoiserOutput:
         tokens, t_emb, y_emb = self.embed(x, t, y)
         c = t_emb if y_emb is None else t_emb + y_emb  # (B, D) the fixed-point block sees timestep + class
@@ -252,7 +252,7 @@ class FPDM(_Backbone):
         f = FixedPointMap(self, self.block_pre_projection(h), c)  # input injection computed once
         z = h if z0 is None else z0  # (B, T, D)
         stats = None
-        if iters > 0:
+        if (int(iters.max()) if isinstance(iters, Tensor) else iters) > 0:
             if solver is None:
                 raise UsageError("iters > 0 needs a solver, e.g. registry.create('solver', 'fixed_point')")
             with torch.no_grad():  # S-JFB's no-grad phase: no activations kept, whatever the caller's mode
@@ -264,7 +264,7 @@ class FPDM(_Backbone):
         for block in self.blocks_post:
             out = self.run_block(block, out, c_pp, self.checkpoint)
         pred = self.unpatchify(self.final_layer(out, c_pp))  # (B, C_out, H, W)
-        spent = torch.full((x.shape[0],), iters, dtype=torch.int64, device=x.device) if stats is None else stats.iterations
+        spent = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device) if stats is None else stats.iterations
         blocks = spent + self.pre_depth + self.post_depth + grad_iters  # (B,)
         return DenoiserOutput(pred, z, stats, blocks)
 
@@ -286,7 +286,7 @@ class DiT(_Backbone):
     def blocks_per_call(self, iters: int) -> int:
         return self.depth
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, z0: Tensor | None = None, iters: int = 0,
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, z0: Tensor | None = None, iters: int | Tensor = 0,
                 solver: Solver | None = None, tol: float = 0.0, grad_iters: int = 0) -> DenoiserOutput:
         h, t_emb, y_emb = self.embed(x, t, y)
         c = t_emb if y_emb is None else t_emb + y_emb  # (B, D)

@@ -36,9 +36,15 @@ def relative_residual(z: Tensor, fz: Tensor) -> Tensor:
     return torch.nan_to_num(res, nan=math.nan, posinf=math.nan).float()
 
 
-def check_solve_args(max_iter: Any, tol: Any, check_every: Any) -> None:
+def check_solve_args(max_iter: Any, tol: Any, check_every: Any, batch: int | None = None) -> None:
     """Reject bad solve arguments with one line that says what is allowed."""
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+    if isinstance(max_iter, Tensor):
+        if max_iter.dtype.is_floating_point or max_iter.dtype == torch.bool or max_iter.shape != (batch,):
+            raise UsageError(f"per-sample max_iter must be an integer tensor of shape ({batch},), "
+                             f"got {max_iter.dtype} {tuple(max_iter.shape)}")
+        if bool((max_iter < 0).any()):
+            raise UsageError("per-sample max_iter must be >= 0")
+    elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise UsageError(f"max_iter must be an integer >= 0, got {max_iter!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol >= 0 and math.isfinite(tol)):
         raise UsageError(f"tol must be a finite number >= 0 (0 = run exactly max_iter), got {tol!r}")
@@ -89,9 +95,13 @@ class IterativeSolver(Solver):
         check_every: int = 1,
         trace: bool = False,
     ) -> SolverResult:
-        check_solve_args(max_iter, tol, check_every)
         batch, device = z0.shape[0], z0.device
+        check_solve_args(max_iter, tol, check_every, batch)
         exact = tol == 0
+        limits_a = None  # per-sample caps (adaptive budgets): rows stop at their own limit
+        if isinstance(max_iter, Tensor):
+            limits_a = max_iter.to(device=device, dtype=torch.int64)
+            max_iter = int(limits_a.max()) if batch else 0
         # Full-batch results, filled when rows leave the loop (compaction) and at the end.
         out = torch.empty_like(z0)
         best = torch.full((batch,), math.inf if max_iter else math.nan, device=device)
@@ -102,7 +112,7 @@ class IterativeSolver(Solver):
         # sees a finite image of f keeps z0 as its estimate.
         rows = torch.arange(batch, device=device)
         out_a, best_a, iters_a, trc_a = z0.clone(), best.clone(), iters.clone(), None if trc is None else trc.clone()
-        live = torch.ones(batch, dtype=torch.bool, device=device)
+        live = torch.ones(batch, dtype=torch.bool, device=device) if limits_a is None else limits_a > 0
         z, fa, state = z0, f, self.init_state(z0)
         can_restrict = isinstance(f, RestrictableMap)
 
@@ -117,7 +127,7 @@ class IterativeSolver(Solver):
         for k in range(max_iter):
             fz = fa(z)
             last = k + 1 == max_iter
-            if exact and trc_a is None and not last:
+            if exact and trc_a is None and limits_a is None and not last:
                 # A fixed count needs no residual on the way, only whether f stayed finite: one reduction.
                 finite = torch.linalg.vector_norm(fz.detach(), dim=dims, dtype=norm_dtype).isfinite()  # (A,)
                 take = live & finite
@@ -135,11 +145,13 @@ class IterativeSolver(Solver):
                 if trc_a is not None:
                     trc_a[:, k] = torch.where(live, res, math.nan)
                 live = take if exact else live & (res > tol)
+            if limits_a is not None:
+                live = live & (iters_a < limits_a)
             if k + 1 == max_iter:
                 break
             z, state = self.step(state, z, fz)
             # A fixed count never asks the host anything: no sync in the training and export paths.
-            if not exact and (k + 1) % check_every == 0:
+            if (not exact or limits_a is not None) and (k + 1) % check_every == 0:
                 n_live = int(live.sum())  # the one host sync per check
                 if n_live == 0:
                     break
@@ -148,6 +160,7 @@ class IterativeSolver(Solver):
                     keep = live.nonzero().squeeze(1)
                     rows, z, state, live = rows[keep], z[keep], self.select_state(state, keep), live[keep]
                     out_a, best_a, iters_a = out_a[keep], best_a[keep], iters_a[keep]
+                    limits_a = None if limits_a is None else limits_a[keep]
                     trc_a = None if trc_a is None else trc_a[keep]
                     fa = f.restrict(rows)  # type: ignore[union-attr]
         write_back()

@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .build import build_denoiser, build_schedule, build_solver, check_compatible
+from .build import build_denoiser, build_schedule, build_solver, check_compatible, denoiser_options
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, to_dict
 from .data import build_dataset
 from .diffusion import GaussianDiffusion
 from .errors import FpdmRuntimeError, UsageError
+from .interfaces import Solver
 from .models import DiTBlock
 from .registry import Registry
 
@@ -89,6 +90,9 @@ def train(config: Config, *, resume: bool = False, registry: Registry | None = N
 
     dataset = build_dataset(config.data)
     images, labels = dataset.tensors()  # (N, C, H, W) in [-1, 1], (N,)
+    family, options = denoiser_options(config.model, input_size=dataset.image_size, in_channels=dataset.channels,
+                                       num_classes=dataset.num_classes)
+    spec = {"denoiser": family, "options": options, "class_names": list(dataset.class_names)}
     model = build_denoiser(config.model, input_size=dataset.image_size, in_channels=dataset.channels,
                            num_classes=dataset.num_classes, checkpoint=tc.checkpoint_activations, registry=registry)
     model.to(device)
@@ -141,19 +145,13 @@ def train(config: Config, *, resume: bool = False, registry: Registry | None = N
         cond = y if num_classes else None
         n_no_grad = int(torch.randint(tc.no_grad_iters[0], tc.no_grad_iters[1] + 1, (1,), generator=cpu_gen))
         n_grad = int(torch.randint(tc.grad_iters[0], tc.grad_iters[1] + 1, (1,), generator=cpu_gen))
-        outputs = []
-
-        def model_fn(x_t: Tensor, t_model: Tensor) -> Tensor:
-            out = model(x_t, t_model, cond, iters=n_no_grad, solver=solver, tol=tc.no_grad_tol, grad_iters=n_grad)
-            outputs.append(out)
-            return out.pred
-
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            losses = diffusion.training_losses(model_fn, x, t, noise=noise)
+            losses, out = sjfb_losses(model, diffusion, solver, x, t, cond, noise, n_no_grad=n_no_grad, n_grad=n_grad,
+                                      tol=tc.no_grad_tol)
             loss = losses["loss"].mean()
         value = loss.item()
         if not math.isfinite(value):
-            raise FpdmRuntimeError(_nonfinite_message(step + 1, losses, outputs[-1], last_ckpt))
+            raise FpdmRuntimeError(_nonfinite_message(step + 1, losses, out, last_ckpt))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip:
@@ -162,7 +160,7 @@ def train(config: Config, *, resume: bool = False, registry: Registry | None = N
         decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
         ema_update(ema, model, decay)
 
-        _accumulate(window, value, losses, outputs[-1], n_no_grad, n_grad)
+        _accumulate(window, value, losses, out, n_no_grad, n_grad)
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:
             now = time.perf_counter()
@@ -179,10 +177,25 @@ def train(config: Config, *, resume: bool = False, registry: Registry | None = N
         if is_main and (done % tc.ckpt_every == 0 or done == tc.steps):
             trainer_state = {"step": done, "torch_rng": torch.get_rng_state()}
             last_ckpt = save_checkpoint(ckpt_root, done, model=model, ema=ema, optimizer=optimizer, config=config_dict,
-                                        trainer_state=trainer_state, keep=tc.keep_checkpoints,
+                                        spec=spec, trainer_state=trainer_state, keep=tc.keep_checkpoints,
                                         fpdm_version=_version())
     bar.close()
     return TrainResult(run_dir, last_ckpt or ckpt_root, tc.steps, history)
+
+
+def sjfb_losses(model: nn.Module, diffusion: GaussianDiffusion, solver: Solver, x: Tensor, t: Tensor,
+                y: Tensor | None, noise: Tensor, *, n_no_grad: int, n_grad: int, tol: float = 0.0) -> tuple[dict[str, Tensor], Any]:
+    """Per-sample losses of one S-JFB step and the denoiser's output: `n_no_grad` solver iterations under
+    torch.no_grad, then `n_grad` iterations with autograd (DiT ignores both)."""
+    outputs = []
+
+    def model_fn(x_t: Tensor, t_model: Tensor) -> Tensor:
+        out = model(x_t, t_model, y, iters=n_no_grad, solver=solver, tol=tol, grad_iters=n_grad)
+        outputs.append(out)
+        return out.pred
+
+    losses = diffusion.training_losses(model_fn, x, t, noise=noise)
+    return losses, outputs[-1]
 
 
 def _accumulate(window: dict[str, float], loss: float, losses: dict[str, Tensor], out: Any, n_no_grad: int,

@@ -53,3 +53,42 @@ def make_test_registry():
 
 REGISTRY = make_test_registry()
 SOLVER_NAMES = REGISTRY.names("solver")
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """Two classes of 8x8 gray images: bright squares and dark squares with noise."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imgs")
+    gen = torch.Generator().manual_seed(0)
+    for label, level in (("bright", 200), ("dark", 60)):
+        (root / label).mkdir()
+        for i in range(12):
+            pixels = (level + 30 * torch.randn(8, 8, generator=gen)).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(root / label / f"{i}.png")
+    return root
+
+
+def tiny_config(images, out, *extra: str):  # type: ignore[no-untyped-def]
+    """A model and run small enough to train in a second on CPU."""
+    import json
+
+    from fpdm.config import load_config
+
+    return load_config(overrides=[
+        "model.arch=FPDM-XS/2", "model.hidden_size=32", "model.num_heads=2",
+        "data.name=image_folder", f"data.path={json.dumps(str(images))}", "data.image_size=8",
+        "train.batch_size=8", "train.steps=6", "train.log_every=2", "train.ckpt_every=3",
+        "train.no_grad_iters=[0, 3]", "train.grad_iters=[1, 2]", "train.lr=1e-3", f"train.out_dir={json.dumps(str(out))}",
+        *extra])
+
+
+@pytest.fixture(scope="session")
+def trained(images, tmp_path_factory):
+    """A tiny trained FPDM run folder, shared by the sampling and export tests."""
+    from fpdm.training import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(tiny_config(images, out), registry=REGISTRY, progress=False)
+    return out

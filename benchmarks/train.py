@@ -1,0 +1,167 @@
+"""Training-step benchmark: images/s and peak memory of FPDM vs DiT at equal width and batch.
+
+    python benchmarks/train.py [--quick] [--update-readme] [--only NAME]
+
+Each setting runs in its own process so peak memory is its own (CUDA: max_memory_allocated; CPU: peak RSS
+growth over the process after building the model). Settings: the default Fashion-MNIST sizes, and XL/2 on
+a 4x32x32 latent (batch 64 with bf16 on CUDA, the reference table's setting; a small batch on CPU, where
+batch 64 does not fit the time or memory). S-JFB iteration counts are drawn per step from the configured
+ranges with a fixed seed, so FPDM and DiT see the same sequence of steps. Writes
+benchmarks/results/train.json and train.md; --update-readme refreshes the table in README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# name -> (arch, overrides, input size, channels, classes, S-JFB ranges)
+SETTINGS = {
+    "FPDM-XS/4 Fashion-MNIST": ("FPDM-XS/4", {}, 32, 1, 10, ([0, 4], [1, 4])),
+    "DiT-XS/4 Fashion-MNIST": ("DiT-XS/4", {}, 32, 1, 10, ([0, 4], [1, 4])),
+    "FPDM-XL/2 latent": ("FPDM-XL/2", {}, 32, 4, 1000, ([0, 10], [1, 12])),
+    "DiT-XL/2 latent": ("DiT-XL/2", {}, 32, 4, 1000, ([0, 10], [1, 12])),
+}
+
+
+def rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_one(name: str, batch: int, steps: int, warmup: int, checkpoint: bool) -> dict:
+    from fpdm.build import build_denoiser
+    from fpdm.config import ModelConfig
+    from fpdm.diffusion import GaussianDiffusion, LinearSchedule
+    from fpdm.plugins.solvers import FixedPointIteration
+    from fpdm.training import sjfb_losses
+
+    arch, overrides, size, channels, classes, (no_grad, grad) = SETTINGS[name]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_bf16 = device.type == "cuda"
+    torch.manual_seed(0)
+    model = build_denoiser(ModelConfig(arch=arch, **overrides), input_size=size, in_channels=channels,
+                           num_classes=classes, checkpoint=checkpoint).to(device)
+    diffusion = GaussianDiffusion(LinearSchedule(), learn_sigma=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    solver = FixedPointIteration()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, size, size, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = rss_bytes()
+    times = []
+    for step in range(warmup + steps):
+        n_no_grad = int(torch.randint(no_grad[0], no_grad[1] + 1, (1,), generator=gen))
+        n_grad = int(torch.randint(grad[0], grad[1] + 1, (1,), generator=gen))
+        t = torch.randint(0, 1000, (batch,), device=device)
+        noise = torch.randn_like(x)
+        start = time.perf_counter()
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            losses, _ = sjfb_losses(model, diffusion, solver, x, t, y, noise, n_no_grad=n_no_grad, n_grad=n_grad)
+            loss = losses["loss"].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    total = sum(times)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_bytes() - base_rss
+    return {
+        "setting": name, "arch": arch, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "precision": "bf16 autocast" if use_bf16 else "fp32", "batch": batch, "steps": steps,
+        "checkpointing": checkpoint, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "img_per_s": batch * steps / total, "s_per_step": total / steps,
+        "peak_mem_gib": peak / 2**30, "peak_kind": "max_memory_allocated" if device.type == "cuda" else "RSS growth",
+        "sjfb_ranges": [no_grad, grad] if arch.startswith("FPDM") else None,
+    }
+
+
+def plan(quick: bool) -> list[tuple[str, int, int, int, bool]]:
+    """(setting, batch, steps, warmup, checkpointing) per run for this machine."""
+    cuda = torch.cuda.is_available()
+    fm_steps = 5 if quick else 20
+    runs = [(name, 64, fm_steps, 2, False) for name in SETTINGS if "Fashion" in name]
+    if cuda:
+        runs += [(name, 64, 5 if quick else 20, 3, ckpt) for name in SETTINGS if "XL" in name for ckpt in (True, False)]
+    else:  # batch 64 XL/2 on 2 CPU cores would take minutes per step and more memory than the machine has
+        runs += [(name, 2, 1 if quick else 2, 1, True) for name in SETTINGS if "XL" in name]
+    return runs
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Machine: {results['machine']} (`{results['command']}`).", "",
+             "| setting | device | precision | batch | checkpointing | params | img/s | s/step | peak memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        lines.append(f"| {r['setting']} | {r['device']} | {r['precision']} | {r['batch']} | "
+                     f"{'on' if r['checkpointing'] else 'off'} | {r['params_m']:.1f}M | {r['img_per_s']:.3g} | "
+                     f"{r['s_per_step']:.3f} | {r['peak_mem_gib']:.2f} GiB ({r['peak_kind']}) |")
+    lines += ["", "FPDM rows draw S-JFB iteration counts per step (Fashion-MNIST preset 0-4 / 1-4, official 0-10 / 1-12 "
+              "for XL/2); DiT rows run their full depth."]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str) -> None:
+    readme = ROOT / "README.md"
+    start, end = "<!-- bench:train -->", "<!-- /bench:train -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    readme.write_text(f"{head}{start}\n{table}{end}{rest.split(end, 1)[1]}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one setting, print JSON
+    args = parser.parse_args()
+    if args.one:
+        name, batch, steps, warmup, ckpt = json.loads(args.one)
+        print(json.dumps(run_one(name, batch, steps, warmup, ckpt)))
+        return 0
+    runs = []
+    for item in plan(args.quick):
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(item)], capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"benchmark {item} failed:\n{proc.stderr}")
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"{item[0]}: {runs[-1]['img_per_s']:.1f} img/s, {runs[-1]['peak_mem_gib']:.2f} GiB", flush=True)
+    machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
+               else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    results = {"command": "python benchmarks/train.py" + (" --quick" if args.quick else ""),
+               "machine": f"{machine}, torch {torch.__version__}", "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(results)
+    name = "train_cuda" if torch.cuda.is_available() else "train"
+    for fname, content in ((f"{name}.json", json.dumps(results, indent=2) + "\n"), (f"{name}.md", table)):
+        tmp = args.out / f"{fname}.tmp"
+        tmp.write_text(content)
+        tmp.replace(args.out / fname)
+    if args.update_readme:
+        update_readme(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

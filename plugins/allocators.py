@@ -1,0 +1,82 @@
+"""Built-in budget allocators: uniform, the paper's linear ramps, and an adaptive one."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import attrs
+from attrs import validators as v
+
+from fpdm import hookimpl
+from fpdm.errors import UsageError
+from fpdm.interfaces import BudgetAllocator
+
+
+def apportion(total: int, weights: Sequence[float]) -> list[int]:
+    """Integers >= 1 proportional to `weights`, summing to exactly `total` (largest remainders).
+
+    The paper's timestep smoothing: every step gets at least one iteration and the sum stays in budget."""
+    steps = len(weights)
+    if total < steps:
+        raise UsageError(f"{total} iterations cannot give each of {steps} steps at least one")
+    spare = total - steps  # one each first, then the rest by weight
+    scale = sum(weights)
+    raw = [spare * w / scale for w in weights]
+    counts = [1 + math.floor(r) for r in raw]
+    by_remainder = sorted(range(steps), key=lambda i: (raw[i] - math.floor(raw[i]), -i), reverse=True)
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+@attrs.frozen
+class Uniform(BudgetAllocator):
+    """The same number of iterations at every step (remainders to the earliest steps)."""
+
+    def allocate(self, total_iters: int, timesteps: Sequence[int]) -> list[int]:
+        return apportion(total_iters, [1.0] * len(timesteps))
+
+
+@attrs.frozen
+class LinearRamp(BudgetAllocator):
+    """Weights from `start` to `end` over the steps in sampling order (high noise first).
+
+    increasing (0.5 -> 1.5) spends more iterations at the low-noise end, decreasing (1.5 -> 0.5) the reverse:
+    the paper's reallocation across timesteps."""
+
+    start: float = attrs.field(default=0.5, converter=float, validator=v.gt(0.0))
+    end: float = attrs.field(default=1.5, converter=float, validator=v.gt(0.0))
+
+    def allocate(self, total_iters: int, timesteps: Sequence[int]) -> list[int]:
+        n = len(timesteps)
+        weights = [self.start + (self.end - self.start) * i / max(n - 1, 1) for i in range(n)]
+        return apportion(total_iters, weights)
+
+
+def increasing() -> LinearRamp:
+    return LinearRamp(0.5, 1.5)
+
+
+def decreasing() -> LinearRamp:
+    return LinearRamp(1.5, 0.5)
+
+
+@attrs.frozen
+class Adaptive(BudgetAllocator):
+    """Uniform caps, solved to `tol`: samples that converge early leave their iterations to later steps,
+    so iterations go where the residual is still high. The budget stays a hard cap per sample."""
+
+    tol: float = attrs.field(default=1e-3, converter=float, validator=v.gt(0.0))
+
+    def allocate(self, total_iters: int, timesteps: Sequence[int]) -> list[int]:
+        return apportion(total_iters, [1.0] * len(timesteps))
+
+
+@hookimpl
+def register_budget_allocators(register):  # type: ignore[no-untyped-def]
+    register("uniform", Uniform, description="the same iterations at every step")
+    register("increasing", increasing, description="linear ramp 0.5 -> 1.5: more iterations at low noise (paper)")
+    register("decreasing", decreasing, description="linear ramp 1.5 -> 0.5: more iterations at high noise (paper)")
+    register("ramp", LinearRamp, description="linear ramp with your own start and end weights")
+    register("adaptive", Adaptive, description="solve each step to tol; unspent iterations carry to later steps")

@@ -1,0 +1,53 @@
+"""Built-in reuse policies: where each sampling step's fixed-point solve starts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+from attrs import validators as v
+from torch import Tensor
+
+from fpdm import hookimpl
+from fpdm.interfaces import ReusePolicy
+
+
+@attrs.frozen
+class Cold(ReusePolicy):
+    """Every step starts from its own pre-block output (no reuse)."""
+
+    history = 0
+
+    def init(self, solutions: Sequence[Tensor], step: int) -> Tensor | None:
+        return None
+
+
+@attrs.frozen
+class Reuse(ReusePolicy):
+    """Start from the previous step's solution (the paper's solution reuse)."""
+
+    history = 1
+
+    def init(self, solutions: Sequence[Tensor], step: int) -> Tensor | None:
+        return solutions[-1] if solutions else None
+
+
+@attrs.frozen
+class Extrapolate(ReusePolicy):
+    """Start from z_{i-1} + gamma (z_{i-1} - z_{i-2}): the solutions drift smoothly across timesteps, so a
+    linear prediction of the next one starts closer than the last one does."""
+
+    gamma: float = attrs.field(default=0.5, converter=float, validator=[v.ge(0.0), v.le(2.0)])
+    history = 2
+
+    def init(self, solutions: Sequence[Tensor], step: int) -> Tensor | None:
+        if len(solutions) < 2:
+            return solutions[-1] if solutions else None
+        return solutions[-1] + self.gamma * (solutions[-1] - solutions[-2])
+
+
+@hookimpl
+def register_reuse_policies(register):  # type: ignore[no-untyped-def]
+    register("cold", Cold, description="start every step from its pre-block output")
+    register("reuse", Reuse, description="start from the previous step's solution (paper)")
+    register("extrapolate", Extrapolate, description="linear extrapolation from the last two solutions")

@@ -1,0 +1,186 @@
+"""Sampling: allocations within budget, exact block accounting, reuse, determinism, guidance, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import REGISTRY, ROOT
+from fpdm.build import load_denoiser
+from fpdm.checkpoint import load_checkpoint
+from fpdm.diffusion import GaussianDiffusion, LinearSchedule
+from fpdm.errors import UsageError
+from fpdm.models import DiT, FPDM
+from fpdm.sampling import generate, plan_iterations, sample
+
+ALLOCATORS = REGISTRY.names("allocator")
+
+
+@pytest.mark.parametrize("name", ALLOCATORS)
+@given(steps=st.integers(1, 60), extra=st.integers(0, 400))
+def test_allocations_sum_within_budget_and_give_every_step_one(name, steps, extra):
+    allocator = REGISTRY.create("allocator", name)
+    plan = allocator.allocate(steps + extra, list(range(steps)))
+    assert len(plan) == steps and all(isinstance(n, int) and n >= 1 for n in plan)
+    assert sum(plan) <= steps + extra
+
+
+@given(steps=st.integers(2, 60), extra=st.integers(0, 400))
+def test_ramps_lean_the_way_they_say(steps, extra):
+    up = REGISTRY.create("allocator", "increasing").allocate(steps + extra, list(range(steps)))
+    down = REGISTRY.create("allocator", "decreasing").allocate(steps + extra, list(range(steps)))
+    half = steps // 2
+    assert sum(up[:half]) <= sum(up[-half:]) and sum(down[:half]) >= sum(down[-half:])
+    assert sum(up) == sum(down) == steps + extra  # the paper's ramps spend the whole budget
+
+
+def contractive_fpdm(**kw) -> FPDM:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = FPDM(input_size=8, in_channels=1, patch_size=2, hidden_size=32, num_heads=2, num_classes=3, **kw)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)  # small weights: every map is a strong contraction
+    return model.eval()
+
+
+@given(steps=st.integers(1, 8), extra=st.integers(0, 30), name=st.sampled_from(["uniform", "increasing", "decreasing"]))
+def test_blocks_spent_are_the_plan_plus_pre_and_post(steps, extra, name):
+    model = contractive_fpdm(pre_depth=1, post_depth=2)
+    budget = steps * (model.blocks_per_call(0) + 1) + extra
+    timesteps = list(range(steps))[::-1]
+    plan = plan_iterations(model, timesteps, budget=budget, iters=0, allocator=REGISTRY.create("allocator", name))
+    diffusion = GaussianDiffusion(LinearSchedule(num_train_timesteps=20)).respace(list(range(20))[:: max(1, 20 // steps)][:steps])
+    result = sample(model, diffusion, generators=[torch.Generator().manual_seed(k) for k in range(2)],
+                    shape=(1, 8, 8), labels=torch.tensor([0, 2]), update=REGISTRY.create("sampler", "ddim"),
+                    solver=REGISTRY.create("solver", "fixed_point"), iterations=plan,
+                    reuse=REGISTRY.create("reuse_policy", "reuse"))
+    assert result.blocks.tolist() == [steps * 3 + sum(plan)] * 2
+    assert all(result.blocks <= budget)
+    assert [s.iterations_mean for s in result.steps] == plan
+
+
+def test_budget_that_cannot_pay_and_dit_accounting():
+    model = contractive_fpdm()
+    uniform = REGISTRY.create("allocator", "uniform")
+    with pytest.raises(UsageError, match="budget 29 cannot pay for 10 FPDM steps: .* 30 in all"):
+        plan_iterations(model, list(range(10)), budget=29, iters=0, allocator=uniform)
+    dit = DiT(input_size=8, in_channels=1, patch_size=2, hidden_size=32, num_heads=2, depth=4, num_classes=3)
+    assert plan_iterations(dit, list(range(5)), budget=20, iters=0, allocator=uniform) == [0] * 5
+    with pytest.raises(UsageError, match="use --steps 4"):
+        plan_iterations(dit, list(range(5)), budget=19, iters=0, allocator=uniform)
+
+
+def test_adaptive_spends_within_the_plan_and_less_when_converged():
+    model = contractive_fpdm()
+    steps = 6
+    diffusion = GaussianDiffusion(LinearSchedule(num_train_timesteps=60)).respace(list(range(0, 60, 10)))
+    plan = [20] * steps
+    result = sample(model, diffusion, generators=[torch.Generator().manual_seed(k) for k in range(3)],
+                    shape=(1, 8, 8), labels=torch.tensor([0, 1, 2]), update=REGISTRY.create("sampler", "ddpm"),
+                    solver=REGISTRY.create("solver", "anderson"), iterations=plan, tol=1e-4, adaptive=True,
+                    reuse=REGISTRY.create("reuse_policy", "reuse"))
+    assert (result.blocks <= steps * 2 + sum(plan)).all()
+    assert (result.blocks < steps * 2 + sum(plan)).all()  # converged early: unspent iterations remain
+    assert all(s.residual_max <= 1e-4 for s in result.steps)
+
+
+def test_reuse_at_unchanged_x_and_t_costs_no_extra_iterations():
+    model = contractive_fpdm()
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([5, 50, 500]), torch.tensor([0, 1, 2])
+    solver = REGISTRY.create("solver", "fixed_point")
+    with torch.no_grad():
+        cold = model(x, t, y, iters=100, solver=solver, tol=1e-5)
+        warm = model(x, t, y, z0=cold.z, iters=100, solver=solver, tol=1e-5)
+    assert cold.stats.converged.all() and (cold.stats.iterations > 1).all()
+    assert (warm.stats.iterations <= 1).all() and warm.stats.converged.all()
+
+
+def _generate(model, n=4, batch_size=4, cfg_scale=1.0, seed=0, reuse="reuse", sampler="ddpm"):  # type: ignore[no-untyped-def]
+    diffusion = GaussianDiffusion(LinearSchedule(num_train_timesteps=50)).respace([0, 10, 20, 30, 40, 49])
+    return generate(model, diffusion, n=n, batch_size=batch_size, seed=seed, labels=[0, 1, 2], shape=(1, 8, 8),
+                    update=REGISTRY.create("sampler", sampler), solver=REGISTRY.create("solver", "anderson"),
+                    iterations=[3] * 6, reuse=REGISTRY.create("reuse_policy", reuse), cfg_scale=cfg_scale)
+
+
+def test_same_seed_same_images_whatever_the_batch_size():
+    model = contractive_fpdm()
+    a, b = _generate(model), _generate(model)
+    assert torch.equal(a.images, b.images)
+    c = _generate(model, batch_size=3)  # sample k draws its noise from generator (seed, k)
+    torch.testing.assert_close(c.images, a.images, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(_generate(model, seed=1).images, a.images)
+
+
+def test_cfg_scale_one_is_the_conditional_model():
+    model = contractive_fpdm()
+    plain = _generate(model, sampler="ddim")
+    nearly = _generate(model, cfg_scale=1.0 + 1e-7, sampler="ddim")  # takes the doubled-batch path
+    torch.testing.assert_close(nearly.images, plain.images, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(_generate(model, cfg_scale=4.0, sampler="ddim").images, plain.images)
+
+
+def fpdm_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fpdm.apps.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env={**os.environ, "FPDM_LOAD_PLUGINS": ""})
+
+
+def test_cli_writes_images_grid_stats_and_plot(trained, tmp_path):
+    out = tmp_path / "s"
+    args = ["sample", str(trained), "--n", "6", "--batch-size", "4", "--steps", "5", "--budget", "40",
+            "--allocator", "increasing", "--out", str(out), "--plot", "--no-progress"]
+    result = fpdm_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "stats.json", "stats.png"]
+    assert len(list((out / "images").iterdir())) == 6
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["blocks_per_sample"]["max"] <= 40 and len(stats["per_step"]) == 5
+    assert sum(stats["iterations_plan"]) == 40 - 5 * 2
+    first = (out / "images" / "000003.png").read_bytes()
+    assert fpdm_cli(*args).returncode == 0
+    assert (out / "images" / "000003.png").read_bytes() == first  # same seed, same images
+
+
+def test_library_loads_ema_and_raw_weights(trained):
+    ckpt = load_checkpoint(trained)
+    ema, raw = load_denoiser(ckpt, registry=REGISTRY), load_denoiser(ckpt, ema=False, registry=REGISTRY)
+    assert not ema.training and any(not torch.equal(a, b) for a, b in zip(ema.parameters(), raw.parameters()))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--budget", "5"], "budget 5 cannot pay for 5 FPDM steps"),
+        (["--allocator", "nope"], "unknown allocator 'nope'"),
+        (["--reuse", "nope"], "unknown reuse policy 'nope'"),
+        (["--sampler", "nope"], "unknown sampler 'nope'"),
+        (["--class", "7"], "class id 7 out of range: the model has classes 0..1 (bright, dark)"),
+        (["--n", "0"], "--n must be >= 1"),
+        (["--steps", "5000"], "--steps must be <= 1000"),
+        (["--sampler", "ddim", "--eta", "2"], "'eta' must be <= 1"),
+        (["--eta", "0.5"], "sampler 'ddpm' has no option 'eta'"),
+    ],
+)
+def test_cli_bad_input_one_line_nothing_written(trained, tmp_path, extra, message):
+    out = tmp_path / "bad"
+    result = fpdm_cli("sample", str(trained), "--n", "2", "--steps", "5", "--out", str(out), "--no-progress", *extra)
+    assert result.returncode == 2, result
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".bad.tmp*"))
+
+
+def test_cli_missing_and_corrupt_checkpoints(tmp_path, trained):
+    assert "checkpoint not found" in fpdm_cli("sample", str(tmp_path / "none")).stderr
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(trained, broken)
+    ckpt = sorted((broken / "checkpoints").iterdir())[-1]
+    (ckpt / "ema.safetensors").write_bytes(b"\0" * 10)
+    result = fpdm_cli("sample", str(broken), "--n", "1", "--steps", "2", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "checksum mismatch" in result.stderr
