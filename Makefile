@@ -4,9 +4,10 @@ PIP := $(PYTHON) -m pip
 
 .PHONY: demo test setup bench
 
-demo: setup  ## set up, then run the main job
-	fpdm plugins
-	fpdm solve --all --rate 0.99
+demo: setup  ## set up, then run the main job: train the default Fashion-MNIST FPDM, sample a grid
+	rm -rf runs/demo
+	fpdm train --out runs/demo
+	fpdm sample runs/demo --n 100 --steps 50 --out runs/demo/samples
 
 test: setup  ## set up, then run the whole test suite
 	$(PYTHON) -m pytest -q
@@ -16,3 +17,4 @@ setup:
 
 bench: setup  ## rerun the benchmarks and refresh their README tables
 	$(PYTHON) benchmarks/solvers.py --update-readme
+	$(PYTHON) benchmarks/train.py --update-readme

@@ -60,11 +60,11 @@ def sample_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-
         device = resolve_device(args.device)
         model = load_denoiser(ckpt, ema=args.ema, registry=registry).to(device)
         labels = _labels(args, model, ckpt.spec.get("class_names", []))
-        base = GaussianDiffusion(build_schedule(config.diffusion, registry), prediction=config.diffusion.prediction,
-                                 learn_sigma=config.model.learn_sigma)
+        schedule = build_schedule(config.diffusion, registry)
+        base = GaussianDiffusion(schedule, prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma)
         if args.steps > base.num_timesteps:
             raise UsageError(f"--steps must be <= {base.num_timesteps}, the training timesteps")
-        timesteps = sorted(base_steps(base.num_timesteps, args.steps))
+        timesteps = sorted(schedule.sampling_timesteps(args.steps).tolist())
         diffusion = base.respace(timesteps)
         update = registry.create("sampler", args.sampler, **({} if args.eta is None else {"eta": args.eta}))
         allocator = registry.create("allocator", args.allocator)
@@ -95,11 +95,6 @@ def sample_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-
         return 0
 
     return run
-
-
-def base_steps(total: int, steps: int) -> list[int]:
-    """Evenly respaced training timesteps, both ends included (the official respacing)."""
-    return sorted({round(i * (total - 1) / max(steps - 1, 1)) for i in range(steps)}) if steps > 1 else [total - 1]
 
 
 def _labels(args: argparse.Namespace, model, class_names: list[str]) -> list[int] | None:  # type: ignore[no-untyped-def]

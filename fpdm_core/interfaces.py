@@ -184,10 +184,13 @@ class Schedule(abc.ABC):
         return torch.cumprod(1.0 - self.betas(), dim=0)
 
     def sampling_timesteps(self, steps: int) -> Tensor:
-        """int64 (steps,) evenly respaced training timesteps, highest first."""
+        """int64 (steps,) evenly respaced training timesteps, both ends included, highest first
+        (the official respacing); a single step starts from the last timestep."""
         total = self.num_train_timesteps
         if not 1 <= steps <= total:
             raise UsageError(f"steps must be in 1..{total}, got {steps}")
+        if steps == 1:
+            return torch.tensor([total - 1])
         ts = torch.linspace(0, total - 1, steps, dtype=torch.float64).round().long()
         return ts.flip(0)
 

@@ -184,3 +184,36 @@ def test_cli_missing_and_corrupt_checkpoints(tmp_path, trained):
     (ckpt / "ema.safetensors").write_bytes(b"\0" * 10)
     result = fpdm_cli("sample", str(broken), "--n", "1", "--steps", "2", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "checksum mismatch" in result.stderr
+
+
+class _Oracle(torch.nn.Module):
+    """The exact denoiser of a one-image data set: eps = (x_t - sqrt(ac) x*) / sqrt(1 - ac)."""
+
+    num_classes = 0
+
+    def __init__(self, diffusion: GaussianDiffusion, target: torch.Tensor) -> None:
+        super().__init__()
+        self.diffusion, self.target = diffusion, target
+
+    def blocks_per_call(self, iters: int) -> int:
+        return 1
+
+    def forward(self, x, t, y, *, z0=None, iters=0, solver=None, tol=0.0, grad_iters=0):  # type: ignore[no-untyped-def]
+        from fpdm.interfaces import DenoiserOutput
+
+        ac = self.diffusion.alphas_cumprod.to(x)[t].view(-1, 1, 1, 1)  # t: training timesteps
+        eps = (x - ac.sqrt() * self.target) / (1 - ac).sqrt()
+        return DenoiserOutput(torch.cat([eps, torch.zeros_like(eps)], 1), None, None, torch.ones(len(x), dtype=torch.long))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_samplers_recover_the_data_with_an_exact_denoiser(sampler, steps):
+    schedule = LinearSchedule()
+    base = GaussianDiffusion(schedule, learn_sigma=True)
+    target = torch.linspace(-1, 1, 64).view(1, 1, 8, 8)
+    diffusion = base.respace(sorted(schedule.sampling_timesteps(steps).tolist()))
+    result = sample(_Oracle(base, target), diffusion, generators=[torch.Generator().manual_seed(k) for k in range(3)],
+                    shape=(1, 8, 8), labels=None, update=REGISTRY.create("sampler", sampler), solver=None,
+                    iterations=[0] * steps, reuse=REGISTRY.create("reuse_policy", "cold"))
+    torch.testing.assert_close(result.images, target.expand(3, -1, -1, -1), atol=2e-4, rtol=0)

@@ -224,3 +224,20 @@ def test_low_precision_map(name):
 def test_bad_solve_arguments_are_usage_errors(name, kwargs, message):
     with pytest.raises(UsageError, match=message):
         make(name).solve(lambda z: z, torch.zeros(1, 3), **kwargs)
+
+
+@given(batch=batches, n=dims, seed=seeds, limits=st.lists(st.integers(0, 12), min_size=4, max_size=4),
+       tol=st.sampled_from([0.0, 1e-6]))
+def test_per_sample_caps_are_respected(name, batch, n, seed, limits, tol):
+    f = tanh(batch, 2, n, 0.9, seed)
+    cap = torch.tensor(limits[:batch])
+    result = make(name).solve(f, torch.zeros_like(f.inj), max_iter=cap, tol=tol)
+    assert (result.stats.iterations <= cap).all()
+    if tol == 0:
+        assert torch.equal(result.stats.iterations, cap)
+        for row in range(batch):  # each row equals a fixed-count solve of its own length
+            alone = make(name).solve(f.restrict(torch.tensor([row])), torch.zeros_like(f.inj[row : row + 1]),
+                                     max_iter=int(cap[row]), tol=0)
+            torch.testing.assert_close(result.z[row : row + 1], alone.z)
+    with pytest.raises(UsageError, match="per-sample max_iter"):
+        make(name).solve(f, torch.zeros_like(f.inj), max_iter=torch.ones(batch + 1, dtype=torch.long), tol=tol)
