@@ -7,7 +7,7 @@ PIP := $(PYTHON) -m pip
 demo: setup  ## set up, then run the main job: train the default Fashion-MNIST FPDM, sample a grid
 	rm -rf runs/demo
 	fpdm train --out runs/demo
-	fpdm sample runs/demo --n 100 --steps 50 --out runs/demo/samples
+	fpdm sample runs/demo --n 100 --steps 25 --cfg-scale 3 --out runs/demo/samples
 
 test: setup  ## set up, then run the whole test suite
 	$(PYTHON) -m pytest -q

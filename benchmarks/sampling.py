@@ -29,8 +29,7 @@ from fpdm.diffusion import GaussianDiffusion
 from fpdm.registry import Registry
 from fpdm.sampling import DDIM, generate, plan_iterations
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from _report import RESULTS, ROOT, update_readme, write_results
 DIT_DEPTH = 6  # DiT-XS, the equal-width baseline
 BLOCKS_PER_STEP = 6  # pre + post + ~4 iterations
 
@@ -137,18 +136,10 @@ def main() -> int:
                "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
                "checkpoint": str(ckpt.path), "n": args.n, "rows": rows, "overhead": overhead,
                "cuda_xl_step": cuda_xl_step()}
-    args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(results)
-    for fname, content in (("sampling.json", json.dumps(results, indent=2) + "\n"), ("sampling.md", table)):
-        tmp = args.out / f"{fname}.tmp"
-        tmp.write_text(content)
-        tmp.replace(args.out / fname)
+    write_results(args.out, "sampling", results, table)
     if args.update_readme:
-        readme = ROOT / "README.md"
-        start, end = "<!-- bench:sampling -->", "<!-- /bench:sampling -->"
-        text = readme.read_text()
-        head, rest = text.split(start, 1)
-        readme.write_text(f"{head}{start}\n{table}{end}{rest.split(end, 1)[1]}")
+        update_readme("sampling", table)
     print(table)
     return 0
 

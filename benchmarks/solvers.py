@@ -10,7 +10,6 @@ Anderson <= 20 iterations at rate 0.9 and <= 55 at 0.99; a mixed batch spends <=
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,8 +23,7 @@ from torch import Tensor, nn
 from fpdm.problems import LinearContraction, symmetric_contraction
 from fpdm.registry import Registry
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from _report import RESULTS, update_readme, write_results
 TOL = 1e-3
 BATCH, TOKENS, WIDTH = 16, 32, 128
 
@@ -185,17 +183,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(table: str) -> None:
-    readme = ROOT / "README.md"
-    start, end = "<!-- bench:solvers -->", "<!-- /bench:solvers -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"README.md has no {start} ... {end} markers")
-    head, rest = text.split(start, 1)
-    tail = rest.split(end, 1)[1]
-    readme.write_text(f"{head}{start}\n{table}{end}{tail}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
@@ -215,14 +202,10 @@ def main() -> int:
         "overhead_iters": 20,
         "overhead": overhead(registry, repeats, 20),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(results)
-    for name, content in (("solvers.json", json.dumps(results, indent=2) + "\n"), ("solvers.md", table)):
-        tmp = args.out / f"{name}.tmp"
-        tmp.write_text(content)
-        tmp.replace(args.out / name)
+    write_results(args.out, "solvers", results, table)
     if args.update_readme:
-        update_readme(table)
+        update_readme("solvers", table)
     print(table)
     return 0
 

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from _report import RESULTS, update_readme, write_results
 
 # name -> (arch, overrides, input size, channels, classes, S-JFB ranges)
 SETTINGS = {
@@ -118,16 +117,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(table: str) -> None:
-    readme = ROOT / "README.md"
-    start, end = "<!-- bench:train -->", "<!-- /bench:train -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"README.md has no {start} ... {end} markers")
-    head, rest = text.split(start, 1)
-    readme.write_text(f"{head}{start}\n{table}{end}{rest.split(end, 1)[1]}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -150,15 +139,10 @@ def main() -> int:
                else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     results = {"command": "python benchmarks/train.py" + (" --quick" if args.quick else ""),
                "machine": f"{machine}, torch {torch.__version__}", "runs": runs}
-    args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(results)
-    name = "train_cuda" if torch.cuda.is_available() else "train"
-    for fname, content in ((f"{name}.json", json.dumps(results, indent=2) + "\n"), (f"{name}.md", table)):
-        tmp = args.out / f"{fname}.tmp"
-        tmp.write_text(content)
-        tmp.replace(args.out / fname)
+    write_results(args.out, "train_cuda" if torch.cuda.is_available() else "train", results, table)
     if args.update_readme:
-        update_readme(table)
+        update_readme("train", table)
     print(table)
     return 0
 

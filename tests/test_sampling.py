@@ -217,3 +217,21 @@ def test_samplers_recover_the_data_with_an_exact_denoiser(sampler, steps):
                     shape=(1, 8, 8), labels=None, update=REGISTRY.create("sampler", sampler), solver=None,
                     iterations=[0] * steps, reuse=REGISTRY.create("reuse_policy", "cold"))
     torch.testing.assert_close(result.images, target.expand(3, -1, -1, -1), atol=2e-4, rtol=0)
+
+
+def test_dit_unconditional_run_samples_within_budget_and_refuses_guidance(images, tmp_path):
+    from conftest import tiny_config
+    from fpdm.training import train
+
+    run = tmp_path / "dit"
+    train(tiny_config(images, run, "model.arch=DiT-XS/2", "model.depth=2", "data.class_conditional=false",
+                      "train.steps=2"), registry=REGISTRY, progress=False)
+    ok = fpdm_cli("sample", str(run), "--n", "3", "--steps", "4", "--budget", "9", "--out", str(tmp_path / "o"),
+                  "--no-progress")
+    assert ok.returncode == 0, ok.stderr
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())
+    assert stats["blocks_per_sample"]["max"] == 8  # 4 steps x depth 2 within 9
+    refused = fpdm_cli("sample", str(run), "--n", "1", "--steps", "2", "--cfg-scale", "3")
+    assert refused.returncode == 2 and "unconditional" in refused.stderr
+    too_small = fpdm_cli("sample", str(run), "--n", "1", "--steps", "5", "--budget", "9")
+    assert too_small.returncode == 2 and "use --steps 4" in too_small.stderr
