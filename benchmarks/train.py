@@ -28,8 +28,8 @@ from _report import RESULTS, update_readme, write_results
 
 # name -> (arch, overrides, input size, channels, classes, S-JFB ranges)
 SETTINGS = {
-    "FPDM-XS/4 Fashion-MNIST": ("FPDM-XS/4", {}, 32, 1, 10, ([0, 4], [1, 4])),
-    "DiT-XS/4 Fashion-MNIST": ("DiT-XS/4", {}, 32, 1, 10, ([0, 4], [1, 4])),
+    "FPDM-XS/4 Fashion-MNIST": ("FPDM-XS/4", {}, 32, 1, 10, ([0, 3], [1, 3])),
+    "DiT-XS/4 Fashion-MNIST": ("DiT-XS/4", {}, 32, 1, 10, ([0, 3], [1, 3])),
     "FPDM-XL/2 latent": ("FPDM-XL/2", {}, 32, 4, 1000, ([0, 10], [1, 12])),
     "DiT-XL/2 latent": ("DiT-XL/2", {}, 32, 4, 1000, ([0, 10], [1, 12])),
 }
@@ -112,7 +112,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['setting']} | {r['device']} | {r['precision']} | {r['batch']} | "
                      f"{'on' if r['checkpointing'] else 'off'} | {r['params_m']:.1f}M | {r['img_per_s']:.3g} | "
                      f"{r['s_per_step']:.3f} | {r['peak_mem_gib']:.2f} GiB ({r['peak_kind']}) |")
-    lines += ["", "FPDM rows draw S-JFB iteration counts per step (Fashion-MNIST preset 0-4 / 1-4, official 0-10 / 1-12 "
+    lines += ["", "FPDM rows draw S-JFB iteration counts per step (Fashion-MNIST preset 0-3 / 1-3, official 0-10 / 1-12 "
               "for XL/2); DiT rows run their full depth."]
     return "\n".join(lines) + "\n"
 
