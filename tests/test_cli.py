@@ -83,8 +83,8 @@ def test_solve_all_runs_every_registered_solver():
     "args, message",
     [
         (["solve", "--solver", "nope"], "unknown solver 'nope'; known: anderson, fixed_point"),
-        (["solve", "--set", "solver.options.m=0"], "'m' must be >= 1"),
-        (["solve", "--set", "solver.options.window=3"], "has no option 'window'; options: m, beta, lam"),
+        (["solve", "--solver", "anderson", "--set", "solver.options.m=0"], "'m' must be >= 1"),
+        (["solve", "--solver", "anderson", "--set", "solver.options.window=3"], "has no option 'window'; options: m, beta, lam"),
         (["solve", "--set", "solver.max_iter=-1"], "'max_iter' must be >= 0"),
         (["solve", "--set", "solver.bogus=1"], "unknown key 'solver.bogus'"),
         (["solve", "--set", "nonsense"], "--set expects KEY=VALUE"),
