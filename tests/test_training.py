@@ -170,3 +170,12 @@ def test_cli_bad_input_is_one_line_exit_2(args, message, tmp_path):
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_and_save_plain_state_dicts(images, tmp_path):
+    train(tiny(images, tmp_path / "c", "train.compile=true", "train.steps=3"), registry=REGISTRY, progress=False)
+    ckpt = load_checkpoint(tmp_path / "c")
+    assert not any("_orig_mod" in key for key in ckpt.model)  # per-block compile keeps the official names
+    assert ckpt.model.keys() == FPDM(input_size=8, in_channels=1, patch_size=2, hidden_size=32, num_heads=2,
+                                     num_classes=2).state_dict().keys()
