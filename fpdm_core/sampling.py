@@ -142,13 +142,13 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, *, generators: list[to
     for step, i in enumerate(reversed(range(diffusion.num_timesteps))):
         t_model = diffusion.map_timesteps(torch.full((n,), i, dtype=torch.long, device=device))
         x_in, t_in = (torch.cat([x, x]), torch.cat([t_model, t_model])) if guided else (x, t_model)
-        z0 = reuse.init(solutions[-reuse.history:] if reuse.history else [], step)
+        z0 = reuse.init(solutions, step)  # the list holds at most reuse.history solutions
         cap = iterations[step]
         limit = cap + carry if adaptive else cap  # adaptive: per-sample caps, what each has not spent yet
         with torch.no_grad():
             out = model(x_in, t_in, y, z0=z0, iters=limit, solver=solver, tol=tol)
         if out.z is not None and reuse.history:
-            solutions = [*solutions[-reuse.history + 1 :], out.z] if reuse.history > 1 else [out.z]
+            solutions = [*solutions, out.z][-reuse.history :]
         if adaptive and out.stats is not None:
             carry = limit - out.stats.iterations
         output = out.pred

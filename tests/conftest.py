@@ -4,6 +4,7 @@ known answers. Everything runs on CPU in float64 unless a test is about another 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,3 +93,11 @@ def trained(images, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "run"
     train(tiny_config(images, out), registry=REGISTRY, progress=False)
     return out
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`fpdm ARGS` as a user runs it. Third-party plugins installed on this machine stay out unless a test
+    brings its own through `env`."""
+    full_env = {**os.environ, "FPDM_LOAD_PLUGINS": "", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fpdm.apps.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=ROOT, timeout=300)

@@ -5,20 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import EXAMPLE_SRC, ROOT
+from conftest import EXAMPLE_SRC, run_cli
 from fakedist import fake_dist
 
 
-def fpdm(*args: str, env: dict[str, str] | None = None, cwd=None) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
-    # Third-party plugins installed on this machine stay out unless a test brings its own.
-    full_env = {**os.environ, "FPDM_LOAD_PLUGINS": "", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "fpdm.apps.cli", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd or ROOT, timeout=300)
+fpdm = run_cli
 
 
 @pytest.fixture(scope="module")

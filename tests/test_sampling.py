@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import REGISTRY, ROOT
+from conftest import REGISTRY, run_cli
 from fpdm.build import load_denoiser
 from fpdm.checkpoint import load_checkpoint
 from fpdm.diffusion import GaussianDiffusion, LinearSchedule
@@ -125,9 +122,7 @@ def test_cfg_scale_one_is_the_conditional_model():
     assert not torch.allclose(_generate(model, cfg_scale=4.0, sampler="ddim").images, plain.images)
 
 
-def fpdm_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fpdm.apps.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, env={**os.environ, "FPDM_LOAD_PLUGINS": ""})
+fpdm_cli = run_cli
 
 
 def test_cli_writes_images_grid_stats_and_plot(trained, tmp_path):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REGISTRY, ROOT, tiny_config
+from conftest import REGISTRY, run_cli, tiny_config
 from fpdm.checkpoint import list_checkpoints, load_checkpoint
 from fpdm.errors import FpdmRuntimeError, UsageError
 from fpdm.models import FPDM
@@ -130,9 +128,7 @@ def test_corrupt_and_foreign_checkpoints_are_refused(images, tmp_path):
         load_checkpoint(tmp_path / "nowhere")
 
 
-def fpdm_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
-    return subprocess.run([sys.executable, "-m", "fpdm.apps.cli", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=300, env={**__import__("os").environ, "FPDM_LOAD_PLUGINS": ""})
+fpdm_cli = run_cli
 
 
 def test_cli_trains_resumes_and_plots(images, tmp_path):
