@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from fpdm.registry import default_registry
 from fpdm.sampling import generate, plan_iterations
 from fpdm.training import resolve_device
 
+from .encode_cmd import latent_decoder
 from .plots import draw_plot, save_png, stack_images
 
 
@@ -47,6 +49,7 @@ def sample_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-
     parser.add_argument("--clip-x0", action="store_true", help="clip predicted x0 to [-1, 1]")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="output folder (default: RUN/samples)")
+    parser.add_argument("--vae", help="latent models: diffusers AutoencoderKL folder that decodes the samples")
     parser.add_argument("--plot", action="store_true", help="also write stats.png (residual, iterations per step)")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -60,6 +63,8 @@ def sample_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-
         device = resolve_device(args.device)
         model = load_denoiser(ckpt, ema=args.ema, registry=registry).to(device)
         labels = _labels(args, model, ckpt.spec.get("class_names", []))
+        decode = latent_decoder(ckpt.spec, args.vae, in_channels=model.in_channels, input_size=model.input_size,
+                                device=device)  # None for pixel models
         schedule = build_schedule(config.diffusion, registry)
         base = GaussianDiffusion(schedule, prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma)
         if args.steps > base.num_timesteps:
@@ -84,7 +89,9 @@ def sample_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-
                               progress=bar.update, shape=(model.in_channels, model.input_size, model.input_size),
                               update=update, solver=solver, iterations=iterations, reuse=reuse, tol=tol,
                               cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels, clip_x0=args.clip_x0,
-                              adaptive=allocator.tol > 0, device=device)
+                              adaptive=allocator.tol > 0, device=device, clip_output=decode is None)
+        if decode is not None:  # latents -> images in [-1, 1]
+            result = dataclasses.replace(result, images=decode(result.images))
         report = _report(args, ckpt, result, iterations, model, tol)
         _write(tmp, result, report, args.plot, labels)
         _replace(tmp, out)

@@ -33,15 +33,20 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 @attrs.frozen
 class DataConfig:
     """What to train on. `path`: the IDX folder for fashion_mnist (default: the Debian package's folder), the
-    root folder for image_folder (required). `split` only applies to fashion_mnist."""
+    root folder for image_folder or latents (required). `split` only applies to fashion_mnist.
 
-    name: str = attrs.field(default="fashion_mnist", validator=v.in_(("fashion_mnist", "image_folder")))
+    For `latents` (pre-encoded SD-VAE latents in the official DiT/FPDM feature format, see fpdm.latents)
+    `image_size` is the latent spatial size H (32 for 256 px images), `channels` the latent channels (4), and
+    `scale_factor` the VAE scaling the stored latents already carry (recorded in the checkpoint)."""
+
+    name: str = attrs.field(default="fashion_mnist", validator=v.in_(("fashion_mnist", "image_folder", "latents")))
     path: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))
     split: str = attrs.field(default="train", validator=v.in_(("train", "test")))
     image_size: int = attrs.field(default=32, validator=[v.instance_of(int), v.ge(8)])
-    channels: int = attrs.field(default=1, validator=[v.instance_of(int), v.in_((1, 3))])
+    channels: int = attrs.field(default=1, validator=[v.instance_of(int), v.in_((1, 3, 4))])
     class_conditional: bool = attrs.field(default=True, validator=v.instance_of(bool))
     random_flip: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    scale_factor: float = attrs.field(default=0.18215, validator=v.gt(0.0))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -244,18 +249,8 @@ def image_folder(config: DataConfig) -> ImageDataset:
         raise UsageError(f"data.path {root} does not exist")
     if not root.is_dir():
         raise UsageError(f"data.path {root} is not a directory")
-    flat = _images_in(root, recursive=False)
-    classes = {d.name: _images_in(d, recursive=True) for d in sorted(root.iterdir()) if _visible_dir(d)}
-    classes = {name: files for name, files in classes.items() if files}
-    if flat and classes:
-        raise UsageError(
-            f"{root} has images directly and in class subfolders ({', '.join(classes)}); use one layout or the other"
-        )
-    if not flat and not classes:
-        raise UsageError(f"no images found in {root}; expected class subfolders of images or images directly")
-    names = sorted(classes)
-    files = flat + [f for name in names for f in classes[name]]
-    labels = torch.tensor([0] * len(flat) + [i for i, name in enumerate(names) for _ in classes[name]])
+    files, label_list, names = image_files(root)
+    labels = torch.tensor(label_list)
     images = torch.empty((len(files), config.channels, config.image_size, config.image_size), dtype=torch.uint8)
     for i, file in enumerate(files):
         images[i] = _load_image(file, config.image_size, config.channels)
@@ -267,6 +262,23 @@ def image_folder(config: DataConfig) -> ImageDataset:
         class_names=names if config.class_conditional else (),
         random_flip=config.random_flip,
     )
+
+
+def image_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """The image files of an image folder, their labels and the sorted class names (empty when the images sit
+    directly in `root`): the layout rules of `image_folder`, for readers that stream the files."""
+    flat = _images_in(root, recursive=False)
+    classes = {d.name: _images_in(d, recursive=True) for d in sorted(root.iterdir()) if _visible_dir(d)}
+    classes = {name: files for name, files in classes.items() if files}
+    if flat and classes:
+        raise UsageError(
+            f"{root} has images directly and in class subfolders ({', '.join(classes)}); use one layout or the other"
+        )
+    if not flat and not classes:
+        raise UsageError(f"no images found in {root}; expected class subfolders of images or images directly")
+    names = sorted(classes)
+    files = flat + [f for name in names for f in classes[name]]
+    return files, [0] * len(flat) + [i for i, name in enumerate(names) for _ in classes[name]], names
 
 
 def _visible_dir(path: Path) -> bool:
@@ -298,6 +310,9 @@ def _load_image(path: Path, size: int, channels: int) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, S, S)
 
 
+load_image = _load_image  # public name for readers outside this module (fpdm encode)
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -307,4 +322,8 @@ def build_dataset(config: DataConfig) -> ImageDataset:
         return fashion_mnist(config)
     if config.name == "image_folder":
         return image_folder(config)
-    raise UsageError(f"unknown data.name {config.name!r}; known: fashion_mnist, image_folder")
+    if config.name == "latents":
+        from .latents import latent_folder  # lazy: latents.py builds on this module
+
+        return latent_folder(config)
+    raise UsageError(f"unknown data.name {config.name!r}; known: fashion_mnist, image_folder, latents")

@@ -93,6 +93,8 @@ def train(config: Config, *, resume: bool = False, registry: Registry | None = N
     family, options = denoiser_options(config.model, input_size=dataset.image_size, in_channels=dataset.channels,
                                        num_classes=dataset.num_classes)
     spec = {"denoiser": family, "options": options, "class_names": list(dataset.class_names)}
+    if config.data.name == "latents":  # samples are latents: `fpdm sample --vae` decodes them with this scale
+        spec["latent"] = {"scale_factor": float(config.data.scale_factor)}
     model = build_denoiser(config.model, input_size=dataset.image_size, in_channels=dataset.channels,
                            num_classes=dataset.num_classes, checkpoint=tc.checkpoint_activations, registry=registry)
     model.to(device)
