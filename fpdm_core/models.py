@@ -110,7 +110,9 @@ class TimestepEmbedder(nn.Module):
         half = self.frequency_size // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]  # (B, half)
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # (B, D), cos first
+        # The sinusoid stays fp32 (fp16 cannot resolve t * freq near t = 999); the MLP runs in its own dtype.
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype)  # (B, 256)
+        return self.mlp(emb)  # (B, D), cos first
 
 
 class LabelEmbedder(nn.Module):
@@ -240,8 +242,8 @@ class FPDM(_Backbone):
     def blocks_per_call(self, iters: int) -> int:
         return self.pre_depth + iters + self.post_depth
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, z0: Tensor | None = None, iters: int | Tensor,
-                solver: Solver | None = None, tol: float = 0.0, grad_iters: int = 0) -> DenoiserOutput:
+    def prepare(self, x: Tensor, t: Tensor, y: Tensor | None) -> tuple[Tensor, FixedPointMap, Tensor]:
+        """Everything before the solve: (pre-layer output h (B, T, D), the fixed-point map, the post condition)."""
         tokens, t_emb, y_emb = self.embed(x, t, y)
         c = t_emb if y_emb is None else t_emb + y_emb  # (B, D) the fixed-point block sees timestep + class
         # Officially pre/post/final see the class only; an unconditional model has only the timestep to give.
@@ -249,7 +251,18 @@ class FPDM(_Backbone):
         h = tokens
         for block in self.blocks_pre:
             h = self.run_block(block, h, c_pp, self.checkpoint)
-        f = FixedPointMap(self, self.block_pre_projection(h), c)  # input injection computed once
+        return h, FixedPointMap(self, self.block_pre_projection(h), c), c_pp  # input injection computed once
+
+    def finish(self, z: Tensor, c_pp: Tensor) -> Tensor:
+        """Everything after the solve: post blocks and the final layer, (B, T, D) -> (B, C_out, H, W)."""
+        out = z
+        for block in self.blocks_post:
+            out = self.run_block(block, out, c_pp, self.checkpoint)
+        return self.unpatchify(self.final_layer(out, c_pp))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, z0: Tensor | None = None, iters: int | Tensor,
+                solver: Solver | None = None, tol: float = 0.0, grad_iters: int = 0) -> DenoiserOutput:
+        h, f, c_pp = self.prepare(x, t, y)
         z = h if z0 is None else z0  # (B, T, D)
         stats = None
         if (int(iters.max()) if isinstance(iters, Tensor) else iters) > 0:
@@ -260,10 +273,7 @@ class FPDM(_Backbone):
             z, stats = result.z, result.stats
         for _ in range(grad_iters):  # S-JFB's grad phase: unrolled backprop through these iterations only
             z = grad_checkpoint(f, z, use_reentrant=False) if self.checkpoint and torch.is_grad_enabled() else f(z)
-        out = z
-        for block in self.blocks_post:
-            out = self.run_block(block, out, c_pp, self.checkpoint)
-        pred = self.unpatchify(self.final_layer(out, c_pp))  # (B, C_out, H, W)
+        pred = self.finish(z, c_pp)  # (B, C_out, H, W)
         spent = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device) if stats is None else stats.iterations
         blocks = spent + self.pre_depth + self.post_depth + grad_iters  # (B,)
         return DenoiserOutput(pred, z, stats, blocks)

@@ -79,7 +79,7 @@ class StepStats:
 
 @dataclasses.dataclass(frozen=True)
 class SampleResult:
-    images: Tensor  # (B, C, H, W) in [-1, 1] (clipped)
+    images: Tensor  # (B, C, H, W) in [-1, 1] (clipped), or latents as they are with clip_output=False
     steps: list[StepStats]
     blocks: Tensor  # (B,) block evaluations spent per sample over the whole trajectory
 
@@ -90,7 +90,7 @@ def plan_iterations(model: Denoiser, timesteps: Sequence[int], *, budget: int | 
     is left after the pre/post blocks of every step; a budget that cannot pay one iteration per step fails."""
     steps = len(timesteps)
     per_step = model.blocks_per_call(0)
-    if not hasattr(model, "block_fixed_point"):  # DiT: depth per step, nothing to allocate
+    if model.blocks_per_call(1) == per_step:  # DiT: depth per step, nothing to allocate
         if budget is not None and steps * per_step > budget:
             raise UsageError(f"budget {budget} cannot pay for {steps} DiT steps of {per_step} blocks "
                              f"({steps * per_step} needed); use --steps {max(1, budget // per_step)} or a larger budget")
@@ -108,6 +108,17 @@ def plan_iterations(model: Denoiser, timesteps: Sequence[int], *, budget: int | 
     return plan
 
 
+def guide(output: Tensor, scale: float, *, channels: int | None, learn_sigma: bool) -> Tensor:
+    """Classifier-free guidance on a batch of conditional rows followed by the same rows unconditioned:
+    uncond + scale * (cond - uncond) on the prediction channels (or the first `channels`); the learned
+    variance channels stay conditional. (B2, C_out, H, W) -> (B, C_out, H, W)."""
+    half = output.shape[0] // 2
+    cond, uncond = output[:half], output[half:]  # slices, not chunk(): chunk pins the batch size when exported
+    k = channels or (cond.shape[1] // 2 if learn_sigma else cond.shape[1])
+    eps = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
+    return torch.cat([eps, cond[:, k:]], dim=1)
+
+
 def _step_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> Tensor:
     """Per-sample noise from per-sample generators: image k does not depend on the batch it is drawn in."""
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
@@ -117,12 +128,13 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, *, generators: list[to
            labels: Tensor | None, update: StepUpdate, solver: Solver | None, iterations: Sequence[int],
            reuse: ReusePolicy, tol: float = 0.0, cfg_scale: float = 1.0, cfg_channels: int | None = None,
            clip_x0: bool = False, adaptive: bool = False, device: torch.device | str = "cpu",
-           callback: Callable[[StepStats], None] | None = None) -> SampleResult:
+           clip_output: bool = True, callback: Callable[[StepStats], None] | None = None) -> SampleResult:
     """Run the reverse process of the respaced `diffusion` for len(generators) samples of `shape` (C, H, W).
 
     iterations[i] is step i's iteration cap (in sampling order). With `adaptive`, each sample solves to `tol`
     and carries the iterations it did not use into its next step, so the total stays within the plan.
     cfg_channels limits guidance to the first channels (the official code guides 3 of 4); None guides all.
+    `clip_output` clamps the final samples to [-1, 1]: right for pixels, wrong for latents (pass False).
     """
     device = torch.device(device)
     n = len(generators)
@@ -153,10 +165,7 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, *, generators: list[to
             carry = limit - out.stats.iterations
         output = out.pred
         if guided:
-            cond, uncond = output.chunk(2)
-            k = cfg_channels or (cond.shape[1] // 2 if diffusion.learn_sigma else cond.shape[1])
-            eps = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
-            output = torch.cat([eps, cond[:, k:]], dim=1)
+            output = guide(output, cfg_scale, channels=cfg_channels, learn_sigma=diffusion.learn_sigma)
         noise = _step_noise(generators, shape, device) if i > 0 else torch.zeros_like(x)
         x = update(diffusion, output, x, i, noise=noise, clip_x0=clip_x0)
         blocks = out.blocks[:n]
@@ -165,7 +174,7 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, *, generators: list[to
         history.append(stats)
         if callback is not None:
             callback(stats)
-    return SampleResult(x.clamp(-1, 1), history, spent)
+    return SampleResult(x.clamp(-1, 1) if clip_output else x, history, spent)
 
 
 def _step_stats(step: int, timestep: int, cap: int, out: Any, blocks: Tensor) -> StepStats:
