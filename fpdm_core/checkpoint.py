@@ -1,7 +1,8 @@
 """Checkpoints that cannot run code and are never half-written.
 
 A checkpoint is a folder `step-NNNNNNNN/` holding model.safetensors, ema.safetensors, optimizer.pt and
-trainer.pt (tensors and plain values only, loaded with weights_only=True), config.json, model.json (how to
+trainer.pt (tensors and plain values only, loaded with weights_only=True; both absent from imported
+weights, which sample and export but cannot resume training), config.json, model.json (how to
 rebuild the denoiser without the data set) and meta.json
 (format version, step and the sha256 of every file). It is written under a hidden temporary name, fsynced,
 then renamed into place, so a crash leaves either the previous checkpoints or the new one, never a torn one.
@@ -40,6 +41,9 @@ class Checkpoint:
 
     def training_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(optimizer state dict, trainer state) for resuming; plain tensors and values only."""
+        if not (self.path / "optimizer.pt").is_file():
+            raise UsageError(f"{self.path} holds weights without optimizer or trainer state (e.g. imported "
+                             "weights): it samples and exports but cannot resume training")
         return _torch_load(self.path / "optimizer.pt"), _torch_load(self.path / "trainer.pt")
 
 
@@ -59,14 +63,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _weights(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+def _weights(module: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
+    state = module if isinstance(module, dict) else module.state_dict()
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_checkpoint(root: Path, step: int, *, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: dict[str, Any], spec: dict[str, Any], trainer_state: dict[str, Any], keep: int,
-                    fpdm_version: str) -> Path:
-    """Write checkpoint `step` under `root` atomically and keep only the newest `keep` checkpoints."""
+def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, Tensor], ema: nn.Module | dict[str, Tensor],
+                    optimizer: torch.optim.Optimizer | None, config: dict[str, Any], spec: dict[str, Any],
+                    trainer_state: dict[str, Any] | None, keep: int, fpdm_version: str) -> Path:
+    """Write checkpoint `step` under `root` atomically and keep only the newest `keep` checkpoints.
+    Without an optimizer (imported weights) neither optimizer.pt nor trainer.pt is written."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"{PREFIX}{step:08d}"
     tmp = root / f".{name}.tmp-{os.getpid()}"
@@ -76,8 +82,9 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module, ema: nn.Module, 
         tag = {"format": FORMAT, "step": str(step)}
         save_file(_weights(model), tmp / "model.safetensors", metadata=tag)
         save_file(_weights(ema), tmp / "ema.safetensors", metadata=tag)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(trainer_state, tmp / "trainer.pt")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         (tmp / "model.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
         files = sorted(p.name for p in tmp.iterdir())
