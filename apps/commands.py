@@ -17,6 +17,9 @@ from fpdm.errors import UsageError
 from fpdm.problems import LinearContraction, TanhContraction
 from fpdm.registry import default_registry
 
+from .encode_cmd import encode_command
+from .export_cmd import export_command
+from .import_cmd import import_official_command
 from .sample_cmd import sample_command
 from .train_cmd import train_command
 
@@ -107,4 +110,7 @@ def register_commands(register):  # type: ignore[no-untyped-def]
     register("plugins", plugins_command, description="list plugins, where they came from and what they registered")
     register("solve", solve_command, description="run solvers on a synthetic contraction and print their stats")
     register("train", train_command, description="train an FPDM or DiT (S-JFB), with checkpoints and a loss log")
+    register("export", export_command, description="export a denoising step (or the whole loop) to ONNX, solver unrolled")
     register("sample", sample_command, description="sample images under a block budget, with per-step stats")
+    register("encode", encode_command, description="encode an image folder to SD-VAE latents (official feature format)")
+    register("import-official", import_official_command, description="map an official FPDM/DiT checkpoint to an fpdm run")

@@ -1,4 +1,8 @@
-"""`fpdm sample CKPT`: images under a block budget, a grid, per-step stats and an optional plot."""
+"""`fpdm sample CKPT|MODEL.onnx`: images under a block budget, a grid, per-step stats and an optional plot.
+
+The PyTorch backend samples a checkpoint; the ONNX Runtime backend samples an exported step (the same loop,
+schedules and reuse policies, with the iterations fixed at the exported K) or an exported whole loop.
+"""
 
 from __future__ import annotations
 
@@ -9,99 +13,161 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from fpdm.build import build_schedule, load_denoiser
+from fpdm.build import load_denoiser
 from fpdm.checkpoint import load_checkpoint
 from fpdm.config import Config, from_dict
-from fpdm.diffusion import GaussianDiffusion
 from fpdm.errors import UsageError
 from fpdm.registry import default_registry
-from fpdm.sampling import generate, plan_iterations
+from fpdm.sampling import generate
 from fpdm.training import resolve_device
 
 from .encode_cmd import latent_decoder
 from .plots import draw_plot, save_png, stack_images
+from .sampling_setup import add_process_arguments, sampling_parts
 
 
 def sample_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-def]
-    parser.add_argument("checkpoint", help="a run folder or a checkpoint folder")
+    parser.add_argument("checkpoint", help="a run folder, a checkpoint folder, or an exported .onnx")
     parser.add_argument("--n", type=int, default=64, help="number of images")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps (respaced)")
-    parser.add_argument("--budget", type=int, help="transformer-block evaluations per sample (the paper's unit)")
+    add_process_arguments(parser, steps=None)  # --steps (default 50), --budget, --sampler, --allocator, ...
     parser.add_argument("--iters", type=int, help="fixed-point iterations per step without --budget "
                         "(default: the config's solver.max_iter)")
-    parser.add_argument("--sampler", default="ddpm", help="ddpm or ddim (or a plugin's)")
-    parser.add_argument("--eta", type=float, help="DDIM eta (default 0)")
     parser.add_argument("--solver", help="fixed-point solver (default: the config's)")
     parser.add_argument("--tol", type=float, default=0.0, help="stop a sample's solve early at this residual")
-    parser.add_argument("--allocator", default="uniform", help="how --budget is spread over the steps")
-    parser.add_argument("--reuse", default="reuse", help="initial iterate per step: cold, reuse, extrapolate")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--cfg-channels", type=int, help="guide only the first N channels (official: 3)")
     parser.add_argument("--class", dest="classes", type=int, action="append", help="class id (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
-    parser.add_argument("--clip-x0", action="store_true", help="clip predicted x0 to [-1, 1]")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", help="output folder (default: RUN/samples)")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), help="default: onnxruntime for .onnx files")
+    parser.add_argument("--provider", default="auto", choices=("auto", "cuda", "cpu"),
+                        help="onnxruntime provider (auto: CUDA when it loads, else CPU; the one used is printed)")
+    parser.add_argument("--cuda-graph", action="store_true", help="onnxruntime CUDA: replay CUDA graphs")
+    parser.add_argument("--out", help="output folder (default: RUN/samples, or MODEL-samples beside an .onnx)")
     parser.add_argument("--vae", help="latent models: diffusers AutoencoderKL folder that decodes the samples")
     parser.add_argument("--plot", action="store_true", help="also write stats.png (residual, iterations per step)")
     parser.add_argument("--no-progress", action="store_true")
 
     def run(args: argparse.Namespace) -> int:
-        for name in ("n", "batch_size", "steps"):
+        for name in ("n", "batch_size"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-        ckpt = load_checkpoint(args.checkpoint)
-        config = from_dict(Config, ckpt.config)
-        registry = default_registry()
-        device = resolve_device(args.device)
-        model = load_denoiser(ckpt, ema=args.ema, registry=registry).to(device)
-        labels = _labels(args, model, ckpt.spec.get("class_names", []))
-        decode = latent_decoder(ckpt.spec, args.vae, in_channels=model.in_channels, input_size=model.input_size,
-                                device=device)  # None for pixel models
-        schedule = build_schedule(config.diffusion, registry)
-        base = GaussianDiffusion(schedule, prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma)
-        if args.steps > base.num_timesteps:
-            raise UsageError(f"--steps must be <= {base.num_timesteps}, the training timesteps")
-        timesteps = sorted(schedule.sampling_timesteps(args.steps).tolist())
-        diffusion = base.respace(timesteps)
-        update = registry.create("sampler", args.sampler, **({} if args.eta is None else {"eta": args.eta}))
-        allocator = registry.create("allocator", args.allocator)
-        reuse = registry.create("reuse_policy", args.reuse)
-        solver = registry.create("solver", args.solver or config.solver.name,
-                                 **({} if args.solver else config.solver.options))
-        iterations = plan_iterations(model, timesteps[::-1], budget=args.budget,
-                                     iters=args.iters if args.iters is not None else config.solver.max_iter,
-                                     allocator=allocator)
-        tol = allocator.tol or args.tol
-        out = Path(args.out) if args.out else ckpt.path.parent.parent / "samples"
+        onnx = args.backend == "onnxruntime" or (args.backend is None and args.checkpoint.endswith(".onnx"))
+        if args.backend == "torch" and args.checkpoint.endswith(".onnx"):
+            raise UsageError("an .onnx file samples with --backend onnxruntime; the torch backend takes a checkpoint")
+        job = _onnx_job(args) if onnx else _torch_job(args)
+        labels = _labels(args, job.model, job.spec.get("class_names", []))
+        decode = latent_decoder(job.spec, args.vae, in_channels=job.model.in_channels,
+                                input_size=job.model.input_size, device=job.device)  # None for pixel models
+        out = Path(args.out) if args.out else job.default_out
         tmp = _fresh_tmp(out)
         from tqdm.auto import tqdm
 
+        shape = (job.model.in_channels, job.model.input_size, job.model.input_size)
         with tqdm(total=args.n, unit="img", disable=args.no_progress) as bar:
-            result = generate(model, diffusion, n=args.n, batch_size=args.batch_size, seed=args.seed, labels=labels,
-                              progress=bar.update, shape=(model.in_channels, model.input_size, model.input_size),
-                              update=update, solver=solver, iterations=iterations, reuse=reuse, tol=tol,
-                              cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels, clip_x0=args.clip_x0,
-                              adaptive=allocator.tol > 0, device=device, clip_output=decode is None)
+            result = generate(job.model, job.diffusion, n=args.n, batch_size=args.batch_size, seed=args.seed,
+                              labels=labels, progress=bar.update, shape=shape, cfg_scale=args.cfg_scale,
+                              cfg_channels=args.cfg_channels, clip_x0=args.clip_x0, device=job.device,
+                              clip_output=decode is None, **job.options)
         if decode is not None:  # latents -> images in [-1, 1]
             result = dataclasses.replace(result, images=decode(result.images))
-        report = _report(args, ckpt, result, iterations, model, tol)
+        report = _report(args, job, result)
         _write(tmp, result, report, args.plot, labels)
         _replace(tmp, out)
         spent = report["blocks_per_sample"]
-        print(f"{args.n} images, {args.steps} steps, blocks per sample mean {spent['mean']:.1f} max {spent['max']}"
-              + (f" (budget {args.budget})" if args.budget else "") + f", {report['images_per_s']:.2f} img/s")
+        print(f"{args.n} images, {len(result.steps)} steps, blocks per sample mean {spent['mean']:.1f} "
+              f"max {spent['max']}" + (f" (budget {args.budget})" if args.budget else "")
+              + f", {report['images_per_s']:.2f} img/s, {job.backend}")
         print(f"grid: {out / 'grid.png'}\nstats: {out / 'stats.json'}")
         return 0
 
     return run
+
+
+@dataclasses.dataclass
+class _Job:
+    """What the backends hand to the shared sampling and writing code."""
+
+    model: Any  # a Denoiser, or its ONNX Runtime stand-in
+    diffusion: Any
+    options: dict[str, Any]  # generate()'s remaining keywords: update, solver, iterations, reuse, tol, ...
+    spec: dict[str, Any]
+    source: dict[str, Any]  # for the report: checkpoint or onnx path, step, solver, plan
+    default_out: Path
+    device: torch.device
+    backend: str
+
+
+def _torch_job(args: argparse.Namespace) -> _Job:
+    if args.provider != "auto" or args.cuda_graph:
+        raise UsageError("--provider and --cuda-graph apply to the onnxruntime backend (an exported .onnx)")
+    args.steps = 50 if args.steps is None else args.steps
+    ckpt = load_checkpoint(args.checkpoint)
+    config = from_dict(Config, ckpt.config)
+    registry = default_registry()
+    device = resolve_device(args.device)
+    model = load_denoiser(ckpt, ema=args.ema, registry=registry).to(device)
+    parts = sampling_parts(args, config, model, registry,
+                           iters=args.iters if args.iters is not None else config.solver.max_iter)
+    solver_name = args.solver or config.solver.name
+    solver = registry.create("solver", solver_name, **({} if args.solver else config.solver.options))
+    tol = parts.allocator.tol or args.tol
+    options = {"update": parts.update, "solver": solver, "iterations": parts.iterations, "reuse": parts.reuse,
+               "tol": tol, "adaptive": parts.allocator.tol > 0}
+    source = {"checkpoint": str(ckpt.path), "step": ckpt.step, "ema": args.ema, "solver": solver_name, "tol": tol,
+              "iterations_plan": parts.iterations}
+    return _Job(model, parts.diffusion, options, ckpt.spec, source, ckpt.path.parent.parent / "samples", device,
+                "torch " + device.type)
+
+
+def _onnx_job(args: argparse.Namespace) -> _Job:
+    from fpdm.export.ort import OrtDenoiser, OrtLoop, OrtSession, run_loop, session_summary
+
+    if args.solver or args.tol or args.iters is not None or not args.ema:
+        raise UsageError("--solver, --tol, --iters and --no-ema are fixed when a graph is exported; "
+                         "export again to change them")
+    session = OrtSession(args.checkpoint, provider=args.provider, cuda_graph=args.cuda_graph)
+    if session.cuda_graph and args.n % args.batch_size:
+        raise UsageError("--cuda-graph replays one batch size: make --n a multiple of --batch-size")
+    meta, path = session.meta, Path(args.checkpoint)
+    config = from_dict(Config, meta["config"])
+    source = {"onnx": str(path), "checkpoint": meta["source"].get("checkpoint"), "step": meta["source"].get("step"),
+              "solver": (meta.get("solver") or {}).get("name"), "provider": session.provider}
+    default_out = path.with_name(f"{path.stem}-samples")
+    device = torch.device("cuda" if session.cuda else "cpu")
+    if meta["kind"] == "loop":
+        given = [f"--{k.replace('_', '-')}" for k in ("steps", "budget", "eta", "cfg_channels")
+                 if getattr(args, k) is not None]
+        given += [f"--{k}" for k, default in (("sampler", "ddpm"), ("allocator", "uniform"), ("reuse", "reuse"))
+                  if getattr(args, k) != default]
+        if given or args.cfg_scale != 1.0 or args.clip_x0:
+            raise UsageError(f"this whole-loop graph fixes the sampling choices at export "
+                             f"({json.dumps(meta['sampling'])}); drop {', '.join(given) or '--cfg-scale/--clip-x0'}")
+        loop = OrtLoop(session)
+        for key, value in meta["sampling"].items():  # the report tells what the graph does
+            setattr(args, key, value)
+        options = {"run": run_loop(loop)}
+        return _Job(loop, None, options, meta["spec"], {**source, "iterations_plan": loop.iterations,
+                    "sampling": meta["sampling"]}, default_out, device, session_summary(session))
+    model = OrtDenoiser(session)
+    args.steps = 50 if args.steps is None else args.steps
+    if args.allocator != "uniform" and model.fixed_point:
+        raise UsageError(f"the ONNX graph runs exactly K={model.iters} iterations at every step, so the allocation "
+                         f"is fixed; --allocator {args.allocator} needs the PyTorch backend (or one export per K)")
+    parts = sampling_parts(args, config, model, default_registry(), iters=model.iters)  # type: ignore[arg-type]
+    if model.fixed_point and set(parts.iterations) != {model.iters}:
+        raise UsageError(f"--budget {args.budget} would need {sorted(set(parts.iterations))} iterations per step; "
+                         f"the graph runs exactly K={model.iters}: use --budget "
+                         f"{args.steps * model.blocks_per_call(model.iters)} or drop --budget")
+    options = {"update": parts.update, "solver": None, "iterations": parts.iterations, "reuse": parts.reuse}
+    return _Job(model, parts.diffusion, options, meta["spec"], {**source, "iterations_plan": parts.iterations},
+                default_out, device, session_summary(session))
 
 
 def _labels(args: argparse.Namespace, model, class_names: list[str]) -> list[int] | None:  # type: ignore[no-untyped-def]
@@ -118,13 +184,12 @@ def _labels(args: argparse.Namespace, model, class_names: list[str]) -> list[int
     return chosen
 
 
-def _report(args, ckpt, result, iterations, model, tol) -> dict:  # type: ignore[no-untyped-def]
+def _report(args: argparse.Namespace, job: _Job, result: Any) -> dict[str, Any]:
     blocks = result.blocks
     return {
-        "checkpoint": str(ckpt.path), "step": ckpt.step, "n": args.n, "steps": args.steps, "sampler": args.sampler,
-        "solver": args.solver or ckpt.config["solver"]["name"], "allocator": args.allocator, "reuse": args.reuse,
-        "tol": tol, "cfg_scale": args.cfg_scale, "seed": args.seed, "ema": args.ema, "budget": args.budget,
-        "iterations_plan": iterations,
+        **job.source, "backend": job.backend, "n": args.n, "steps": len(result.steps), "sampler": args.sampler,
+        "allocator": args.allocator, "reuse": args.reuse, "cfg_scale": args.cfg_scale, "seed": args.seed,
+        "budget": args.budget,
         "blocks_per_sample": {"mean": blocks.double().mean().item(), "max": int(blocks.max()),
                               "note": "one network evaluation per sample; guidance (cfg_scale != 1) doubles compute"},
         "images_per_s": args.n / result.seconds, "seconds": result.seconds, "per_step": result.steps,

@@ -8,6 +8,7 @@ sample; budgets and reports count one evaluation per sample, as the paper does, 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -17,7 +18,7 @@ from attrs import validators as v
 from torch import Tensor
 
 from .diffusion import GaussianDiffusion
-from .errors import PluginError, UsageError
+from .errors import FpdmRuntimeError, PluginError, UsageError
 from .interfaces import BudgetAllocator, Denoiser, ReusePolicy, Solver
 
 
@@ -119,7 +120,7 @@ def guide(output: Tensor, scale: float, *, channels: int | None, learn_sigma: bo
     return torch.cat([eps, cond[:, k:]], dim=1)
 
 
-def _step_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> Tensor:
+def step_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> Tensor:
     """Per-sample noise from per-sample generators: image k does not depend on the batch it is drawn in."""
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
@@ -143,7 +144,7 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, *, generators: list[to
     guided = cfg_scale != 1.0
     if guided and labels is None:
         raise UsageError("classifier-free guidance needs a class-conditional model")
-    x = _step_noise(generators, shape, device)  # (B, C, H, W) x_T
+    x = step_noise(generators, shape, device)  # (B, C, H, W) x_T
     y = labels
     if guided:  # one batch: conditional rows, then the same rows with the null label
         y = torch.cat([labels, torch.full_like(labels, model.num_classes)])  # type: ignore[arg-type]
@@ -166,8 +167,10 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, *, generators: list[to
         output = out.pred
         if guided:
             output = guide(output, cfg_scale, channels=cfg_channels, learn_sigma=diffusion.learn_sigma)
-        noise = _step_noise(generators, shape, device) if i > 0 else torch.zeros_like(x)
+        noise = step_noise(generators, shape, device) if i > 0 else torch.zeros_like(x)
         x = update(diffusion, output, x, i, noise=noise, clip_x0=clip_x0)
+        if not bool(torch.isfinite(x).all()):  # NaN images are never returned as if they were samples
+            raise FpdmRuntimeError(_diverged(step, diffusion.num_timesteps, int(t_model[0]), out, history))
         blocks = out.blocks[:n]
         spent += blocks
         stats = _step_stats(step, int(t_model[0]), cap, out, blocks)
@@ -175,6 +178,25 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, *, generators: list[to
         if callback is not None:
             callback(stats)
     return SampleResult(x.clamp(-1, 1) if clip_output else x, history, spent)
+
+
+def _diverged(step: int, steps: int, timestep: int, out: Any, history: list[StepStats]) -> str:
+    """One line: where sampling went non-finite, the solve's residual there and at the step before."""
+    if out.z is not None and not bool(torch.isfinite(out.z).all()):
+        where = "the fixed-point state"
+    elif not bool(torch.isfinite(out.pred).all()):
+        where = "the model output"
+    else:
+        where = "the sampler update"
+    residual = "no fixed-point solve"
+    if out.stats is not None:
+        r = out.stats.residual.double()
+        worst = r.nan_to_num(nan=math.inf).max().item() if r.numel() else math.nan
+        residual = f"fixed-point residual max {worst:.3g}"
+        if history:
+            residual += f" (step before: {history[-1].residual_max:.3g})"
+    return (f"sampling diverged at step {step + 1} of {steps} (timestep {timestep}): non-finite values in {where}, "
+            f"{residual}; no images written (try more iterations, a damped or another solver, or fewer steps)")
 
 
 def _step_stats(step: int, timestep: int, cap: int, out: Any, blocks: Tensor) -> StepStats:
@@ -197,9 +219,10 @@ class GenerateResult:
 
 def generate(model: Denoiser, diffusion: GaussianDiffusion, *, n: int, batch_size: int, seed: int,
              labels: Sequence[int] | None, progress: Callable[[int], None] | None = None,
-             **options: Any) -> GenerateResult:
+             run: Callable[..., SampleResult] | None = None, **options: Any) -> GenerateResult:
     """`n` samples in batches through `sample`; sample k uses generator (seed, k), so the images do not depend
-    on the batch size. `options` are `sample`'s keywords (update, solver, iterations, reuse, ...)."""
+    on the batch size. `options` are `sample`'s keywords (update, solver, iterations, reuse, ...); `run` replaces
+    `sample` with a callable of the same signature (an exported whole loop)."""
     import time
 
     device = torch.device(options.get("device", "cpu"))
@@ -210,7 +233,7 @@ def generate(model: Denoiser, diffusion: GaussianDiffusion, *, n: int, batch_siz
         ks = range(first, min(first + batch_size, n))
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + k) for k in ks]
         y = None if label_tensor is None else label_tensor[first : first + len(ks)].to(device)
-        result = sample(model, diffusion, generators=gens, labels=y, **options)
+        result = (run or sample)(model, diffusion, generators=gens, labels=y, **options)
         images.append(result.images.cpu())
         blocks.append(result.blocks.cpu())
         per_step.append((len(ks), result.steps))
