@@ -64,7 +64,7 @@ class OnnxExporter:
         if fixed_point and solver is not None and not solver.can_unroll:
             raise UsageError(f"solver {type(solver).__name__} cannot be exported: a solver plugin must provide "
                              "unrolled(f, z0, *, iters) -> Tensor with a fixed number of evaluations and "
-                             "ONNX-exportable ops (see README, 'Exporting with your solver')")
+                             "ONNX-exportable ops (README: 'Export contract')")
         dtype = torch.float16 if self.fp16 else torch.float32
         precision = "fp16" if self.fp16 else "fp32"
         reference = model.float().eval()
