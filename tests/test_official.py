@@ -362,3 +362,34 @@ def test_report_parity(capsys):
     with capsys.disabled():
         for case, err in PARITY.items():
             print(f"\nparity {case}: max abs error {err:.3e} (float64)")
+
+
+def test_imported_checkpoint_samples_through_a_vae_and_exports(tmp_path):
+    """The issue's end to end: an official checkpoint imported, sampled with `fpdm sample --vae` (decoded to
+    RGB), exported with `fpdm export --onnx`, and the export sampled with ONNX Runtime through the same VAE."""
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    from fpdm.vae import AutoencoderKL, VAEConfig
+    from fpdm.vae_io import save_vae
+
+    vae = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(32, 32), norm_num_groups=8, latent_channels=4)),
+                   tmp_path / "vae")
+    save_official(tmp_path / "o.pt", official_state_dict(fpdm=True, hidden=32, seed=3), model="DiT-S/2")
+    assert run_cli("import-official", str(tmp_path / "o.pt"), str(tmp_path / "run"),
+                   "--set", "model.num_heads=2").returncode == 0
+    done = run_cli("sample", str(tmp_path / "run"), "--n", "2", "--steps", "2", "--iters", "2", "--class", "3",
+                   "--vae", str(vae), "--no-progress", "--out", str(tmp_path / "s"))
+    assert done.returncode == 0, done.stderr
+    image = Image.open(tmp_path / "s" / "images" / "000000.png")
+    assert image.mode == "RGB" and image.size == (16, 16)  # 8x8 latents, decoded 2x up by this two-level VAE
+    onnx_path = tmp_path / "m.onnx"
+    done = run_cli("export", str(tmp_path / "run"), "--onnx", "--iters", "2", "--out", str(onnx_path))
+    assert done.returncode == 0, done.stderr
+    done = run_cli("sample", str(onnx_path), "--n", "2", "--steps", "2", "--class", "3", "--vae", str(vae),
+                   "--no-progress", "--out", str(tmp_path / "o"))
+    assert done.returncode == 0, done.stderr
+    for k in range(2):
+        a = torch.tensor(list(Image.open(tmp_path / "s" / "images" / f"00000{k}.png").getdata()), dtype=torch.float)
+        b = torch.tensor(list(Image.open(tmp_path / "o" / "images" / f"00000{k}.png").getdata()), dtype=torch.float)
+        assert (a - b).abs().max() <= 1  # the same images through both backends, to a rounding step
