@@ -368,6 +368,7 @@ def test_imported_checkpoint_samples_through_a_vae_and_exports(tmp_path):
     """The issue's end to end: an official checkpoint imported, sampled with `fpdm sample --vae` (decoded to
     RGB), exported with `fpdm export --onnx`, and the export sampled with ONNX Runtime through the same VAE."""
     pytest.importorskip("onnxruntime")
+    import numpy as np
     from PIL import Image
 
     from fpdm.vae import AutoencoderKL, VAEConfig
@@ -390,6 +391,6 @@ def test_imported_checkpoint_samples_through_a_vae_and_exports(tmp_path):
                    "--no-progress", "--out", str(tmp_path / "o"))
     assert done.returncode == 0, done.stderr
     for k in range(2):
-        a = torch.tensor(list(Image.open(tmp_path / "s" / "images" / f"00000{k}.png").getdata()), dtype=torch.float)
-        b = torch.tensor(list(Image.open(tmp_path / "o" / "images" / f"00000{k}.png").getdata()), dtype=torch.float)
+        a = torch.from_numpy(np.asarray(Image.open(tmp_path / "s" / "images" / f"00000{k}.png"), dtype=np.float32))
+        b = torch.from_numpy(np.asarray(Image.open(tmp_path / "o" / "images" / f"00000{k}.png"), dtype=np.float32))
         assert (a - b).abs().max() <= 1  # the same images through both backends, to a rounding step
