@@ -90,7 +90,8 @@ class OnnxExporter:
         if loop is not None:
             extra.update(steps=loop.diffusion.num_timesteps, iterations=loop.iterations, sampling=loop.names,
                          timesteps=[int(t) for t in loop.diffusion.timestep_map.tolist()])
-        metadata = export_metadata(kind=kind, config=config, spec=spec, iters=self.iters if loop is None else 0,
+        iters = self.iters if fixed_point and loop is None else 0  # a DiT step has no iterations to unroll
+        metadata = export_metadata(kind=kind, config=config, spec=spec, iters=iters,
                                    solver=solver_info if fixed_point else None,
                                    dtype=precision, inputs=names, outputs=outputs, source=source, extra=extra)
         errors: dict[int, dict[str, float]] = {}
@@ -109,7 +110,7 @@ class OnnxExporter:
 
         write_onnx(program, out, metadata, check=check)
         return {"path": str(out), "kind": kind, "precision": precision, "opset": self.opset,
-                "iters": self.iters if loop is None else loop.iterations, "inputs": names, "outputs": outputs,
+                "iters": iters if loop is None else loop.iterations, "inputs": names, "outputs": outputs,
                 "bytes": out.stat().st_size, "parity": errors, "tolerance": tolerance}
 
     def _loop(self, model: Denoiser, solver: Solver | None, loop: LoopSpec, dtype: torch.dtype) -> SamplingLoop:

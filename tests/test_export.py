@@ -86,7 +86,12 @@ def test_dit_exports_without_a_state(dit_run, tmp_path):
     got = OrtDenoiser(OrtSession(tmp_path / "dit.onnx", provider="cpu"))(inputs["x_t"], inputs["t"], inputs["y"])
     with torch.no_grad():
         assert _relative(got.pred, model(inputs["x_t"], inputs["t"], inputs["y"]).pred) <= 1e-4
-    assert got.z is None
+    assert got.z is None and read_metadata(tmp_path / "dit.onnx")["iters"] == 0
+    done = run_cli("export", str(dit_run), "--onnx", "--whole-loop", "--steps", "2", "--out", str(tmp_path / "l.onnx"))
+    assert done.returncode == 0, done.stderr
+    done = run_cli("sample", str(tmp_path / "l.onnx"), "--n", "2", "--no-progress", "--out", str(tmp_path / "s"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "s" / "stats.json").read_text())["blocks_per_sample"]["max"] == 2 * 2  # depth 2
 
 
 def test_metadata_round_trips_and_the_file_is_self_contained(trained, tmp_path):
