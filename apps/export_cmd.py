@@ -13,11 +13,13 @@ from fpdm.config import Config, from_dict
 from fpdm.errors import UsageError
 from fpdm.registry import default_registry
 
+from .presets import default_run
 from .sampling_setup import add_process_arguments, names, sampling_parts
 
 
 def export_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-def]
-    parser.add_argument("checkpoint", help="a run folder or a checkpoint folder")
+    parser.add_argument("checkpoint", nargs="?",
+                        help="a run or checkpoint folder (default: the run `fpdm train` writes)")
     parser.add_argument("--onnx", dest="format", action="store_const", const="onnx",
                         help="ONNX (the built-in format; same as --format onnx)")
     parser.add_argument("--format", dest="format", help="a registered exporter (see `fpdm plugins`)")
@@ -40,7 +42,7 @@ def export_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-
             raise UsageError("--whole-loop needs --steps S")
         if not args.whole_loop and (args.steps is not None or args.budget is not None):
             raise UsageError("--steps and --budget only apply with --whole-loop; a step graph runs --iters per call")
-        ckpt = load_checkpoint(args.checkpoint)
+        ckpt = load_checkpoint(default_run(args.checkpoint))
         config = from_dict(Config, ckpt.config)
         registry = default_registry()
         model = load_denoiser(ckpt, ema=args.ema, registry=registry)

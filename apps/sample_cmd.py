@@ -29,11 +29,13 @@ from fpdm.training import resolve_device
 
 from .encode_cmd import latent_decoder
 from .plots import draw_plot, save_png, stack_images
+from .presets import default_run
 from .sampling_setup import add_process_arguments, sampling_parts
 
 
 def sample_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-def]
-    parser.add_argument("checkpoint", help="a run folder, a checkpoint folder, or an exported .onnx")
+    parser.add_argument("checkpoint", nargs="?",
+                        help="a run or checkpoint folder, or an exported .onnx (default: the run `fpdm train` writes)")
     parser.add_argument("--n", type=int, default=64, help="number of images")
     parser.add_argument("--batch-size", type=int, default=64)
     add_process_arguments(parser, steps=None)  # --steps (default 50), --budget, --sampler, --allocator, ...
@@ -58,6 +60,7 @@ def sample_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-
         for name in ("n", "batch_size"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        args.checkpoint = default_run(args.checkpoint)
         onnx = args.backend == "onnxruntime" or (args.backend is None and args.checkpoint.endswith(".onnx"))
         if args.backend == "torch" and args.checkpoint.endswith(".onnx"):
             raise UsageError("an .onnx file samples with --backend onnxruntime; the torch backend takes a checkpoint")

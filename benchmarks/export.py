@@ -45,7 +45,8 @@ def median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None] =
     return 1e3 * statistics.median(times)
 
 
-def export_step(model, solver_name: str, iters: int, out: Path, *, options: dict, fp16: bool = False) -> None:  # type: ignore[no-untyped-def]
+def export_step(model: torch.nn.Module, solver_name: str, iters: int, out: Path, *, options: dict,
+                fp16: bool = False) -> None:
     """Export without a checkpoint (random weights): the metadata carries the factory options the ORT side reads."""
     registry = default_registry()
     OnnxExporter(iters=iters, fp16=fp16, verify=False).export(
@@ -133,13 +134,15 @@ def table(results: dict) -> str:
         lines.append(f"| CPU | {r['model']} | {r['iters']} | {r['batch']} | {r['torch_eager_fp32_ms']:.2f} (fp32) "
                      f"| {r['ort_cpu_fp32_ms']:.2f} (fp32) | {r['speedup']:.2f}x |")
     for r in results["cuda"]:
-        ort = min((v, k) for k, v in r.items() if k.startswith("ort_cuda") and k.endswith("_ms"))
+        ms, key = min((v, k) for k, v in r.items() if k.startswith("ort_cuda") and k.endswith("_ms"))
+        graphs = ", CUDA graphs" if "graphs" in key else ""
         lines.append(f"| {r['device']} | {r['model']} | {r['iters']} | {r['batch']} | {r['torch_eager_bf16_ms']:.1f} "
-                     f"(bf16), compile {r['torch_compile_bf16_ms']:.1f} | {ort[0]:.1f} (fp16{', graphs' if 'graphs' in ort[1] else ''}) "
+                     f"(bf16), compile {r['torch_compile_bf16_ms']:.1f} | {ms:.1f} (fp16{graphs}) "
                      f"| {r['ort_vs_compile']:.2f}x of compile |")
     if not results["cuda"]:
         lines.append("")
-        lines.append("No GPU on the machine that produced this table: the CUDA rows (FPDM-XL/2, batch 64) were not measured.")
+        lines.append("No GPU on the machine that produced this table: the CUDA rows (FPDM-XL/2, batch 64) "
+                     "were not measured.")
     return "\n".join(lines) + "\n"
 
 

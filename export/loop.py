@@ -28,12 +28,14 @@ class SamplingLoop(nn.Module):
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.model, self.diffusion, self.update, self.solver = model, diffusion, update, solver
-        self.iterations, self.reuse, self.cfg_scale, self.cfg_channels = list(iterations), reuse, cfg_scale, cfg_channels
+        self.iterations, self.reuse = list(iterations), reuse
+        self.cfg_scale, self.cfg_channels = cfg_scale, cfg_channels
         self.clip_x0, self.clip_output, self.dtype = clip_x0, clip_output, dtype
         self.fixed_point = is_fixed_point(model)
 
     def forward(self, x_T: Tensor, y: Tensor | None = None, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(images (B, C, H, W) in [-1, 1] (latents: unclipped), residual (S, B) of each step's last iteration; zeros for a DiT)."""
+        """(images (B, C, H, W) in [-1, 1] (latents: unclipped), residual (S, B) of each step's last iteration,
+        zeros for a DiT)."""
         steps = self.diffusion.num_timesteps
         guided = self.cfg_scale != 1.0
         x, n = x_T, x_T.shape[0]

@@ -67,7 +67,8 @@ def unrolled_call(model: Denoiser, solver: Solver | None, iters: int, x: Tensor,
 class DenoisingStep(nn.Module):
     """One denoising step as a traceable module (see the module docstring for its inputs and outputs)."""
 
-    def __init__(self, model: Denoiser, solver: Solver | None, iters: int, *, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: Denoiser, solver: Solver | None, iters: int, *,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.model, self.solver, self.iters, self.dtype = model, solver, iters, dtype
         self.fixed_point = is_fixed_point(model)
@@ -198,6 +199,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                 meta[name] = value if name in ("format", "version", "format_version") else json.loads(value)
             except json.JSONDecodeError:
                 raise UsageError(f"{path}: metadata {key} is not valid JSON; re-export the checkpoint") from None
+    # Every reader needs these; a file missing one (hand-edited, another tool's) is refused here, not deep inside.
+    missing = [f"fpdm.{k}" for k in ("kind", "config", "spec", "iters", "inputs", "outputs") if k not in meta]
+    if missing:
+        raise UsageError(f"{path}: fpdm metadata lacks {', '.join(missing)}; re-export the checkpoint")
     return meta
 
 

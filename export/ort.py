@@ -38,8 +38,8 @@ class OrtSession:
         if cuda_graph and provider == "cpu":
             raise UsageError("--cuda-graph needs the CUDA provider")
         self.meta = read_metadata(path)
-        wants_cuda = provider == "cuda" or (provider == "auto" and "CUDAExecutionProvider" in ort.get_available_providers()
-                                            and torch.cuda.is_available())
+        cuda_available = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+        wants_cuda = provider == "cuda" or (provider == "auto" and cuda_available)
         providers: list[Any] = ["CPUExecutionProvider"]
         if wants_cuda:
             providers.insert(0, ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"}))

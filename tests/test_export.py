@@ -178,7 +178,8 @@ def test_cli_exports_and_samples_with_onnxruntime(trained, tmp_path):
 class _OpaqueSolver(Solver):
     """A third-party solver without an unrolled form."""
 
-    def solve(self, f, z0, *, max_iter, tol, check_every=1, trace=False) -> SolverResult:  # type: ignore[no-untyped-def]
+    def solve(self, f, z0, *, max_iter, tol, check_every=1,  # type: ignore[no-untyped-def]
+              trace=False) -> SolverResult:
         raise NotImplementedError
 
 
