@@ -256,3 +256,16 @@ def test_ort_sampler_refuses_what_one_graph_cannot_do(trained, tmp_path):
         model(torch.zeros(2, 1, 16, 16), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), iters=2)
     with pytest.raises(UsageError, match="runs exactly 2 iterations"):
         model(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), iters=3)
+
+
+def test_the_cards_command_names_the_missing_default_run(tmp_path):
+    """`fpdm export --onnx --iters 3` (no checkpoint) uses the run `fpdm train` writes; without one, one line."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fpdm.apps.cli", "export", "--onnx", "--iters", "3"], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, "FPDM_LOAD_PLUGINS": ""}, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("fpdm export: error: no checkpoint given and the default run runs/fashion_mnist "
+                                   "has none: train one with `fpdm train` or name a run, checkpoint or .onnx file")
