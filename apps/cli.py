@@ -55,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
-        sys.stderr.write(f"fpdm {args.command}: internal error: {type(exc).__name__}: {first} (rerun with --debug)\n")
+        owner = default_registry().blame(exc)  # a third-party plugin's code raised: name it, it is not fpdm's bug
+        where = f" in plugin {owner}" if owner else ""
+        sys.stderr.write(f"fpdm {args.command}: internal error{where}: {type(exc).__name__}: {first} "
+                         "(rerun with --debug)\n")
         return 1
 
 

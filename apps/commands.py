@@ -18,6 +18,7 @@ from fpdm.problems import LinearContraction, TanhContraction
 from fpdm.registry import default_registry
 
 from .encode_cmd import encode_command
+from .eval_cmd import eval_command
 from .export_cmd import export_command
 from .import_cmd import import_official_command
 from .sample_cmd import sample_command
@@ -114,3 +115,4 @@ def register_commands(register):  # type: ignore[no-untyped-def]
     register("sample", sample_command, description="sample images under a block budget, with per-step stats")
     register("encode", encode_command, description="encode an image folder to SD-VAE latents (official feature format)")
     register("import-official", import_official_command, description="map an official FPDM/DiT checkpoint to an fpdm run")
+    register("eval", eval_command, description="FID / KID / precision-recall (torch-fidelity) of samples vs a reference")

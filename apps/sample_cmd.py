@@ -42,7 +42,8 @@ def sample_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-
     parser.add_argument("--iters", type=int, help="fixed-point iterations per step without --budget "
                         "(default: the config's solver.max_iter)")
     parser.add_argument("--solver", help="fixed-point solver (default: the config's)")
-    parser.add_argument("--tol", type=float, default=0.0, help="stop a sample's solve early at this residual")
+    parser.add_argument("--tol", type=float, default=0.0, help="stop a sample's solve early at this residual "
+                        "(with --allocator adaptive: its step-size-relative tol)")
     parser.add_argument("--class", dest="classes", type=int, action="append", help="class id (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
@@ -120,7 +121,7 @@ def _torch_job(args: argparse.Namespace) -> _Job:
                            iters=args.iters if args.iters is not None else config.solver.max_iter)
     solver_name = args.solver or config.solver.name
     solver = registry.create("solver", solver_name, **({} if args.solver else config.solver.options))
-    tol = parts.allocator.tol or args.tol
+    tol = parts.tolerances
     options = {"update": parts.update, "solver": solver, "iterations": parts.iterations, "reuse": parts.reuse,
                "tol": tol, "adaptive": parts.allocator.tol > 0}
     source = {"checkpoint": str(ckpt.path), "step": ckpt.step, "ema": args.ema, "solver": solver_name, "tol": tol,

@@ -12,7 +12,7 @@ from fpdm.diffusion import GaussianDiffusion
 from fpdm.errors import UsageError
 from fpdm.interfaces import BudgetAllocator, Denoiser, ReusePolicy
 from fpdm.registry import Registry
-from fpdm.sampling import StepUpdate, plan_iterations
+from fpdm.sampling import StepUpdate, plan_iterations, plan_tolerances
 
 
 def add_process_arguments(parser: argparse.ArgumentParser, *, steps: int | None = 50) -> None:
@@ -35,6 +35,7 @@ class SamplingParts:
     allocator: BudgetAllocator
     reuse: ReusePolicy
     iterations: list[int]  # per step, in sampling order
+    tolerances: list[float]  # per step: where a sample may stop early (an adaptive allocator's, or --tol)
 
 
 def sampling_parts(args: argparse.Namespace, config: Config, model: Denoiser, registry: Registry, *,
@@ -50,10 +51,14 @@ def sampling_parts(args: argparse.Namespace, config: Config, model: Denoiser, re
         raise UsageError(f"--steps must be <= {base.num_timesteps}, the training timesteps")
     timesteps = sorted(schedule.sampling_timesteps(args.steps).tolist())
     update = registry.create("sampler", args.sampler, **({} if args.eta is None else {"eta": args.eta}))
+    tol = getattr(args, "tol", None) or 0.0  # commands that fix the plan (export) have no --tol
     allocator = registry.create("allocator", args.allocator)
+    if allocator.tol > 0 and tol:  # --tol tunes an adaptive allocator's own tolerance
+        allocator = registry.create("allocator", args.allocator, tol=tol)
     reuse = registry.create("reuse_policy", args.reuse)
     iterations = plan_iterations(model, timesteps[::-1], budget=args.budget, iters=iters, allocator=allocator)
-    return SamplingParts(base.respace(timesteps), timesteps[::-1], update, allocator, reuse, iterations)
+    tolerances = plan_tolerances(allocator, iterations, timesteps[::-1], tol=tol)
+    return SamplingParts(base.respace(timesteps), timesteps[::-1], update, allocator, reuse, iterations, tolerances)
 
 
 def names(args: argparse.Namespace) -> dict[str, Any]:

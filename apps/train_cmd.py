@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 from fpdm.config import Config, load_config
+from fpdm.distributed import env_rank
 from fpdm.errors import UsageError
 from fpdm.training import train
 
 from .plots import line_plot
-from .presets import resolve_config
+from .presets import DEFAULT_PRESET, resolve_config
 
-DEFAULT_PRESET = "fashion_mnist"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,9 @@ def train_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-d
                 overrides.append(f"{key}={json.dumps(flag)}")
         config = _config(args, overrides)
         out = Path(config.train.out_dir)
+        if env_rank() != 0:  # under torchrun only rank 0 talks; the others train silently
+            train(config, resume=args.resume, progress=False)
+            return 0
         print(f"fpdm train: {config.model.arch} on {config.data.name}, solver {config.solver.name}, "
               f"{config.train.steps} steps -> {out}")
         result = train(config, resume=args.resume, progress=not args.no_progress)

@@ -1,6 +1,6 @@
 """Sampling benchmark on a trained Fashion-MNIST FPDM: residual and speed per solver x allocator x reuse.
 
-    python benchmarks/sampling.py [--checkpoint runs/demo] [--n 64] [--quick] [--update-readme]
+    python benchmarks/sampling.py [--checkpoint runs/demo] [--n 64] [--quick] [--allocation] [--update-readme]
 
 Budgets are 2, 5, 10 and 20 DiT-step equivalents: a DiT of the same width spends its depth (6 blocks for
 XS) per step, so the FPDM gets 12, 30, 60 and 120 block evaluations per sample, spent as budget // 6 steps
@@ -9,6 +9,10 @@ the mean final relative residual of the fixed-point solves and images/s. It also
 against a hand-written loop of the same model calls (the framework overhead), and on CUDA one FPDM-XL/2
 denoising step at batch 64 with 26 iterations in bf16 (eager and torch.compile).
 Writes benchmarks/results/sampling.json and sampling.md.
+
+--allocation compares the allocators alone (uniform, the paper's increasing ramp, adaptive at three
+tolerances) by residual and blocks spent, with no timing, so it can run on a loaded machine; it writes
+sampling_allocation.json / .md and the README table `bench:sampling-allocation`.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ from fpdm.checkpoint import load_checkpoint
 from fpdm.config import Config, from_dict
 from fpdm.diffusion import GaussianDiffusion
 from fpdm.registry import Registry
-from fpdm.sampling import DDIM, generate, plan_iterations
+from fpdm.sampling import DDIM, generate, plan_iterations, plan_tolerances
 
 from _report import RESULTS, ROOT, update_readme, write_results
 DIT_DEPTH = 6  # DiT-XS, the equal-width baseline
 BLOCKS_PER_STEP = 6  # pre + post + ~4 iterations
+# --allocation: (label, allocator, options); adaptive's default tol and a looser and a tighter one
+ALLOCATION = [("uniform", "uniform", {}), ("increasing", "increasing", {}), ("adaptive", "adaptive", {}),
+              ("adaptive tol=0.1", "adaptive", {"tol": 0.1}), ("adaptive tol=0.4", "adaptive", {"tol": 0.4})]
 
 
 def respaced(schedule, base: GaussianDiffusion, steps: int) -> tuple[GaussianDiffusion, list[int]]:  # type: ignore[no-untyped-def]
@@ -81,11 +88,36 @@ def cuda_xl_step() -> dict | None:
     return results
 
 
+def residual_row(model, schedule, base, labels, n: int, dit_steps: int, solver_name: str, alloc: tuple,
+                 reuse_name: str, registry) -> dict:  # type: ignore[no-untyped-def]
+    """One sampling run under a budget of `dit_steps` DiT-step equivalents: residual, blocks, img/s."""
+    label, alloc_name, options = alloc
+    budget = dit_steps * DIT_DEPTH
+    steps = max(1, budget // BLOCKS_PER_STEP)
+    diffusion, ts = respaced(schedule, base, steps)
+    allocator = registry.create("allocator", alloc_name, **options)
+    plan = plan_iterations(model, ts[::-1], budget=budget, iters=0, allocator=allocator)
+    result = generate(model, diffusion, n=n, batch_size=n, seed=0, labels=labels,
+                      shape=(model.in_channels, model.input_size, model.input_size), update=DDIM(),
+                      solver=registry.create("solver", solver_name), iterations=plan,
+                      reuse=registry.create("reuse_policy", reuse_name), tol=plan_tolerances(allocator, plan, ts[::-1]),
+                      adaptive=allocator.tol > 0)
+    if int(result.blocks.max()) > budget:
+        raise SystemExit(f"{label} spent {int(result.blocks.max())} blocks on a sample, over the budget {budget}")
+    residuals = [s["residual_mean"] for s in result.steps]
+    return {"dit_steps": dit_steps, "budget": budget, "steps": steps, "solver": solver_name, "allocator": label,
+            "reuse": reuse_name, "residual_mean": sum(residuals) / len(residuals), "residual_last": residuals[-1],
+            "residual_per_step": residuals, "iterations_per_step": [s["iterations_mean"] for s in result.steps],
+            "blocks_mean": result.blocks.double().mean().item(), "blocks_max": int(result.blocks.max()),
+            "img_per_s": n / result.seconds}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(ROOT / "runs" / "demo"))
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="two budgets, fewer combinations")
+    parser.add_argument("--allocation", action="store_true", help="only the allocator comparison, no timing")
     parser.add_argument("--update-readme", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -98,28 +130,32 @@ def main() -> int:
     labels = list(range(model.num_classes)) or None
     budgets = [2, 5] if args.quick else [2, 5, 10, 20]
     solvers = ["fixed_point", "anderson"]
-    allocators = ["uniform", "increasing"] if args.quick else ["uniform", "increasing", "decreasing", "adaptive"]
     reuses = ["cold", "reuse", "extrapolate"]
+    if args.allocation:
+        allocators = ALLOCATION[:3] if args.quick else ALLOCATION
+    else:  # the adaptive allocator has its own table (--allocation)
+        allocators = [(a, a, {}) for a in (["uniform", "increasing"] if args.quick else
+                                           ["uniform", "increasing", "decreasing"])]
     rows = []
     for dit_steps in budgets:
-        budget = dit_steps * DIT_DEPTH
-        steps = max(1, budget // BLOCKS_PER_STEP)
-        diffusion, ts = respaced(schedule, base, steps)
-        for solver_name, alloc_name, reuse_name in itertools.product(solvers, allocators, reuses):
-            allocator = registry.create("allocator", alloc_name)
-            plan = plan_iterations(model, ts[::-1], budget=budget, iters=0, allocator=allocator)
-            result = generate(model, diffusion, n=args.n, batch_size=args.n, seed=0, labels=labels,
-                              shape=(model.in_channels, model.input_size, model.input_size), update=DDIM(),
-                              solver=registry.create("solver", solver_name), iterations=plan,
-                              reuse=registry.create("reuse_policy", reuse_name), tol=allocator.tol,
-                              adaptive=allocator.tol > 0)
-            residuals = [s["residual_mean"] for s in result.steps]
-            rows.append({"dit_steps": dit_steps, "budget": budget, "steps": steps, "solver": solver_name,
-                         "allocator": alloc_name, "reuse": reuse_name,
-                         "residual_mean": sum(residuals) / len(residuals), "residual_last": residuals[-1],
-                         "blocks_mean": result.blocks.double().mean().item(), "blocks_max": int(result.blocks.max()),
-                         "img_per_s": args.n / result.seconds})
-            print(json.dumps(rows[-1]), flush=True)
+        for solver_name, alloc, reuse_name in itertools.product(solvers, allocators, reuses):
+            rows.append(residual_row(model, schedule, base, labels, args.n, dit_steps, solver_name, alloc, reuse_name,
+                                     registry))
+            print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("per_step")}), flush=True)
+    command = ("python benchmarks/sampling.py" + (" --quick" if args.quick else "")
+               + (" --allocation" if args.allocation else ""))
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    path = ckpt.path.resolve()
+    checkpoint = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)  # no home dirs in tables
+    if args.allocation:  # no timing here: img/s from a loaded machine would mislead
+        rows = [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
+        results = {"command": command, "machine": machine, "checkpoint": checkpoint, "n": args.n, "rows": rows}
+        table = allocation_markdown(results)
+        write_results(args.out, "sampling_allocation", results, table)
+        if args.update_readme:
+            update_readme("sampling-allocation", table)
+        print(table)
+        return 0
 
     # framework overhead: generate() vs a hand-written loop of the same calls (DDIM, reuse, uniform plan)
     diffusion, ts = respaced(schedule, base, 20)
@@ -132,9 +168,8 @@ def main() -> int:
                              shape=(1, 32, 32), update=DDIM(), solver=solver, iterations=plan,
                              reuse=registry.create("reuse_policy", "reuse")).seconds)
     overhead = {"fpdm_s": min(ours), "hand_written_s": min(theirs), "overhead": min(ours) / min(theirs) - 1}
-    results = {"command": "python benchmarks/sampling.py" + (" --quick" if args.quick else ""),
-               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
-               "checkpoint": str(ckpt.path), "n": args.n, "rows": rows, "overhead": overhead,
+    results = {"command": command, "machine": machine, "checkpoint": checkpoint, "n": args.n, "rows": rows,
+               "overhead": overhead,
                "cuda_xl_step": cuda_xl_step()}
     table = markdown(results)
     write_results(args.out, "sampling", results, table)
@@ -165,6 +200,33 @@ def markdown(results: dict) -> str:
     xl = results.get("cuda_xl_step")
     lines.append("" if xl is None else f"\nFPDM-XL/2 step, batch 64, 26 iterations, bf16 on {xl['device']}: "
                  f"eager {xl['eager_ms']:.1f} ms, torch.compile {xl['compile_ms']:.1f} ms.")
+    return "\n".join(lines) + "\n"
+
+
+def allocation_markdown(results: dict) -> str:
+    """Residual per solver x reuse x allocator and budget; the best allocator of each column group in bold."""
+    rows = results["rows"]
+    budgets = sorted({r["dit_steps"] for r in rows})
+    order = [label for label, _, _ in ALLOCATION]
+    spent = ("every sample spent exactly its budget" if all(r["blocks_max"] == r["blocks_mean"] == r["budget"]
+                                                             for r in rows) else "no sample exceeded its budget")
+    lines = [f"Machine: {results['machine']}; checkpoint `{results['checkpoint']}`, {results['n']} samples, DDIM "
+             f"(`{results['command']}`). Mean over the steps of the final relative residual of the fixed-point "
+             f"solves at equal budget ({spent}); bold: the lowest of the allocators for that solver, reuse and "
+             "budget. Residuals only, no timing.", "",
+             "| solver | reuse | allocator | " + " | ".join(f"{b} DiT steps ({b * DIT_DEPTH} blocks)" for b in budgets)
+             + " |", "|---|---|---|" + "---|" * len(budgets)]
+    groups = sorted({(r["solver"], r["reuse"]) for r in rows})
+    for solver, reuse in groups:
+        mine = [r for r in rows if (r["solver"], r["reuse"]) == (solver, reuse)]
+        best = {b: min(r["residual_mean"] for r in mine if r["dit_steps"] == b) for b in budgets}
+        for label in [a for a in order if any(r["allocator"] == a for r in mine)]:
+            cells = []
+            for b in budgets:
+                r = next(r for r in mine if r["allocator"] == label and r["dit_steps"] == b)
+                cell = f"{r['residual_mean']:.3g}"
+                cells.append(f"**{cell}**" if r["residual_mean"] == best[b] else cell)
+            lines.append(f"| {solver} | {reuse} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,9 @@ trainer.pt (tensors and plain values only, loaded with weights_only=True; both a
 weights, which sample and export but cannot resume training), config.json, model.json (how to
 rebuild the denoiser without the data set) and meta.json
 (format version, step and the sha256 of every file). It is written under a hidden temporary name, fsynced,
-then renamed into place, so a crash leaves either the previous checkpoints or the new one, never a torn one.
+then renamed into place, so a crash leaves either the previous checkpoints or the new one, never a torn one;
+what a killed writer leaves behind (hidden `.step-*.tmp-PID`, `.step-*.old-PID`) is swept by the next save.
+`RunLock` keeps two live runs out of one folder.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +27,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .errors import UsageError
+from .errors import FpdmRuntimeError, UsageError
 
 FORMAT = "fpdm-checkpoint"
 FORMAT_VERSION = 1
 PREFIX = "step-"
+LOCK_NAME = ".fpdm-run.lock"
+_LEFTOVER = re.compile(r"^\.step-\d+\.(?:tmp|old)-(\d+)$")  # what a save writes before its rename, and after
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +78,15 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, Tenso
                     optimizer: torch.optim.Optimizer | None, config: dict[str, Any], spec: dict[str, Any],
                     trainer_state: dict[str, Any] | None, keep: int, fpdm_version: str) -> Path:
     """Write checkpoint `step` under `root` atomically and keep only the newest `keep` checkpoints.
-    Without an optimizer (imported weights) neither optimizer.pt nor trainer.pt is written."""
+    Without an optimizer (imported weights) neither optimizer.pt nor trainer.pt is written. A failed write
+    (disk full, quota, I/O error) is an FpdmRuntimeError naming the step; the checkpoints already there stay."""
     root.mkdir(parents=True, exist_ok=True)
+    _sweep_leftovers(root)
     name = f"{PREFIX}{step:08d}"
     tmp = root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         tag = {"format": FORMAT, "step": str(step)}
         save_file(_weights(model), tmp / "model.safetensors", metadata=tag)
         save_file(_weights(ema), tmp / "ema.safetensors", metadata=tag)
@@ -94,16 +102,135 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, Tenso
         for f in (*files, "meta.json"):
             _fsync(tmp / f)
         final = root / name
-        if final.exists():  # the same step saved again (a resumed run's last step): replace it
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved again: move the old one aside first, so a crash keeps one whole
+            _discard(final)
         os.rename(tmp, final)
         _fsync(root)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, SafetensorError)):  # disk full, quota, I/O: a run-time failure, said in one line
+            kept = list_checkpoints(root)
+            previous = f"the newest complete checkpoint is {kept[-1]}" if kept else "no earlier checkpoint exists"
+            raise FpdmRuntimeError(f"could not write checkpoint step {step} to {root}: {_oneline(exc)}; "
+                                   f"{previous}") from exc
         raise
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _oneline(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _discard(path: Path) -> None:
+    """Remove a checkpoint so that no reader ever sees it half-deleted: rename it out of sight, then delete."""
+    aside = path.parent / f".{path.name}.old-{os.getpid()}"
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.rename(path, aside)
+    except OSError:  # cannot rename (permissions, odd file system): delete in place as before
+        aside = path
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _sweep_leftovers(root: Path) -> None:
+    """Delete the hidden folders a killed save left behind (their writer's pid is gone)."""
+    for entry in root.iterdir():
+        match = _LEFTOVER.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (a process we may not signal still exists)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class RunLock:
+    """Exclusive hold on a run folder: `RUN/.fpdm-run.lock` holds the owner's pid and, where the OS has
+    fcntl, an flock that dies with the owner. A second run is refused with the holder's pid; a lock left by
+    a dead process is taken over. Use as a context manager; release is idempotent."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a racing taker-over may remove the file between our open and our check
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if self._locked(fd):
+                if os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                    os.fsync(fd)
+                    self._fd = fd
+                    return
+            else:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise UsageError(f"{self.path.parent} is in use by a live fpdm run (pid {holder or '?'}, lock "
+                                 f"{self.path}); wait for it to finish or choose another --out")
+            os.close(fd)
+        raise FpdmRuntimeError(f"could not take the run lock {self.path}: it keeps changing hands")
+
+    def _locked(self, fd: int) -> bool:
+        """Take the lock on `fd`: flock where there is one, else trust a recorded pid only while it lives."""
+        if sys.platform != "win32":
+            import fcntl
+
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+        holder = _read_pid(fd)  # pragma: no cover - no flock: a recorded live pid other than ours holds it
+        return holder is None or holder == os.getpid() or not pid_alive(holder)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.unlink(self.path)  # unlink while still holding: a waiting taker re-checks the inode and retries
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a kill at any moment leaves the old content or the new, whole."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
 
 
 def list_checkpoints(root: Path) -> list[Path]:

@@ -81,10 +81,11 @@ class TrainConfig:
     """The training loop. S-JFB draws n_no_grad ~ U[no_grad_iters] and n_grad ~ U[grad_iters] each step."""
 
     steps: int = attrs.field(default=2000, validator=v.ge(1))
-    batch_size: int = attrs.field(default=64, validator=v.ge(1))
+    batch_size: int = attrs.field(default=64, validator=v.ge(1))  # GLOBAL batch: torchrun ranks split it evenly
     lr: float = attrs.field(default=1e-4, validator=v.gt(0.0))
     weight_decay: float = attrs.field(default=0.0, validator=v.ge(0.0))
     grad_clip: float = attrs.field(default=0.0, validator=v.ge(0.0))  # 0 = off
+    skip_nonfinite: int = attrs.field(default=0, validator=v.ge(0))  # batches with NaN/inf to skip before stopping
     ema_decay: float = attrs.field(default=0.9999, validator=[v.ge(0.0), v.lt(1.0)])
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): short runs get a useful EMA
     label_dropout: float = attrs.field(default=0.1, validator=[v.ge(0.0), v.lt(1.0)])

@@ -216,8 +216,9 @@ class ReusePolicy(abc.ABC):
 class BudgetAllocator(abc.ABC):
     """Splits a sampling budget of fixed-point iterations over the sampling steps.
 
-    `tol` > 0 makes the allocation adaptive: the sampler solves every step to that relative residual, and
-    each sample carries the iterations it did not need into its next step, the plan staying the total cap.
+    `tol` > 0 makes the allocation adaptive: the sampler solves step i to `tolerances(...)[i]` (by default
+    `tol` at every step), and each sample carries the iterations it did not need into its next step, the plan
+    staying the total cap.
     """
 
     tol: float = 0.0
@@ -225,3 +226,8 @@ class BudgetAllocator(abc.ABC):
     @abc.abstractmethod
     def allocate(self, total_iters: int, timesteps: Sequence[int]) -> list[int]:
         """Iterations per step: one entry per timestep, each >= 1, summing to at most total_iters."""
+
+    def tolerances(self, iterations: Sequence[int], timesteps: Sequence[int]) -> list[float]:
+        """Adaptive allocators (tol > 0): the relative residual at which each step may stop early, given the
+        plan `allocate` returned; 0 spends the step's whole cap. One finite value >= 0 per timestep."""
+        return [float(self.tol)] * len(timesteps)

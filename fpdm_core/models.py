@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from .errors import UsageError
-from .interfaces import Denoiser, DenoiserOutput, Solver
+from .errors import PluginError, UsageError
+from .interfaces import Denoiser, DenoiserOutput, Solver, SolverResult
 
 # name -> (hidden size, heads, DiT depth). S/B/L/XL as in DiT; XS and Ti are CPU-sized.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -270,6 +270,9 @@ class FPDM(_Backbone):
                 raise UsageError("iters > 0 needs a solver, e.g. registry.create('solver', 'fixed_point')")
             with torch.no_grad():  # S-JFB's no-grad phase: no activations kept, whatever the caller's mode
                 result = solver.solve(f, z.detach(), max_iter=iters, tol=tol)
+            if not isinstance(result, SolverResult):  # a plugin's bug, named here rather than deep in the caller
+                raise PluginError(f"solver {type(solver).__name__} (module {type(solver).__module__}) returned "
+                                  f"{type(result).__name__} from solve, not an fpdm SolverResult")
             z, stats = result.z, result.stats
         for _ in range(grad_iters):  # S-JFB's grad phase: unrolled backprop through these iterations only
             z = grad_checkpoint(f, z, use_reentrant=False) if self.checkpoint and torch.is_grad_enabled() else f(z)

@@ -14,6 +14,9 @@ import functools
 import inspect
 import os
 import re
+import sys
+import traceback
+import types
 from collections.abc import Callable, Iterable
 from importlib import metadata
 from typing import Any
@@ -40,6 +43,8 @@ KINDS: dict[str, tuple[str, type | None]] = {
     "exporter": ("register_exporters", None),
     "command": ("register_commands", None),
 }
+# Modules a factory may come from without belonging to its plugin (a lambda in a namespace, functools.partial).
+_SHARED_MODULES = frozenset({"builtins", "functools", "types", "fpdm", *sys.stdlib_module_names})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -171,6 +176,28 @@ class Registry:
 
     def plugins(self) -> list[PluginInfo]:
         return list(self._plugins.values())
+
+    def blame(self, exc: BaseException) -> str | None:
+        """'NAME (SOURCE)' of the third-party plugin whose code raised `exc` (innermost frame first), else None.
+        Lets the CLI say which plugin failed inside a solve, a step or a command instead of a bare error."""
+        owners: dict[str, str] = {}
+        for info in self._plugins.values():
+            if info.error is None and info.source != BUILTIN_SOURCE:
+                plugin = self._pm.get_plugin(info.name)
+                if isinstance(plugin, types.ModuleType):
+                    owners[plugin.__name__] = f"{info.name!r} ({info.source})"
+        for entries in self._entries.values():
+            for entry in entries.values():
+                info = self._plugins.get(entry.plugin)
+                module = getattr(entry.factory, "__module__", None)
+                if info is not None and info.source != BUILTIN_SOURCE and module and module not in _SHARED_MODULES:
+                    owners.setdefault(module, f"{info.name!r} ({info.source})")
+        for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
+            name = str(frame.f_globals.get("__name__", ""))
+            for module, owner in owners.items():
+                if name == module or name.startswith(module + "."):
+                    return owner
+        return None
 
     def create(self, kind: str, name: str, **options: Any) -> Any:
         """Build a registered `kind` by name with keyword options, validated: unknown options are errors."""

@@ -90,6 +90,8 @@ def plan_iterations(model: Denoiser, timesteps: Sequence[int], *, budget: int | 
     """Fixed-point iterations per step. Without a budget: `iters` each. With one: the allocator splits what
     is left after the pre/post blocks of every step; a budget that cannot pay one iteration per step fails."""
     steps = len(timesteps)
+    if iters < 0 or (budget is not None and budget < 1):
+        raise UsageError(f"iterations per step must be >= 0 and a budget >= 1, got iters={iters}, budget={budget}")
     per_step = model.blocks_per_call(0)
     if model.blocks_per_call(1) == per_step:  # DiT: depth per step, nothing to allocate
         if budget is not None and steps * per_step > budget:
@@ -107,6 +109,19 @@ def plan_iterations(model: Denoiser, timesteps: Sequence[int], *, budget: int | 
     if len(plan) != steps or any(not isinstance(n, int) or n < 1 for n in plan) or sum(plan) > total:
         raise PluginError(f"allocator {name} returned {plan!r}: need {steps} integers >= 1 summing to <= {total}")
     return plan
+
+
+def plan_tolerances(allocator: BudgetAllocator, iterations: Sequence[int], timesteps: Sequence[int], *,
+                    tol: float = 0.0) -> list[float]:
+    """Stopping tolerance per step for `sample`: an adaptive allocator's own (tol > 0), checked, else `tol`
+    at every step (0 = spend every cap)."""
+    if allocator.tol <= 0:
+        return [float(tol)] * len(timesteps)
+    tols = allocator.tolerances(list(iterations), list(timesteps))
+    if len(tols) != len(timesteps) or any(not isinstance(t, (int, float)) or not 0 <= t < math.inf for t in tols):
+        raise PluginError(f"allocator {type(allocator).__name__} returned tolerances {tols!r}: "
+                          f"need {len(timesteps)} finite numbers >= 0")
+    return [float(t) for t in tols]
 
 
 def guide(output: Tensor, scale: float, *, channels: int | None, learn_sigma: bool) -> Tensor:
@@ -127,13 +142,15 @@ def step_noise(generators: list[torch.Generator], shape: tuple[int, ...], device
 
 def sample(model: Denoiser, diffusion: GaussianDiffusion, *, generators: list[torch.Generator], shape: tuple[int, ...],
            labels: Tensor | None, update: StepUpdate, solver: Solver | None, iterations: Sequence[int],
-           reuse: ReusePolicy, tol: float = 0.0, cfg_scale: float = 1.0, cfg_channels: int | None = None,
-           clip_x0: bool = False, adaptive: bool = False, device: torch.device | str = "cpu",
-           clip_output: bool = True, callback: Callable[[StepStats], None] | None = None) -> SampleResult:
+           reuse: ReusePolicy, tol: float | Sequence[float] = 0.0, cfg_scale: float = 1.0,
+           cfg_channels: int | None = None, clip_x0: bool = False, adaptive: bool = False,
+           device: torch.device | str = "cpu", clip_output: bool = True,
+           callback: Callable[[StepStats], None] | None = None) -> SampleResult:
     """Run the reverse process of the respaced `diffusion` for len(generators) samples of `shape` (C, H, W).
 
-    iterations[i] is step i's iteration cap (in sampling order). With `adaptive`, each sample solves to `tol`
-    and carries the iterations it did not use into its next step, so the total stays within the plan.
+    iterations[i] is step i's iteration cap (in sampling order); `tol` is one stopping tolerance or one per
+    step (`plan_tolerances`). With `adaptive`, each sample carries the iterations it did not use into its next
+    step, so the total stays within the plan.
     cfg_channels limits guidance to the first channels (the official code guides 3 of 4); None guides all.
     `clip_output` clamps the final samples to [-1, 1]: right for pixels, wrong for latents (pass False).
     """
@@ -141,9 +158,14 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, *, generators: list[to
     n = len(generators)
     if len(iterations) != diffusion.num_timesteps:
         raise UsageError(f"{len(iterations)} iteration counts for {diffusion.num_timesteps} steps")
+    tols = [tol] * len(iterations) if isinstance(tol, (int, float)) else list(tol)
+    if len(tols) != len(iterations):
+        raise UsageError(f"{len(tols)} tolerances for {diffusion.num_timesteps} steps")
     guided = cfg_scale != 1.0
     if guided and labels is None:
         raise UsageError("classifier-free guidance needs a class-conditional model")
+    if cfg_channels is not None and not 1 <= cfg_channels <= shape[0]:  # 0 would silently mean "all channels"
+        raise UsageError(f"guided channels must be 1..{shape[0]} (the image channels), got {cfg_channels}")
     x = step_noise(generators, shape, device)  # (B, C, H, W) x_T
     y = labels
     if guided:  # one batch: conditional rows, then the same rows with the null label
@@ -159,7 +181,7 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, *, generators: list[to
         cap = iterations[step]
         limit = cap + carry if adaptive else cap  # adaptive: per-sample caps, what each has not spent yet
         with torch.no_grad():
-            out = model(x_in, t_in, y, z0=z0, iters=limit, solver=solver, tol=tol)
+            out = model(x_in, t_in, y, z0=z0, iters=limit, solver=solver, tol=tols[step])
         if out.z is not None and reuse.history:
             solutions = [*solutions, out.z][-reuse.history :]
         if adaptive and out.stats is not None:
@@ -191,7 +213,7 @@ def _diverged(step: int, steps: int, timestep: int, out: Any, history: list[Step
     residual = "no fixed-point solve"
     if out.stats is not None:
         r = out.stats.residual.double()
-        worst = r.nan_to_num(nan=math.inf).max().item() if r.numel() else math.nan
+        worst = r.nan_to_num(nan=math.inf, posinf=math.inf).max().item() if r.numel() else math.nan
         residual = f"fixed-point residual max {worst:.3g}"
         if history:
             residual += f" (step before: {history[-1].residual_max:.3g})"

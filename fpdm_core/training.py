@@ -3,14 +3,22 @@
 Every random draw of a step (batch, timesteps, noise, label dropout, S-JFB iteration counts) comes from a
 generator seeded by (seed, step), so a resumed run continues exactly where it stopped and every rank of a
 distributed run draws the same iteration counts.
+
+Under torchrun the loop is data-parallel (DDP): `train.batch_size` is the GLOBAL batch. Every rank draws the
+whole global batch's indices, timesteps, noise, flips and label drops from the same generators and keeps its
+own contiguous slice, so a sample's draws do not depend on the world size and N ranks compute the same step
+as one process would (gradients averaged over equal shards = the global batch's mean-loss gradient). Every
+rank keeps its own EMA, bit-identical since the weights are; only rank 0 writes logs and checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from .build import build_denoiser, build_schedule, build_solver, check_compatible, denoiser_options
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import RunLock, list_checkpoints, load_checkpoint, save_checkpoint, write_text_atomic
 from .config import Config, to_dict
 from .data import build_dataset
+from .distributed import (DistContext, barrier, check_in_sync, check_same_config, distributed, mean_across_ranks,
+                          shard, wrap_model)
 from .diffusion import GaussianDiffusion
 from .errors import FpdmRuntimeError, UsageError
 from .interfaces import Solver
@@ -38,6 +48,7 @@ class TrainResult:
     checkpoint: Path
     step: int
     history: list[dict[str, Any]]
+    rank: int = 0  # the process's rank under torchrun: only rank 0 should report
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,9 +88,21 @@ class _Batches:
 
 def train(config: Config, *, resume: bool = False, registry: Registry | None = None, progress: bool = True,
           is_main: bool = True, log: Logger | None = None) -> TrainResult:
-    """Train the configured model; checkpoints and metrics.jsonl go to `config.train.out_dir`."""
+    """Train the configured model; checkpoints and metrics.jsonl go to `config.train.out_dir`. Under torchrun
+    this process joins the process group for the run (and leaves it, errors included)."""
+    with distributed(resolve_device(config.train.device)) as ctx:
+        check_same_config(ctx, to_dict(config))
+        # One live run per folder: rank 0 holds the lock (a dead holder's lock is taken over).
+        lock = RunLock(Path(config.train.out_dir)) if is_main and ctx.is_main else contextlib.nullcontext()
+        with lock:
+            return _train(config, ctx, resume=resume, registry=registry, progress=progress,
+                          is_main=is_main and ctx.is_main, log=log)
+
+
+def _train(config: Config, ctx: DistContext, *, resume: bool, registry: Registry | None, progress: bool,
+           is_main: bool, log: Logger | None) -> TrainResult:
     tc = config.train
-    device = resolve_device(tc.device)
+    device = ctx.device
     run_dir, started = Path(tc.out_dir), time.perf_counter()
     ckpt_root = run_dir / "checkpoints"
     if not resume and list_checkpoints(ckpt_root):
@@ -107,11 +130,7 @@ def train(config: Config, *, resume: bool = False, registry: Registry | None = N
     if resume:
         ckpt = load_checkpoint(run_dir)
         check_compatible(ckpt.config, config_dict, ("model", "diffusion", "data"))
-        model.load_state_dict(ckpt.model)
-        ema.load_state_dict(ckpt.ema)
-        opt_state, trainer_state = ckpt.training_state()
-        optimizer.load_state_dict(opt_state)
-        torch.set_rng_state(trainer_state["torch_rng"])
+        _restore(ckpt, model, ema, optimizer)
         start = ckpt.step
         if start >= tc.steps:
             raise UsageError(f"{run_dir} is already at step {start} of train.steps={tc.steps}; raise train.steps to continue")
@@ -122,49 +141,70 @@ def train(config: Config, *, resume: bool = False, registry: Registry | None = N
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+        write_text_atomic(run_dir / "config.json", json.dumps(config_dict, indent=2, sort_keys=True))
+        if resume:  # the steps after the checkpoint will run again: drop their records (and a line a kill tore)
+            _trim_metrics(run_dir / "metrics.jsonl", start)
+    # A fixed-point block skipped by a step (n_grad = 0) gets no gradient: DDP must be told to look for that.
+    net = wrap_model(ctx, model, find_unused=tc.grad_iters[0] == 0)
 
     batches = _Batches(len(images), tc.batch_size, tc.seed)
+    part, global_batch = shard(ctx, tc.batch_size), tc.batch_size
     num_classes = dataset.num_classes
     history: list[dict[str, Any]] = []
     window: dict[str, float] = {}
     last_ckpt = None
+    skipped = 0  # non-finite batches skipped so far (train.skip_nonfinite allows that many)
     bar = _progress(start, tc.steps, progress and is_main)
     tick, tick_step = time.perf_counter(), start
     for step in range(start, tc.steps):
         gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + step)
         cpu_gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-        idx = batches.indices(step)
+        idx = batches.indices(step)[part]  # this rank's slice of the global batch
         x, y = images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+        # Draws cover the global batch, then are sliced: a sample's draws do not depend on the world size.
         if config.data.random_flip:
-            flip = torch.rand(x.shape[0], generator=gen, device=device) < 0.5
+            flip = (torch.rand(global_batch, generator=gen, device=device) < 0.5)[part]
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), generator=gen, device=device)
-        noise = torch.randn(x.shape, generator=gen, device=device)
+        t = torch.randint(0, diffusion.num_timesteps, (global_batch,), generator=gen, device=device)[part]
+        noise = torch.randn((global_batch, *x.shape[1:]), generator=gen, device=device)[part]
         if num_classes:  # classifier-free guidance: the null label (index num_classes) replaces some labels
-            drop = torch.rand(x.shape[0], generator=gen, device=device) < tc.label_dropout
+            drop = (torch.rand(global_batch, generator=gen, device=device) < tc.label_dropout)[part]
             y = torch.where(drop, torch.full_like(y, num_classes), y)
         cond = y if num_classes else None
         n_no_grad = int(torch.randint(tc.no_grad_iters[0], tc.no_grad_iters[1] + 1, (1,), generator=cpu_gen))
         n_grad = int(torch.randint(tc.grad_iters[0], tc.grad_iters[1] + 1, (1,), generator=cpu_gen))
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            losses, out = sjfb_losses(model, diffusion, solver, x, t, cond, noise, n_no_grad=n_no_grad, n_grad=n_grad,
+            losses, out = sjfb_losses(net, diffusion, solver, x, t, cond, noise, n_no_grad=n_no_grad, n_grad=n_grad,
                                       tol=tc.no_grad_tol)
             loss = losses["loss"].mean()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FpdmRuntimeError(_nonfinite_message(step + 1, losses, out, last_ckpt))
+        means = _global_means(ctx, losses)  # every rank sees the same numbers, so all stop together on a NaN
+        value = means["loss"]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
-        ema_update(ema, model, decay)
-
-        _accumulate(window, value, losses, out, n_no_grad, n_grad)
+        grad_norm = math.nan
+        if math.isfinite(value):
+            loss.backward()
+            # The averaged gradients' norm is the same on every rank, so all ranks skip or stop together; an
+            # inf gradient under a finite loss would otherwise poison the weights and the next checkpoint.
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
+        if math.isfinite(value) and math.isfinite(grad_norm):
+            optimizer.step()
+            decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
+            ema_update(ema, model, decay)
+            _accumulate(window, means, out, n_no_grad, n_grad)
+        else:  # a non-finite step changes nothing: no optimizer step, no EMA update, no statistics
+            skipped += 1
+            what = _nonfinite_message(step + 1, value, losses, out)
+            if skipped > tc.skip_nonfinite:
+                keep = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                allowed = (f"after {tc.skip_nonfinite} skipped batch(es)" if tc.skip_nonfinite
+                           else "(train.skip_nonfinite=N skips up to N such batches)")
+                raise FpdmRuntimeError(f"{what}; training stopped {allowed}, {keep}")
+            window["skipped"] = window.get("skipped", 0) + 1
+            if is_main:
+                bar.write(f"fpdm train: warning: {what}; batch skipped ({skipped} of train.skip_nonfinite="
+                          f"{tc.skip_nonfinite})", file=sys.stderr)
         done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
+        if (done % tc.log_every == 0 or done == tc.steps) and window.get("n"):
             now = time.perf_counter()
             record = _record(window, done, (done - tick_step) * tc.batch_size / (now - tick), now - started)
             tick, tick_step, window = now, done, {}
@@ -176,13 +216,17 @@ def train(config: Config, *, resume: bool = False, registry: Registry | None = N
                     log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
         bar.update(1)
-        if is_main and (done % tc.ckpt_every == 0 or done == tc.steps):
+        saving = done % tc.ckpt_every == 0 or done == tc.steps
+        if is_main and saving:
             trainer_state = {"step": done, "torch_rng": torch.get_rng_state()}
             last_ckpt = save_checkpoint(ckpt_root, done, model=model, ema=ema, optimizer=optimizer, config=config_dict,
                                         spec=spec, trainer_state=trainer_state, keep=tc.keep_checkpoints,
                                         fpdm_version=_version())
+        if saving:  # no rank runs ahead of (or exits before) rank 0's save
+            barrier(ctx)
     bar.close()
-    return TrainResult(run_dir, last_ckpt or ckpt_root, tc.steps, history)
+    check_in_sync(ctx, model, ema)
+    return TrainResult(run_dir, last_ckpt or ckpt_root, tc.steps, history, rank=ctx.rank)
 
 
 def sjfb_losses(model: nn.Module, diffusion: GaussianDiffusion, solver: Solver, x: Tensor, t: Tensor,
@@ -200,13 +244,17 @@ def sjfb_losses(model: nn.Module, diffusion: GaussianDiffusion, solver: Solver, 
     return losses, outputs[-1]
 
 
-def _accumulate(window: dict[str, float], loss: float, losses: dict[str, Tensor], out: Any, n_no_grad: int,
-                n_grad: int) -> None:
+def _global_means(ctx: DistContext, losses: dict[str, Tensor]) -> dict[str, float]:
+    """Batch means of the loss terms over the global batch: one small all-reduce of the ranks' equal-shard means."""
+    keys = [key for key in ("loss", "mse", "vb") if key in losses]
+    local = torch.stack([losses[key].detach().float().mean() for key in keys])  # (K,)
+    return dict(zip(keys, mean_across_ranks(ctx, local).tolist()))
+
+
+def _accumulate(window: dict[str, float], means: dict[str, float], out: Any, n_no_grad: int, n_grad: int) -> None:
     window["n"] = window.get("n", 0) + 1
-    window["loss"] = window.get("loss", 0.0) + loss
-    for key in ("mse", "vb"):
-        if key in losses:
-            window[key] = window.get(key, 0.0) + losses[key].mean().item()
+    for key, mean in means.items():
+        window[key] = window.get(key, 0.0) + mean
     window["no_grad_iters"] = window.get("no_grad_iters", 0.0) + n_no_grad
     window["grad_iters"] = window.get("grad_iters", 0.0) + n_grad
     if out.stats is not None:  # relative residual of the no-grad phase's last step: is the block contracting?
@@ -219,16 +267,49 @@ def _record(window: dict[str, float], step: int, img_per_s: float, elapsed: floa
     fp_n = window.pop("fp_n", 0)
     record: dict[str, Any] = {"step": step}
     for key, total in window.items():
-        record[key] = total / (fp_n if key == "fp_residual" else n)
+        record[key] = int(total) if key == "skipped" else total / (fp_n if key == "fp_residual" else n)
     record.update(img_per_s=img_per_s, elapsed_s=elapsed)
     return record
 
 
-def _nonfinite_message(step: int, losses: dict[str, Tensor], out: Any, last_ckpt: Path | None) -> str:
-    parts = [f"{k}={losses[k].float().mean().item():.4g}" for k in ("mse", "vb") if k in losses]
-    where = "the fixed-point state" if out.z is not None and not torch.isfinite(out.z).all() else "the loss"
-    keep = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written"
-    return f"non-finite values in {where} at step {step} ({', '.join(parts)}); training stopped, {keep}"
+def _nonfinite_message(step: int, loss: float, losses: dict[str, Tensor], out: Any) -> str:
+    """Which part went non-finite first: the fixed-point state feeds the loss, the loss feeds the gradients."""
+    parts = [f"{k}={losses[k].detach().float().mean().item():.4g}" for k in ("mse", "vb") if k in losses]
+    if out.z is not None and not torch.isfinite(out.z).all():
+        where = "the fixed-point state"
+    elif not math.isfinite(loss):
+        where = "the loss"
+    else:
+        where = f"the gradients (loss {loss:.4g} finite)"
+    return f"non-finite values in {where} at step {step} ({', '.join(parts)})"
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the whole records of metrics.jsonl up to `step`, so a resumed run's log has each step once."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    write_text_atomic(path, "".join(kept))
+
+
+def _restore(ckpt: Any, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Weights, optimizer state and the torch RNG of a checkpoint; a file that does not fit is one UsageError."""
+    opt_state, trainer_state = ckpt.training_state()
+    try:
+        model.load_state_dict(ckpt.model)
+        ema.load_state_dict(ckpt.ema)
+        optimizer.load_state_dict(opt_state)
+        torch.set_rng_state(trainer_state["torch_rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UsageError(f"{ckpt.path} does not fit this run's model or optimizer: {type(exc).__name__}: {first}") from None
 
 
 def _progress(start: int, total: int, enabled: bool) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -87,6 +88,97 @@ def test_adaptive_spends_within_the_plan_and_less_when_converged():
     assert all(s.residual_max <= 1e-4 for s in result.steps)
 
 
+class _Spent:
+    """Wraps a solver and records the iterations every sample spent at every step (rows of the batch)."""
+
+    def __init__(self, solver) -> None:  # type: ignore[no-untyped-def]
+        self.solver, self.per_step = solver, []
+
+    def solve(self, f, z0, *, max_iter, tol, check_every=1, trace=False):  # type: ignore[no-untyped-def]
+        result = self.solver.solve(f, z0, max_iter=max_iter, tol=tol, check_every=check_every, trace=trace)
+        self.per_step.append(result.stats.iterations.clone())
+        return result
+
+
+def _adaptive_run(model, allocator, steps, budget, solver="fixed_point", n=3):  # type: ignore[no-untyped-def]
+    """DDIM under `budget` with the allocator's plan and tolerances; returns (result, plan, spent per step)."""
+    from fpdm.sampling import plan_tolerances
+
+    process = GaussianDiffusion(LinearSchedule(num_train_timesteps=200))
+    timesteps = sorted(LinearSchedule(num_train_timesteps=200).sampling_timesteps(steps).tolist())
+    plan = plan_iterations(model, timesteps[::-1], budget=budget, iters=0, allocator=allocator)
+    spy = _Spent(REGISTRY.create("solver", solver))
+    result = sample(model, process.respace(timesteps), generators=[torch.Generator().manual_seed(k) for k in range(n)],
+                    shape=(1, 8, 8), labels=torch.arange(n) % 3, update=REGISTRY.create("sampler", "ddim"),
+                    solver=spy, iterations=plan, reuse=REGISTRY.create("reuse_policy", "reuse"),
+                    tol=plan_tolerances(allocator, plan, timesteps[::-1]), adaptive=allocator.tol > 0)
+    return result, plan, torch.stack(spy.per_step)  # (steps, B)
+
+
+@given(steps=st.integers(1, 8), extra=st.integers(0, 30), tol=st.sampled_from([1e-9, 0.05, 0.2, 5.0, 1e6]),
+       solver=st.sampled_from(["fixed_point", "anderson"]))
+def test_adaptive_never_exceeds_the_budget_and_spends_at_least_one_per_step(steps, extra, tol, solver):
+    model = contractive_fpdm()
+    budget = steps * (model.blocks_per_call(0) + 1) + extra  # anything from what the steps need upwards
+    result, plan, spent = _adaptive_run(model, REGISTRY.create("allocator", "adaptive", tol=tol), steps, budget, solver)
+    assert (result.blocks <= budget).all() and (spent >= 1).all()
+    assert (result.blocks == steps * model.blocks_per_call(0) + spent.sum(0)).all()  # blocks count what was spent
+    assert (spent[-1] == sum(plan) - spent[:-1].sum(0)).all()  # the last step spends what the sample saved
+
+
+@given(steps=st.integers(1, 60), tol=st.floats(1e-6, 10.0))
+def test_adaptive_tolerances_follow_the_step_size_and_spare_the_first_and_last_step(steps, tol):
+    allocator = REGISTRY.create("allocator", "adaptive", tol=tol)
+    timesteps = LinearSchedule().sampling_timesteps(steps).tolist()  # sampling order, high noise first
+    tols = allocator.tolerances(allocator.allocate(steps * 4, timesteps), timesteps)
+    assert len(tols) == steps and all(0 <= t < math.inf for t in tols)
+    assert tols[0] == tols[-1] == 0.0  # cold first step, nothing to save for after the last
+    if steps >= 3:
+        assert math.isclose(sum(tols), tol * (timesteps[0] - timesteps[-2]) / (timesteps[0] - timesteps[-1]))
+        assert max(tols) <= 2 * tol / (steps - 1)  # even spacing: tol / (steps - 1) up to rounding of timesteps
+
+
+def test_adaptive_stops_early_on_a_fast_map_and_spends_the_savings_later():
+    model = contractive_fpdm()  # converges in a few iterations from a warm start
+    steps = 8
+    budget = steps * (model.blocks_per_call(0) + 6)  # 6 iterations per step
+    uniform, plan, uniform_spent = _adaptive_run(model, REGISTRY.create("allocator", "uniform"), steps, budget)
+    result, plan_a, spent = _adaptive_run(model, REGISTRY.create("allocator", "adaptive"), steps, budget)
+    assert plan_a == plan == [6] * steps and (uniform_spent == 6).all()
+    assert (spent[1:-1] < 6).all()  # warm-started middle steps reach their tolerance early ...
+    assert (spent[-1] > 6).all() and (result.blocks == budget).all()  # ... and the last step re-spends it
+    assert [s.iterations for s in result.steps] == plan  # the report keeps the plan as the cap
+
+
+def test_adaptive_that_never_reaches_its_tolerance_is_uniform():
+    model = contractive_fpdm()
+    steps = 6
+    budget = steps * (model.blocks_per_call(0) + 3)  # 3 iterations per step leave residuals far above 1e-30
+    uniform, _, uniform_spent = _adaptive_run(model, REGISTRY.create("allocator", "uniform"), steps, budget)
+    never, _, never_spent = _adaptive_run(model, REGISTRY.create("allocator", "adaptive", tol=1e-30), steps, budget)
+    assert torch.equal(never_spent, uniform_spent) and torch.equal(never.blocks, uniform.blocks)
+    torch.testing.assert_close(never.images, uniform.images, rtol=0, atol=1e-5)
+
+
+def test_bad_tolerances_from_a_plugin_allocator_are_refused():
+    from fpdm.errors import PluginError
+    from fpdm.interfaces import BudgetAllocator
+    from fpdm.sampling import plan_tolerances
+
+    class Broken(BudgetAllocator):
+        tol = 0.1
+
+        def allocate(self, total_iters, timesteps):  # type: ignore[no-untyped-def]
+            return [1] * len(timesteps)
+
+        def tolerances(self, iterations, timesteps):  # type: ignore[no-untyped-def]
+            return [math.nan] * len(timesteps)
+
+    assert plan_tolerances(REGISTRY.create("allocator", "uniform"), [2, 2], [9, 0], tol=0.5) == [0.5, 0.5]
+    with pytest.raises(PluginError, match="allocator Broken returned tolerances"):
+        plan_tolerances(Broken(), [1, 1], [9, 0])
+
+
 def test_reuse_at_unchanged_x_and_t_costs_no_extra_iterations():
     model = contractive_fpdm()
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([5, 50, 500]), torch.tensor([0, 1, 2])
@@ -139,6 +231,20 @@ def test_cli_writes_images_grid_stats_and_plot(trained, tmp_path):
     first = (out / "images" / "000003.png").read_bytes()
     assert fpdm_cli(*args).returncode == 0
     assert (out / "images" / "000003.png").read_bytes() == first  # same seed, same images
+
+
+def test_cli_adaptive_reports_its_tolerances_and_spends_exactly_the_budget(trained, tmp_path):
+    out = tmp_path / "a"
+    result = fpdm_cli("sample", str(trained), "--n", "3", "--steps", "5", "--budget", "40", "--allocator", "adaptive",
+                      "--tol", "0.3", "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    tols = stats["tol"]
+    assert len(tols) == 5 and tols[0] == tols[-1] == 0.0 and all(0 < t <= 0.3 for t in tols[1:-1])
+    assert stats["blocks_per_sample"]["max"] == stats["blocks_per_sample"]["mean"] == 40
+    bad = fpdm_cli("sample", str(trained), "--n", "1", "--steps", "5", "--allocator", "adaptive", "--tol", "-1",
+                   "--out", str(tmp_path / "b"), "--no-progress")
+    assert bad.returncode == 2 and "allocator 'adaptive'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_library_loads_ema_and_raw_weights(trained):
