@@ -94,37 +94,24 @@ def load_reference(name: str, *, split: str, data_dir: str | None, limit: int | 
 
 def sample_checkpoint(args: argparse.Namespace) -> ImageSet:
     """Draw args.n samples from a checkpoint with `fpdm sample`'s choices (steps, budget, sampler, ...)."""
-    from fpdm.build import load_denoiser
-    from fpdm.checkpoint import load_checkpoint
-    from fpdm.config import Config, from_dict
-    from fpdm.registry import default_registry
     from fpdm.sampling import generate
-    from fpdm.training import resolve_device
 
-    from .sampling_setup import names, sampling_parts
+    from .sampling_setup import load_for_sampling, names
 
-    ckpt = load_checkpoint(args.input)
-    config = from_dict(Config, ckpt.config)
-    if config.data.name == "latents":
+    job = load_for_sampling(args, args.input)
+    if job.config.data.name == "latents":
         raise UsageError("fpdm eval samples pixel-space models; decode latent samples with fpdm sample --vae, "
                          "then evaluate the images folder")
-    registry = default_registry()
-    device = resolve_device(args.device)
-    model = load_denoiser(ckpt, ema=args.ema, registry=registry).to(device)
-    parts = sampling_parts(args, config, model, registry,
-                           iters=args.iters if args.iters is not None else config.solver.max_iter)
-    solver_name = args.solver or config.solver.name
-    solver = registry.create("solver", solver_name, **({} if args.solver else config.solver.options))
+    model, ckpt = job.model, job.ckpt
     labels = list(range(model.num_classes)) or None  # every class in turn: the reference splits are balanced
     shape = (model.in_channels, model.input_size, model.input_size)
     print(f"sampling {args.n} images from {ckpt.path} (step {ckpt.step}) ...", flush=True)
-    result = generate(model, parts.diffusion, n=args.n, batch_size=args.batch_size, seed=args.seed, labels=labels,
-                      shape=shape, update=parts.update, solver=solver, iterations=parts.iterations,
-                      reuse=parts.reuse, tol=parts.tolerances, adaptive=parts.allocator.tol > 0,
-                      cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels, clip_x0=args.clip_x0, device=device)
+    result = generate(model, job.parts.diffusion, n=args.n, batch_size=args.batch_size, seed=args.seed,
+                      labels=labels, shape=shape, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
+                      clip_x0=args.clip_x0, device=job.device, **job.generate_options())
     blocks = result.blocks.double().mean().item()
     details = {"kind": "checkpoint", "checkpoint": str(ckpt.path), "step": ckpt.step, "ema": args.ema,
-               "solver": solver_name, "seed": args.seed, "blocks_per_sample": blocks, **names(args),
+               "solver": job.solver_name, "seed": args.seed, "blocks_per_sample": blocks, **names(args),
                "sampling_seconds": result.seconds}
     source = (f"{ckpt.path} (step {ckpt.step}), {args.steps} {args.sampler} steps, "
               f"{blocks:.1f} blocks/sample, seed {args.seed}")

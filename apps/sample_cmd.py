@@ -19,18 +19,15 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from fpdm.build import load_denoiser
-from fpdm.checkpoint import load_checkpoint
 from fpdm.config import Config, from_dict
 from fpdm.errors import UsageError
 from fpdm.registry import default_registry
 from fpdm.sampling import generate
-from fpdm.training import resolve_device
 
 from .encode_cmd import latent_decoder
 from .plots import draw_plot, save_png, stack_images
 from .presets import default_run
-from .sampling_setup import add_process_arguments, sampling_parts
+from .sampling_setup import add_process_arguments, load_for_sampling, sampling_parts
 
 
 def sample_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-def]
@@ -112,22 +109,12 @@ def _torch_job(args: argparse.Namespace) -> _Job:
     if args.provider != "auto" or args.cuda_graph:
         raise UsageError("--provider and --cuda-graph apply to the onnxruntime backend (an exported .onnx)")
     args.steps = 50 if args.steps is None else args.steps
-    ckpt = load_checkpoint(args.checkpoint)
-    config = from_dict(Config, ckpt.config)
-    registry = default_registry()
-    device = resolve_device(args.device)
-    model = load_denoiser(ckpt, ema=args.ema, registry=registry).to(device)
-    parts = sampling_parts(args, config, model, registry,
-                           iters=args.iters if args.iters is not None else config.solver.max_iter)
-    solver_name = args.solver or config.solver.name
-    solver = registry.create("solver", solver_name, **({} if args.solver else config.solver.options))
-    tol = parts.tolerances
-    options = {"update": parts.update, "solver": solver, "iterations": parts.iterations, "reuse": parts.reuse,
-               "tol": tol, "adaptive": parts.allocator.tol > 0}
-    source = {"checkpoint": str(ckpt.path), "step": ckpt.step, "ema": args.ema, "solver": solver_name, "tol": tol,
-              "iterations_plan": parts.iterations}
-    return _Job(model, parts.diffusion, options, ckpt.spec, source, ckpt.path.parent.parent / "samples", device,
-                "torch " + device.type)
+    job = load_for_sampling(args, args.checkpoint)
+    tol = job.parts.tolerances
+    source = {"checkpoint": str(job.ckpt.path), "step": job.ckpt.step, "ema": args.ema, "solver": job.solver_name,
+              "tol": tol, "iterations_plan": job.parts.iterations}
+    return _Job(job.model, job.parts.diffusion, job.generate_options(), job.ckpt.spec, source,
+                job.ckpt.path.parent.parent / "samples", job.device, "torch " + job.device.type)
 
 
 def _onnx_job(args: argparse.Namespace) -> _Job:

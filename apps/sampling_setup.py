@@ -1,4 +1,5 @@
-"""The sampling choices `fpdm sample` and `fpdm export --whole-loop` share: arguments, and names -> parts."""
+"""The sampling choices `fpdm sample`, `fpdm eval` and `fpdm export --whole-loop` share: arguments, names ->
+parts, and a checkpoint loaded for PyTorch sampling."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from fpdm.build import build_schedule
-from fpdm.config import Config
+import torch
+
+from fpdm.build import build_schedule, load_denoiser
+from fpdm.checkpoint import Checkpoint, load_checkpoint
+from fpdm.config import Config, from_dict
 from fpdm.diffusion import GaussianDiffusion
 from fpdm.errors import UsageError
-from fpdm.interfaces import BudgetAllocator, Denoiser, ReusePolicy
-from fpdm.registry import Registry
+from fpdm.interfaces import BudgetAllocator, Denoiser, ReusePolicy, Solver
+from fpdm.registry import Registry, default_registry
 from fpdm.sampling import StepUpdate, plan_iterations, plan_tolerances
+from fpdm.training import resolve_device
 
 
 def add_process_arguments(parser: argparse.ArgumentParser, *, steps: int | None = 50) -> None:
@@ -53,6 +58,9 @@ def sampling_parts(args: argparse.Namespace, config: Config, model: Denoiser, re
     update = registry.create("sampler", args.sampler, **({} if args.eta is None else {"eta": args.eta}))
     tol = getattr(args, "tol", None) or 0.0  # commands that fix the plan (export) have no --tol
     allocator = registry.create("allocator", args.allocator)
+    if args.budget is None and allocator.tol <= 0 and args.allocator != "uniform":
+        raise UsageError(f"--allocator {args.allocator} spreads a --budget over the steps; give --budget N "
+                         "(without one every step gets --iters)")
     if allocator.tol > 0 and tol:  # --tol tunes an adaptive allocator's own tolerance
         allocator = registry.create("allocator", args.allocator, tol=tol)
     reuse = registry.create("reuse_policy", args.reuse)
@@ -66,3 +74,36 @@ def names(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps": args.steps, "budget": args.budget, "sampler": args.sampler, "eta": args.eta,
             "allocator": args.allocator, "reuse": args.reuse, "cfg_scale": args.cfg_scale,
             "cfg_channels": args.cfg_channels, "clip_x0": args.clip_x0}
+
+
+@dataclass(frozen=True)
+class CheckpointSampler:
+    """A checkpoint made ready for PyTorch sampling with the command line's choices."""
+
+    ckpt: Checkpoint
+    config: Config
+    model: Denoiser  # on `device`, EMA weights unless --no-ema
+    parts: SamplingParts
+    solver: Solver
+    solver_name: str
+    device: torch.device
+
+    def generate_options(self) -> dict[str, Any]:
+        """`generate`'s keywords for the process, solver and plan."""
+        return {"update": self.parts.update, "solver": self.solver, "iterations": self.parts.iterations,
+                "reuse": self.parts.reuse, "tol": self.parts.tolerances, "adaptive": self.parts.allocator.tol > 0}
+
+
+def load_for_sampling(args: argparse.Namespace, path: str) -> CheckpointSampler:
+    """Checkpoint -> model, sampling parts and solver, from --ema, --device, --iters, --solver and the process
+    arguments (the config's solver and max_iter where they are not given)."""
+    ckpt = load_checkpoint(path)
+    config = from_dict(Config, ckpt.config)
+    registry = default_registry()
+    device = resolve_device(args.device)
+    model = load_denoiser(ckpt, ema=args.ema, registry=registry).to(device)
+    parts = sampling_parts(args, config, model, registry,
+                           iters=args.iters if args.iters is not None else config.solver.max_iter)
+    solver_name = args.solver or config.solver.name
+    solver = registry.create("solver", solver_name, **({} if args.solver else config.solver.options))
+    return CheckpointSampler(ckpt, config, model, parts, solver, solver_name, device)

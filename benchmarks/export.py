@@ -1,13 +1,13 @@
 """Export benchmark: one denoising step in PyTorch eager against the exported ONNX graph in ONNX Runtime.
 
-    python benchmarks/export.py [--checkpoint runs/demo] [--update-readme] [--repeats 20]
+    python benchmarks/export.py [--checkpoint runs/demo] [--update-readme] [--repeats 50]
 
 CPU (always): the Fashion-MNIST model of `make demo` at K = 3 and 26 unrolled iterations, batch 1 and 16,
 PyTorch eager (fp32, no_grad, the denoiser with its solver at tol 0) against ORT CPU (fp32 graph) on the same
 inputs. CUDA (when present): FPDM-XL/2 at batch 64 (random weights; speed does not depend on them), K = 3 and
 26: torch eager bf16 autocast, torch.compile bf16, ORT CUDA fp16 with IO binding, with and without CUDA
-graphs. Every time is the median over `--repeats` calls after warm-up. Writes benchmarks/results/export.json
-and export.md.
+graphs. Every time is the median over `--repeats` calls after warm-up, the compared backends alternating
+in blocks of 10 calls. Writes benchmarks/results/export.json and export.md.
 """
 
 from __future__ import annotations
@@ -33,16 +33,27 @@ from _report import RESULTS, ROOT, update_readme, write_results
 
 
 def median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
-    for _ in range(3):
-        fn()
+    return paired_median_ms([fn], repeats, sync)[0]
+
+
+def paired_median_ms(fns: list[Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None,
+                     block: int = 10) -> list[float]:
+    """Median ms of each function over `repeats` calls, timed in alternating blocks of `block` calls, so that a
+    change in the machine's load or clock during the run falls on all of them alike. Blocks rather than single
+    calls: ORT's threads spin for a while after a run and would slow a torch call that follows at once."""
+    for fn in fns:
+        for _ in range(3):
+            fn()
     sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    while len(times[0]) < repeats:
+        for fn, seen in zip(fns, times):
+            for _ in range(min(block, repeats - len(seen))):
+                start = time.perf_counter()
+                fn()
+                sync()
+                seen.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(seen) for seen in times]
 
 
 def export_step(model: torch.nn.Module, solver_name: str, iters: int, out: Path, *, options: dict,
@@ -76,7 +87,7 @@ def cpu_rows(checkpoint: str, repeats: int, workdir: Path) -> list[dict]:
             def ort() -> object:
                 return ort_model(x["x_t"], x["t"], x["y"], z0=z0, iters=k)
 
-            t_eager, t_ort = median_ms(eager, repeats), median_ms(ort, repeats)
+            t_eager, t_ort = paired_median_ms([eager, ort], repeats)
             rows.append({"device": "cpu", "model": "FPDM-XS/4 (demo)", "iters": k, "batch": batch,
                          "torch_eager_fp32_ms": t_eager, "ort_cpu_fp32_ms": t_ort, "speedup": t_eager / t_ort})
             print(rows[-1], flush=True)
@@ -151,7 +162,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(ROOT / "runs" / "demo"))
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()

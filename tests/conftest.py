@@ -101,3 +101,13 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     full_env = {**os.environ, "FPDM_LOAD_PLUGINS": "", **(env or {})}
     return subprocess.run([sys.executable, "-m", "fpdm.apps.cli", *args], capture_output=True, text=True,
                           env=full_env, cwd=ROOT, timeout=300)
+
+
+def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """A `run_cli` result that failed as a usage error: exit 2 and one stderr line holding every needle."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REGISTRY, run_cli, tiny_config
+from conftest import REGISTRY, one_line_error, run_cli, tiny_config
 from fpdm.checkpoint import load_checkpoint
 from fpdm.data import DataConfig, ImageDataset, build_dataset
 from fpdm.errors import UsageError
@@ -155,15 +155,6 @@ def cli(capsys, monkeypatch):  # type: ignore[no-untyped-def]
         return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
     return call
-
-
-def one_line_error(result, *needles: str) -> str:  # type: ignore[no-untyped-def]
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def test_encode_train_sample_decode(images, vae_dir, tmp_path, cli):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
-from conftest import REGISTRY, ROOT, run_cli
+from conftest import REGISTRY, ROOT, one_line_error, run_cli
 from fpdm.build import build_schedule, load_denoiser
 from fpdm.checkpoint import load_checkpoint
 from fpdm.config import Config, from_dict
@@ -163,15 +163,6 @@ def save_official(path, sd_model, sd_ema=None, **args) -> None:  # type: ignore[
     torch.save({"model": sd_model, "ema": sd_ema if sd_ema is not None else sd_model,
                 "opt": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
                 "args": argparse.Namespace(**args), "train_steps": 1234}, path)
-
-
-def one_line_error(result, *needles: str) -> str:  # type: ignore[no-untyped-def]
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

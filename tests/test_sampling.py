@@ -258,6 +258,7 @@ def test_library_loads_ema_and_raw_weights(trained):
     [
         (["--budget", "5"], "budget 5 cannot pay for 5 FPDM steps"),
         (["--allocator", "nope"], "unknown allocator 'nope'"),
+        (["--allocator", "increasing"], "--allocator increasing spreads a --budget over the steps; give --budget N"),
         (["--reuse", "nope"], "unknown reuse policy 'nope'"),
         (["--sampler", "nope"], "unknown sampler 'nope'"),
         (["--class", "7"], "class id 7 out of range: the model has classes 0..1 (bright, dark)"),
