@@ -227,7 +227,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: short training, few samples, ~minutes")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     parser.add_argument("--n", type=int, help="samples per FID cell (default 5000; --quick 200)")
-    parser.add_argument("--fpdm-steps", type=int, help="FPDM training steps (default 4000; --quick 60)")
+    parser.add_argument("--fpdm-steps", type=int, help="FPDM training steps (default 2000, the preset's `fpdm train`; --quick 60)")
     parser.add_argument("--extractor", help="fpdm-fmnist-cnn file (default: the cached one, trained if missing)")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
@@ -236,7 +236,7 @@ def main() -> int:
     from fpdm.fidelity import cnn_extractor
 
     n = args.n or (200 if args.quick else 5000)
-    fpdm_steps = args.fpdm_steps or (60 if args.quick else 4000)
+    fpdm_steps = args.fpdm_steps or (60 if args.quick else 2000)
     ref_n = 2000 if args.quick else None
     settings = {"quick": args.quick, "n": n, "fpdm_steps": fpdm_steps, "reference_n": ref_n or 10000,
                 "budgets": list(BUDGETS), "seeds_at_lowest": list(SEEDS_AT_LOWEST), "sampler": "ddim"}

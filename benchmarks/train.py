@@ -39,55 +39,70 @@ def rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_one(name: str, batch: int, steps: int, warmup: int, checkpoint: bool) -> dict:
-    from fpdm.build import build_denoiser
-    from fpdm.config import ModelConfig
+def measure_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ranges: tuple, steps: int,
+                  warmup: int) -> dict:
+    """Time S-JFB training steps (AdamW, bf16 autocast on CUDA) on fixed inputs. FPDM's iteration counts are
+    drawn per step from `ranges` with a fixed seed, so every setting sees the same sequence. Returns per-step
+    seconds after `warmup`, the drawn (no-grad, grad) counts and the peak memory in bytes: CUDA
+    max_memory_allocated from the first timed step (compile and allocator warm-up excluded), CPU RSS growth."""
     from fpdm.diffusion import GaussianDiffusion, LinearSchedule
     from fpdm.plugins.solvers import FixedPointIteration
     from fpdm.training import sjfb_losses
 
-    arch, overrides, size, channels, classes, (no_grad, grad) = SETTINGS[name]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    use_bf16 = device.type == "cuda"
-    torch.manual_seed(0)
-    model = build_denoiser(ModelConfig(arch=arch, **overrides), input_size=size, in_channels=channels,
-                           num_classes=classes, checkpoint=checkpoint).to(device)
+    (no_grad, grad), device = ranges, x.device
+    cuda = device.type == "cuda"
     diffusion = GaussianDiffusion(LinearSchedule(), learn_sigma=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     solver = FixedPointIteration()
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, channels, size, size, device=device)
-    y = torch.randint(0, classes, (batch,), device=device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    times, counts = [], []
     base_rss = rss_bytes()
-    times = []
     for step in range(warmup + steps):
+        if step == warmup and cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         n_no_grad = int(torch.randint(no_grad[0], no_grad[1] + 1, (1,), generator=gen))
         n_grad = int(torch.randint(grad[0], grad[1] + 1, (1,), generator=gen))
-        t = torch.randint(0, 1000, (batch,), device=device)
+        t = torch.randint(0, 1000, (x.shape[0],), device=device)
         noise = torch.randn_like(x)
         start = time.perf_counter()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
             losses, _ = sjfb_losses(model, diffusion, solver, x, t, y, noise, n_no_grad=n_no_grad, n_grad=n_grad)
             loss = losses["loss"].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    total = sum(times)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_bytes() - base_rss
+            counts.append((n_no_grad, n_grad))
+    peak = torch.cuda.max_memory_allocated() if cuda else rss_bytes() - base_rss
+    return {"times": times, "counts": counts, "peak": peak}
+
+
+def run_one(name: str, batch: int, steps: int, warmup: int, checkpoint: bool) -> dict:
+    from fpdm.build import build_denoiser
+    from fpdm.config import ModelConfig
+
+    arch, overrides, size, channels, classes, (no_grad, grad) = SETTINGS[name]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = build_denoiser(ModelConfig(arch=arch, **overrides), input_size=size, in_channels=channels,
+                           num_classes=classes, checkpoint=checkpoint).to(device)
+    x = torch.randn(batch, channels, size, size, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    seen = measure_steps(model, x, y, ranges=(no_grad, grad), steps=steps, warmup=warmup)
+    total = sum(seen["times"])
+    cuda = device.type == "cuda"
     return {
-        "setting": name, "arch": arch, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "precision": "bf16 autocast" if use_bf16 else "fp32", "batch": batch, "steps": steps,
+        "setting": name, "arch": arch, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "precision": "bf16 autocast" if cuda else "fp32", "batch": batch, "steps": steps,
         "checkpointing": checkpoint, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "img_per_s": batch * steps / total, "s_per_step": total / steps,
-        "peak_mem_gib": peak / 2**30, "peak_kind": "max_memory_allocated" if device.type == "cuda" else "RSS growth",
+        "peak_mem_gib": seen["peak"] / 2**30, "peak_kind": "max_memory_allocated" if cuda else "RSS growth",
         "sjfb_ranges": [no_grad, grad] if arch.startswith("FPDM") else None,
     }
 

@@ -22,14 +22,13 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from _report import RESULTS, write_results
-from train import rss_bytes
+from train import measure_steps
 
 MODELS = ("FPDM-XL/2", "DiT-XL/2")
 MODES = ("fast", "lean")
@@ -44,17 +43,13 @@ SMOKE = {"size": 8, "channels": 4, "classes": 10, "batch": 4,
 def run_one(arch: str, mode: str, *, smoke: bool, steps: int, warmup: int, backend: str) -> dict[str, Any]:
     from fpdm.build import build_denoiser
     from fpdm.config import ModelConfig
-    from fpdm.diffusion import GaussianDiffusion, LinearSchedule
     from fpdm.models import DiTBlock
-    from fpdm.plugins.solvers import FixedPointIteration
-    from fpdm.training import sjfb_losses
 
     size = SMOKE if smoke else FULL
     overrides = dict(size["overrides"])
     if arch.startswith("FPDM"):
         overrides.pop("depth", None)  # FPDM's depth is pre + fixed-point + post
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
-    use_bf16 = device.type == "cuda"
     torch.manual_seed(0)
     model = build_denoiser(ModelConfig(arch=arch, **overrides), input_size=size["size"], in_channels=size["channels"],
                            num_classes=size["classes"], checkpoint=mode == "lean").to(device)
@@ -62,49 +57,21 @@ def run_one(arch: str, mode: str, *, smoke: bool, steps: int, warmup: int, backe
         for module in model.modules():
             if isinstance(module, DiTBlock):
                 module.compile(backend=backend)
-    diffusion = GaussianDiffusion(LinearSchedule(), learn_sigma=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    solver = FixedPointIteration()
-    gen = torch.Generator().manual_seed(0)
     batch = size["batch"]
     x = torch.randn(batch, size["channels"], size["size"], size["size"], device=device)  # (B, 4, S, S) latents
     y = torch.randint(0, size["classes"], (batch,), device=device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    times, counts = [], []
-    base_rss = rss_bytes()
-    for step in range(warmup + steps):
-        if step == warmup and device.type == "cuda":  # compile and allocator warm-up excluded from the peak
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        n_no_grad = int(torch.randint(NO_GRAD[0], NO_GRAD[1] + 1, (1,), generator=gen))
-        n_grad = int(torch.randint(GRAD[0], GRAD[1] + 1, (1,), generator=gen))
-        t = torch.randint(0, 1000, (batch,), device=device)
-        noise = torch.randn_like(x)
-        start = time.perf_counter()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            losses, _ = sjfb_losses(model, diffusion, solver, x, t, y, noise, n_no_grad=n_no_grad, n_grad=n_grad)
-            loss = losses["loss"].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-            counts.append((n_no_grad, n_grad))
-    total = sum(times)
-    cuda = device.type == "cuda"
-    peak = torch.cuda.max_memory_allocated() if cuda else rss_bytes() - base_rss
+    seen = measure_steps(model, x, y, ranges=(NO_GRAD, GRAD), steps=steps, warmup=warmup)
+    times, counts = seen["times"], seen["counts"]
+    total, cuda = sum(times), device.type == "cuda"
     fpdm = arch.startswith("FPDM")
     return {
         "arch": f"{arch} (tiny)" if smoke else arch, "mode": mode, "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "precision": "bf16 autocast" if use_bf16 else "fp32", "batch": batch, "steps": steps, "warmup": warmup,
+        "precision": "bf16 autocast" if cuda else "fp32", "batch": batch, "steps": steps, "warmup": warmup,
         "latent": [size["channels"], size["size"], size["size"]], "smoke": smoke,
         "compile": f"per block, backend {backend}" if mode == "fast" else None, "checkpointing": mode == "lean",
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "img_per_s": batch * steps / total, "s_per_step": total / steps,
-        "peak_mem_gib": peak / 2**30, "peak_kind": "max_memory_allocated" if cuda else "RSS growth",
+        "peak_mem_gib": seen["peak"] / 2**30, "peak_kind": "max_memory_allocated" if cuda else "RSS growth",
         "sjfb_ranges": [list(NO_GRAD), list(GRAD)] if fpdm else None,
         "mean_iters": [sum(c[i] for c in counts) / len(counts) for i in (0, 1)] if fpdm else None,
     }
