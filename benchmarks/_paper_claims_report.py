@@ -37,9 +37,24 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"| {r['arch']} | {r['device']} | {r['precision']} | {r['batch']} | "
                          f"{'on' if r['checkpointing'] else 'off'} | {r['params_m']:.2f}M | "
                          f"{r['peak_mem_gib']:.2f} GiB | {r['s_per_step']:.3f} |")
+    accounted = [r for k, r in cells.items() if k.startswith("accounting|")]
+    if accounted:
+        lines += ["", "**Training memory by accounting** (`benchmarks/train.py`'s `account_memory`: parameters, "
+                  "gradients and AdamW moments + the activations a step keeps for backward, counted on the CPU; "
+                  "batch 64, checkpointing off; FPDM at its largest S-JFB grad draw, the step that sets the peak):",
+                  "", "| model | precision | grad iters | params | state | activations | total | FPDM / DiT |",
+                  "|---|---|---|---|---|---|---|---|"]
+        totals = {(r["arch"], r["precision"]): r["total_gib"] for r in accounted}
+        for r in accounted:
+            dit = totals.get((r["arch"].replace("FPDM", "DiT"), r["precision"]))
+            ratio = f"{r['total_gib'] / dit:.0%}" if r["arch"].startswith("FPDM") and dit else ""
+            lines.append(f"| {r['arch']} | {r['precision']} | {r['grad_iters'] or '-'} | {r['params_m']:.1f}M | "
+                         f"{r['state_gib']:.2f} GiB | {r['activations_gib']:.2f} GiB | {r['total_gib']:.2f} GiB | "
+                         f"{ratio} |")
     plan = next(v for k, v in cells.items() if k.startswith("plan|"))
     trained = {v["arch"]: v for k, v in cells.items() if k.startswith("train|")}
-    wall = ", ".join(f"{arch} {v['seconds']:.0f} s" for arch, v in trained.items())
+    wall = ", ".join(f"{arch} {v['seconds']:.0f} s" + (" (the part after a resume)" if v["resumed"] else "")
+                     for arch, v in trained.items())
     lines += ["", f"**Equal training compute.** FPDM-XS/4 {plan['fpdm_steps']} steps x "
               f"{plan['fpdm_gflop_per_step']:.2f} GFLOP (expected over S-JFB draws {plan['sjfb_ranges']}) = DiT-XS/4 "
               f"{plan['dit_steps']} steps x {plan['dit_gflop_per_step']:.2f} GFLOP, batch {plan['batch']}, "

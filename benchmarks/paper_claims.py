@@ -4,6 +4,8 @@
 
 1. Parameters and training peak memory of FPDM vs DiT at equal width and batch (benchmarks/train.py's
    measurement, one process per setting): Fashion-MNIST XS/4 on CPU; XL/2 at batch 64 only when CUDA exists.
+   Also train.py's accounting of state + kept activations (fp32 and bf16 autocast, batch 64) for XS/4 and XL/2,
+   which needs no GPU.
 2. An FPDM-XS/4 and a DiT-XS/4 (same width 128) trained on Fashion-MNIST with EQUAL TRAINING FLOPs: the FLOPs
    of one training step are counted with torch.utils.flop_counter (FPDM's expectation over its S-JFB draws,
    exact because FLOPs are linear in the iteration counts), and DiT gets fpdm_steps x E[FPDM step] / DiT step.
@@ -98,6 +100,17 @@ def memory_cells(store: Store, *, quick: bool) -> None:
                     f"print(json.dumps(run_one({name!r}, {batch}, {steps}, {warmup}, {ckpt})))")
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             store.put(key, json.loads(out.stdout.strip().splitlines()[-1]))
+    # Device-independent: parameter/optimizer state + the activations a step keeps, at batch 64, checkpointing
+    # off, fp32 and bf16 autocast; XL/2 too (minutes on a CPU), since the paper's claim is about that scale.
+    for name in ("FPDM-XS/4 Fashion-MNIST", "DiT-XS/4 Fashion-MNIST", "FPDM-XL/2 latent", "DiT-XL/2 latent"):
+        for bf16 in (False, True):
+            key = f"accounting|{name}|bf16={bf16}"
+            if store.get(key) is None and not (quick and "XL" in name):
+                code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                        "from train import account_memory; "
+                        f"print(json.dumps(account_memory({name!r}, 64, False, {bf16})))")
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                store.put(key, json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -227,7 +240,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: short training, few samples, ~minutes")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     parser.add_argument("--n", type=int, help="samples per FID cell (default 5000; --quick 200)")
-    parser.add_argument("--fpdm-steps", type=int, help="FPDM training steps (default 2000, the preset's `fpdm train`; --quick 60)")
+    parser.add_argument("--fpdm-steps", type=int,
+                        help="FPDM training steps (default 2000, the preset's `fpdm train`; --quick 60)")
     parser.add_argument("--extractor", help="fpdm-fmnist-cnn file (default: the cached one, trained if missing)")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()

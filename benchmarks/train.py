@@ -107,6 +107,66 @@ def run_one(name: str, batch: int, steps: int, warmup: int, checkpoint: bool) ->
     }
 
 
+def saved_bytes(model: torch.nn.Module, batch: int, size: int, channels: int, classes: int, *, n_no_grad: int,
+                n_grad: int, bf16: bool = False) -> int:
+    """Bytes of the tensors autograd keeps for backward in one training step on the CPU (fp32, or under bf16
+    autocast as GPU training runs), counted through
+    saved_tensors_hooks, one count per storage, parameters excluded: the activation memory a step holds at the
+    end of its forward pass, whatever the device's allocator does."""
+    from fpdm.diffusion import GaussianDiffusion, LinearSchedule
+    from fpdm.plugins.solvers import FixedPointIteration
+    from fpdm.training import sjfb_losses
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, size, size, generator=gen)
+    y, t = torch.randint(0, classes, (batch,), generator=gen), torch.randint(0, 1000, (batch,), generator=gen)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        losses, _ = sjfb_losses(model, GaussianDiffusion(LinearSchedule(), learn_sigma=True), FixedPointIteration(),
+                                x, t, y, torch.randn(x.shape, generator=gen), n_no_grad=n_no_grad, n_grad=n_grad)
+    losses["loss"].mean().backward()  # the graph was complete: everything it saved was counted
+    return sum(kept.values())
+
+
+def account_memory(name: str, batch: int, checkpoint: bool, bf16: bool = False) -> dict:
+    """Training memory at `batch` by accounting rather than an allocator's peak: parameters + gradients + the
+    two AdamW moments (4 x fp32 parameter bytes) + the activations a step keeps for backward. Activations are
+    counted at batch 1, 2 and 3 and must be exactly affine in the batch (every kept tensor has a batch axis,
+    save autocast's bf16 copies of the weights), which gives `batch` without running it. FPDM runs its
+    largest S-JFB grad-phase draw, the step that sets the peak. The count is the same on every device;
+    `bf16` runs the forward under bf16 autocast, as GPU training does."""
+    from fpdm.build import build_denoiser
+    from fpdm.config import ModelConfig
+
+    arch, overrides, size, channels, classes, (_, grad) = SETTINGS[name]
+    torch.manual_seed(0)
+    model = build_denoiser(ModelConfig(arch=arch, **overrides), input_size=size, in_channels=channels,
+                           num_classes=classes, checkpoint=checkpoint)
+    n_grad = grad[1]
+    one, two, three = (saved_bytes(model, b, size, channels, classes, n_no_grad=0, n_grad=n_grad, bf16=bf16)
+                       for b in (1, 2, 3))
+    per_sample, fixed = two - one, 2 * one - two  # fixed: autocast's bf16 copies of the weights
+    if three != fixed + 3 * per_sample or fixed < 0:
+        raise RuntimeError(f"{name}: kept activations are not affine in the batch ({one}, {two}, {three} bytes "
+                           "at batch 1, 2, 3)")
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"setting": name, "arch": arch, "batch": batch, "checkpointing": checkpoint,
+            "precision": "bf16 autocast" if bf16 else "fp32",
+            "grad_iters": n_grad if arch.startswith("FPDM") else None,
+            "params_m": param_bytes / 4 / 1e6, "state_gib": 4 * param_bytes / 2**30,
+            "activations_gib": (fixed + batch * per_sample) / 2**30,
+            "total_gib": (4 * param_bytes + fixed + batch * per_sample) / 2**30}
+
+
 def plan(quick: bool) -> list[tuple[str, int, int, int, bool]]:
     """(setting, batch, steps, warmup, checkpointing) per run for this machine."""
     cuda = torch.cuda.is_available()
