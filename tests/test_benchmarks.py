@@ -1,0 +1,55 @@
+"""The measuring helpers the benchmark scripts share (benchmarks/ is scripts, not a package: put it on the path)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from fpdm.build import build_denoiser
+from fpdm.config import ModelConfig
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from train import measure_steps, saved_bytes  # noqa: E402
+
+
+def tiny(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_denoiser(ModelConfig(arch=arch, hidden_size=32, num_heads=2), input_size=8, in_channels=1,
+                          num_classes=3)
+
+
+def test_measure_steps_times_each_step_after_warmup_with_seeded_draws():
+    model = tiny("FPDM-XS/4")
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 2])
+    first = measure_steps(model, x, y, ranges=([0, 2], [1, 3]), steps=3, warmup=1)
+    again = measure_steps(tiny("FPDM-XS/4"), x, y, ranges=([0, 2], [1, 3]), steps=3, warmup=1)
+    assert len(first["times"]) == 3 and all(t > 0 for t in first["times"]) and first["peak"] >= 0
+    assert first["counts"] == again["counts"]  # every setting sees the same S-JFB sequence
+    assert all(0 <= a <= 2 and 1 <= b <= 3 for a, b in first["counts"])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_saved_bytes_is_affine_in_the_batch_and_grows_with_the_grad_phase(bf16):
+    model = tiny("FPDM-XS/4")
+
+    def kept(batch: int, n_grad: int) -> int:
+        return saved_bytes(model, batch, 8, 1, 3, n_no_grad=2, n_grad=n_grad, bf16=bf16)
+
+    one, two, three = kept(1, 2), kept(2, 2), kept(3, 2)
+    assert three - two == two - one > 0  # per-sample activations; the rest (bf16 weight copies) is fixed
+    assert (2 * one - two == 0) is (not bf16)
+    assert kept(2, 3) > kept(2, 2) > kept(2, 1)  # each grad-phase iteration keeps its activations
+    assert kept(2, 2) == saved_bytes(model, 2, 8, 1, 3, n_no_grad=0, n_grad=2, bf16=bf16)  # no-grad keeps nothing
+
+
+def test_bf16_autocast_keeps_fewer_bytes_per_sample_than_fp32():
+    model = tiny("DiT-XS/4")
+
+    def per_sample(bf16: bool) -> int:
+        return (saved_bytes(model, 3, 8, 1, 3, n_no_grad=0, n_grad=1, bf16=bf16)
+                - saved_bytes(model, 2, 8, 1, 3, n_no_grad=0, n_grad=1, bf16=bf16))
+
+    assert per_sample(True) < 0.75 * per_sample(False)
