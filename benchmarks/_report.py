@@ -27,3 +27,11 @@ def update_readme(marker: str, table: str) -> None:
         raise SystemExit(f"README.md has no {start} ... {end} markers")
     head, rest = text.split(start, 1)
     readme.write_text(f"{head}{start}\n{table}{end}{rest.split(end, 1)[1]}")
+
+
+def publish(out: Path, name: str, results: dict, table: str, *, readme: str | None = None) -> None:
+    """write_results, then the README table between the `readme` markers when given, then the table to stdout."""
+    write_results(out, name, results, table)
+    if readme:
+        update_readme(readme, table)
+    print(table)

@@ -29,7 +29,7 @@ from fpdm.export.onnx import example_inputs
 from fpdm.export.ort import OrtDenoiser, OrtSession
 from fpdm.registry import default_registry
 
-from _report import RESULTS, ROOT, update_readme, write_results
+from _report import RESULTS, ROOT, publish
 
 
 def median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
@@ -172,10 +172,7 @@ def main() -> None:
                    "onnxruntime": onnxruntime.__version__, "cpu": cpu_rows(args.checkpoint, args.repeats, Path(tmp)),
                    "cuda": cuda_rows(args.repeats, Path(tmp))}
     text = table(results)
-    write_results(args.out, "export", results, text)
-    if args.update_readme:
-        update_readme("export", text)
-    print(text)
+    publish(args.out, "export", results, text, readme="export" if args.update_readme else None)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from fpdm.diffusion import GaussianDiffusion
 from fpdm.registry import Registry
 from fpdm.sampling import DDIM, generate, plan_iterations, plan_tolerances
 
-from _report import RESULTS, ROOT, update_readme, write_results
+from _report import RESULTS, ROOT, publish
 DIT_DEPTH = 6  # DiT-XS, the equal-width baseline
 BLOCKS_PER_STEP = 6  # pre + post + ~4 iterations
 # --allocation: (label, allocator, options); adaptive's default tol and a looser and a tighter one
@@ -151,10 +151,8 @@ def main() -> int:
         rows = [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
         results = {"command": command, "machine": machine, "checkpoint": checkpoint, "n": args.n, "rows": rows}
         table = allocation_markdown(results)
-        write_results(args.out, "sampling_allocation", results, table)
-        if args.update_readme:
-            update_readme("sampling-allocation", table)
-        print(table)
+        publish(args.out, "sampling_allocation", results, table,
+                readme="sampling-allocation" if args.update_readme else None)
         return 0
 
     # framework overhead: generate() vs a hand-written loop of the same calls (DDIM, reuse, uniform plan)
@@ -172,10 +170,7 @@ def main() -> int:
                "overhead": overhead,
                "cuda_xl_step": cuda_xl_step()}
     table = markdown(results)
-    write_results(args.out, "sampling", results, table)
-    if args.update_readme:
-        update_readme("sampling", table)
-    print(table)
+    publish(args.out, "sampling", results, table, readme="sampling" if args.update_readme else None)
     return 0
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fpdm.problems import LinearContraction, symmetric_contraction
 from fpdm.registry import Registry
 
-from _report import RESULTS, update_readme, write_results
+from _report import RESULTS, publish
 TOL = 1e-3
 BATCH, TOKENS, WIDTH = 16, 32, 128
 
@@ -203,10 +203,7 @@ def main() -> int:
         "overhead": overhead(registry, repeats, 20),
     }
     table = markdown(results)
-    write_results(args.out, "solvers", results, table)
-    if args.update_readme:
-        update_readme("solvers", table)
-    print(table)
+    publish(args.out, "solvers", results, table, readme="solvers" if args.update_readme else None)
     return 0
 
 

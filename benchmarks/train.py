@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _report import RESULTS, update_readme, write_results
+from _report import RESULTS, publish
 
 # name -> (arch, overrides, input size, channels, classes, S-JFB ranges)
 SETTINGS = {
@@ -215,10 +215,8 @@ def main() -> int:
     results = {"command": "python benchmarks/train.py" + (" --quick" if args.quick else ""),
                "machine": f"{machine}, torch {torch.__version__}", "runs": runs}
     table = markdown(results)
-    write_results(args.out, "train_cuda" if torch.cuda.is_available() else "train", results, table)
-    if args.update_readme:
-        update_readme("train", table)
-    print(table)
+    publish(args.out, "train_cuda" if torch.cuda.is_available() else "train", results, table,
+            readme="train" if args.update_readme else None)
     return 0
 
 
