@@ -110,9 +110,8 @@ def run_one(name: str, batch: int, steps: int, warmup: int, checkpoint: bool) ->
 def saved_bytes(model: torch.nn.Module, batch: int, size: int, channels: int, classes: int, *, n_no_grad: int,
                 n_grad: int, bf16: bool = False) -> int:
     """Bytes of the tensors autograd keeps for backward in one training step on the CPU (fp32, or under bf16
-    autocast as GPU training runs), counted through
-    saved_tensors_hooks, one count per storage, parameters excluded: the activation memory a step holds at the
-    end of its forward pass, whatever the device's allocator does."""
+    autocast as GPU training runs), counted through saved_tensors_hooks, one count per storage, parameters
+    excluded: the activation memory a step holds at the end of its forward pass, whatever the allocator does."""
     from fpdm.diffusion import GaussianDiffusion, LinearSchedule
     from fpdm.plugins.solvers import FixedPointIteration
     from fpdm.training import sjfb_losses
