@@ -14,15 +14,15 @@ from fpdm import hookimpl
 from fpdm.build import build_solver
 from fpdm.config import load_config, to_dict
 from fpdm.errors import UsageError
-from fpdm.problems import LinearContraction, TanhContraction
+from fpdm.solving.problems import LinearContraction, TanhContraction
 from fpdm.registry import default_registry
 
-from .encode_cmd import encode_command
-from .eval_cmd import eval_command
-from .export_cmd import export_command
-from .import_cmd import import_official_command
-from .sample_cmd import sample_command
-from .train_cmd import train_command
+from fpdm.apps.encode_cmd import encode_command
+from fpdm.apps.eval_cmd import eval_command
+from fpdm.apps.export_cmd import export_command
+from fpdm.apps.import_cmd import import_official_command
+from fpdm.apps.sample_cmd import sample_command
+from fpdm.apps.train_cmd import train_command
 
 Handler = Callable[[argparse.Namespace], int]
 

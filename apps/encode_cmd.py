@@ -13,14 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from fpdm.data import image_files, load_image
+from fpdm.data.images import image_files, load_image
 from fpdm.errors import UsageError
-from fpdm.latents import FEATURES, INFO, LABELS
-from fpdm.training import resolve_device
-from fpdm.vae import AutoencoderKL
-from fpdm.vae_io import EXPECTED, load_vae
+from fpdm.data.latents import FEATURES, INFO, LABELS
+from fpdm.build import resolve_device
+from fpdm.models.vae import AutoencoderKL
+from fpdm.io.vae_weights import EXPECTED, load_vae
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -113,37 +112,3 @@ def _encode_folder(vae: AutoencoderKL, files: list[Path], labels: list[int], out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return shape  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Decoding for `fpdm sample`
-
-
-def latent_decoder(spec: dict[str, Any], vae_path: str | None, *, in_channels: int, input_size: int,
-                   device: torch.device) -> Callable[[Tensor], Tensor] | None:
-    """None for a pixel model; for a latent model (spec["latent"]) a function latents (N, C, H, W) -> images
-    (N, out_channels, H*f, W*f) in [-1, 1] through the VAE at `vae_path`. Mismatches are one-line UsageErrors."""
-    latent = spec.get("latent")
-    if latent is None:
-        if vae_path is not None:
-            raise UsageError(f"--vae applies to latent models only; this checkpoint generates ({in_channels}, "
-                             f"{input_size}, {input_size}) images directly")
-        return None
-    if vae_path is None:
-        raise UsageError(f"this checkpoint generates latents of shape ({in_channels}, {input_size}, {input_size}); "
-                         "pass --vae DIR holding a diffusers AutoencoderKL "
-                         "(config.json + diffusion_pytorch_model.safetensors)")
-    vae = load_vae(vae_path, device=device)
-    if vae.config.latent_channels != in_channels:
-        raise UsageError(f"the VAE at {vae_path} has {vae.config.latent_channels} latent channels; this checkpoint "
-                         f"generates {in_channels}")
-    scale = float(latent["scale_factor"])
-
-    def decode(latents: Tensor, batch_size: int = 16) -> Tensor:
-        out = []
-        with torch.no_grad():
-            for chunk in latents.split(batch_size):
-                out.append(vae.decode_latents(chunk.to(device), scale_factor=scale).cpu())  # (b, C, H*f, W*f)
-        return torch.cat(out)
-
-    return decode

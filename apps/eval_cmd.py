@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from fpdm.errors import UsageError
-from fpdm.features import default_path, train_extractor
-from fpdm.fidelity import (CNN_NAME, INCEPTION, Extractor, cnn_extractor, compute_metrics, inception_extractor,
-                           inception_weights)
+from fpdm.eval.features import default_path, train_extractor
+from fpdm.eval.fidelity import CNN_NAME, INCEPTION, Extractor, cnn_extractor, compute_metrics, inception_extractor, inception_weights
 
-from .eval_inputs import FASHION_MNIST_NAMES, ImageSet, load_folder, load_reference, sample_checkpoint
-from .sampling_setup import add_process_arguments
+from fpdm.apps.eval_inputs import FASHION_MNIST_NAMES, ImageSet, load_folder, load_reference, sample_checkpoint
+from fpdm.apps.sampling_setup import add_process_arguments
 
 
 def eval_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-def]

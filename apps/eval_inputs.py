@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fpdm.data import IMAGE_EXTENSIONS, DataConfig, fashion_mnist
+from fpdm.config import DataConfig
+from fpdm.data.images import IMAGE_EXTENSIONS, fashion_mnist
 from fpdm.errors import UsageError
-from fpdm.features import to_uint8
+from fpdm.eval.features import to_uint8
 
 FASHION_MNIST_NAMES = ("fashion_mnist", "fashion-mnist", "fmnist")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
@@ -94,9 +95,9 @@ def load_reference(name: str, *, split: str, data_dir: str | None, limit: int | 
 
 def sample_checkpoint(args: argparse.Namespace) -> ImageSet:
     """Draw args.n samples from a checkpoint with `fpdm sample`'s choices (steps, budget, sampler, ...)."""
-    from fpdm.sampling import generate
+    from fpdm.diffusion.sampling import generate
 
-    from .sampling_setup import load_for_sampling, names
+    from fpdm.apps.sampling_setup import load_for_sampling, names
 
     job = load_for_sampling(args, args.input)
     if job.config.data.name == "latents":

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from fpdm.build import load_denoiser
-from fpdm.checkpoint import load_checkpoint
+from fpdm.io.checkpoint import load_checkpoint
 from fpdm.config import Config, from_dict
 from fpdm.errors import UsageError
 from fpdm.registry import default_registry
 
-from .presets import default_run
-from .sampling_setup import add_process_arguments, names, sampling_parts
+from fpdm.apps.presets import default_run
+from fpdm.apps.sampling_setup import add_process_arguments, names, sampling_parts
 
 
 def export_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-def]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from fpdm.official import import_official
+from fpdm.io.official import import_official
 from fpdm.registry import default_registry
 
 

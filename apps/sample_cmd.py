@@ -22,12 +22,12 @@ from torchvision.utils import make_grid
 from fpdm.config import Config, from_dict
 from fpdm.errors import UsageError
 from fpdm.registry import default_registry
-from fpdm.sampling import generate
+from fpdm.diffusion.sampling import generate
 
-from .encode_cmd import latent_decoder
-from .plots import draw_plot, save_png, stack_images
-from .presets import default_run
-from .sampling_setup import add_process_arguments, load_for_sampling, sampling_parts
+from fpdm.io.vae_weights import latent_decoder
+from fpdm.apps.plots import draw_plot, save_png, stack_images
+from fpdm.apps.presets import default_run
+from fpdm.apps.sampling_setup import add_process_arguments, load_for_sampling, sampling_parts
 
 
 def sample_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-def]

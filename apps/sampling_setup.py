@@ -10,14 +10,14 @@ from typing import Any
 import torch
 
 from fpdm.build import build_schedule, load_denoiser
-from fpdm.checkpoint import Checkpoint, load_checkpoint
+from fpdm.io.checkpoint import Checkpoint, load_checkpoint
 from fpdm.config import Config, from_dict
-from fpdm.diffusion import GaussianDiffusion
+from fpdm.diffusion.gaussian import GaussianDiffusion
 from fpdm.errors import UsageError
 from fpdm.interfaces import BudgetAllocator, Denoiser, ReusePolicy, Solver
 from fpdm.registry import Registry, default_registry
-from fpdm.sampling import StepUpdate, plan_iterations, plan_tolerances
-from fpdm.training import resolve_device
+from fpdm.diffusion.sampling import StepUpdate, plan_iterations, plan_tolerances
+from fpdm.build import resolve_device
 
 
 def add_process_arguments(parser: argparse.ArgumentParser, *, steps: int | None = 50) -> None:

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 from fpdm.config import Config, load_config
-from fpdm.distributed import env_rank
+from fpdm.training.distributed import env_rank
 from fpdm.errors import UsageError
-from fpdm.training import train
+from fpdm.training.loop import train
 
-from .plots import line_plot
-from .presets import DEFAULT_PRESET, resolve_config
+from fpdm.apps.plots import line_plot
+from fpdm.apps.presets import DEFAULT_PRESET, resolve_config
 
 
 

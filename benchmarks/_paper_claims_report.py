@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from paper_claims import BUDGETS, DIT_DEPTH, SEEDS_AT_LOWEST, VARIANTS
+from _paper_claims_grid import BUDGETS, DIT_DEPTH, SEEDS_AT_LOWEST, VARIANTS
 
 
 def fid_at(cells: dict[str, Any], variant: str, dit_steps: int) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fpdm.build import load_denoiser
-from fpdm.checkpoint import load_checkpoint
+from fpdm.io.checkpoint import load_checkpoint
 from fpdm.export.exporter import OnnxExporter
 from fpdm.export.onnx import example_inputs
 from fpdm.export.ort import OrtDenoiser, OrtSession

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from fpdm.build import build_denoiser, build_schedule, load_denoiser
-from fpdm.checkpoint import load_checkpoint
+from fpdm.io.checkpoint import load_checkpoint
 from fpdm.config import Config, from_dict, load_config
-from fpdm.diffusion import GaussianDiffusion
+from fpdm.diffusion.gaussian import GaussianDiffusion
 from fpdm.registry import Registry
-from fpdm.sampling import DDPM, generate
+from fpdm.diffusion.sampling import generate
+from fpdm.plugins.samplers import DDPM
 
 from _report import RESULTS, write_results
 

@@ -35,27 +35,9 @@ import torch
 
 from _report import RESULTS, ROOT, update_readme
 
-DIT_DEPTH = 6  # DiT-XS
-BLOCKS_PER_STEP = 6  # FPDM: pre + post + ~4 iterations per step, as benchmarks/sampling.py
-BUDGETS = (2, 5, 10, 20)  # DiT-step equivalents
-SEEDS_AT_LOWEST = (0, 1, 2)
+from _paper_claims_grid import ARCHS, BLOCKS_PER_STEP, BUDGETS, DIT_DEPTH, SEEDS_AT_LOWEST, STEP_BLOCKS, VARIANTS
+
 PRESET = ROOT / "apps" / "presets" / "fashion_mnist.toml"
-# name -> (denoiser, solver, allocator, reuse)
-VARIANTS = {
-    "FPDM plain (cold)": ("fpdm", "fixed_point", "uniform", "cold"),
-    "FPDM + reuse": ("fpdm", "fixed_point", "uniform", "reuse"),
-    "FPDM + reuse + increasing ramp": ("fpdm", "fixed_point", "increasing", "reuse"),
-    "FPDM + reuse + decreasing ramp": ("fpdm", "fixed_point", "decreasing", "reuse"),
-    "FPDM + reuse + Anderson": ("fpdm", "anderson", "uniform", "reuse"),
-    "FPDM + reuse + adaptive allocation": ("fpdm", "fixed_point", "adaptive", "reuse"),
-    "FPDM + extrapolate reuse": ("fpdm", "fixed_point", "uniform", "extrapolate"),
-    "FPDM + reuse, 2x steps": ("fpdm", "fixed_point", "uniform", "reuse"),
-    "DiT": ("dit", "fixed_point", "uniform", "cold"),
-}
-# FPDM's other lever under a budget: more steps with fewer iterations each. The official sampler spends half
-# DiT's blocks per step (XL/2: 40 steps x (1 + 12 + 1) = 20 DiT steps x 28); here pre + 1 iteration + post.
-STEP_BLOCKS = {"FPDM + reuse, 2x steps": 3}
-ARCHS = {"fpdm": "FPDM-XS/4", "dit": "DiT-XS/4"}
 
 
 class Store:
@@ -128,9 +110,10 @@ def step_flops(arch: str, *, n_no_grad: int, n_grad: int, batch: int) -> int:
 
     from fpdm.build import build_denoiser
     from fpdm.config import ModelConfig
-    from fpdm.diffusion import GaussianDiffusion, LinearSchedule
+    from fpdm.diffusion.gaussian import GaussianDiffusion
+    from fpdm.plugins.schedules import LinearSchedule
     from fpdm.plugins.solvers import FixedPointIteration
-    from fpdm.training import sjfb_losses
+    from fpdm.training.loop import sjfb_losses
 
     torch.manual_seed(0)
     model = build_denoiser(ModelConfig(arch=arch), input_size=32, in_channels=1, num_classes=10)
@@ -165,9 +148,9 @@ def compute_plan(store: Store, *, fpdm_steps: int, batch: int) -> dict[str, Any]
 
 def train_cell(store: Store, family: str, *, steps: int, runs: Path, seed: int) -> Path:
     """Train (or resume) the run; the cell records wall-clock seconds of this process's training."""
-    from fpdm.checkpoint import list_checkpoints, load_checkpoint
+    from fpdm.io.checkpoint import list_checkpoints, load_checkpoint
     from fpdm.config import load_config
-    from fpdm.training import train
+    from fpdm.training.loop import train
 
     run = runs / family
     key = f"train|{family}|steps={steps}"
@@ -189,10 +172,11 @@ def train_cell(store: Store, family: str, *, steps: int, runs: Path, seed: int) 
 
 def fid_cell(store: Store, key: str, *, model: Any, base: Any, schedule: Any, variant: str, dit_steps: int,
              seed: int, n: int, reference: Any, extractor: Any, cache: Path) -> None:
-    from fpdm.features import to_uint8
-    from fpdm.fidelity import compute_metrics
+    from fpdm.eval.features import to_uint8
+    from fpdm.eval.fidelity import compute_metrics
     from fpdm.registry import default_registry
-    from fpdm.sampling import DDIM, generate, plan_iterations, plan_tolerances
+    from fpdm.diffusion.sampling import generate, plan_iterations, plan_tolerances
+    from fpdm.plugins.samplers import DDIM
 
     if store.get(key) is not None:
         return
@@ -218,9 +202,9 @@ def fid_cell(store: Store, key: str, *, model: Any, base: Any, schedule: Any, va
 
 def fid_cells(store: Store, runs: dict[str, Path], *, n: int, reference: Any, extractor: Any, cache: Path) -> None:
     from fpdm.build import build_schedule, load_denoiser
-    from fpdm.checkpoint import load_checkpoint
+    from fpdm.io.checkpoint import load_checkpoint
     from fpdm.config import Config, from_dict
-    from fpdm.diffusion import GaussianDiffusion
+    from fpdm.diffusion.gaussian import GaussianDiffusion
 
     for family, run in runs.items():
         ckpt = load_checkpoint(run)
@@ -252,8 +236,8 @@ def main() -> int:
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args()
     from fpdm.apps.eval_inputs import load_reference
-    from fpdm.features import default_path, train_extractor
-    from fpdm.fidelity import cnn_extractor
+    from fpdm.eval.features import default_path, train_extractor
+    from fpdm.eval.fidelity import cnn_extractor
 
     n = args.n or (200 if args.quick else 5000)
     fpdm_steps = args.fpdm_steps or (60 if args.quick else 2000)

@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from fpdm.build import build_schedule, load_denoiser
-from fpdm.checkpoint import load_checkpoint
+from fpdm.io.checkpoint import load_checkpoint
 from fpdm.config import Config, from_dict
-from fpdm.diffusion import GaussianDiffusion
+from fpdm.diffusion.gaussian import GaussianDiffusion
 from fpdm.registry import Registry
-from fpdm.sampling import DDIM, generate, plan_iterations, plan_tolerances
+from fpdm.diffusion.sampling import generate, plan_iterations, plan_tolerances
+from fpdm.plugins.samplers import DDIM
 
 from _report import RESULTS, ROOT, publish
 DIT_DEPTH = 6  # DiT-XS, the equal-width baseline
@@ -65,7 +66,7 @@ def hand_written(model, diffusion, n: int, iterations: list[int], solver, labels
 def cuda_xl_step() -> dict | None:
     if not torch.cuda.is_available():
         return None
-    from fpdm.models import FPDM
+    from fpdm.models.transformer import FPDM
     from fpdm.plugins.solvers import FixedPointIteration
 
     model = FPDM().cuda().eval()

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fpdm.problems import LinearContraction, symmetric_contraction
+from fpdm.solving.problems import LinearContraction, symmetric_contraction
 from fpdm.registry import Registry
 
 from _report import RESULTS, publish

@@ -45,9 +45,10 @@ def measure_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, r
     drawn per step from `ranges` with a fixed seed, so every setting sees the same sequence. Returns per-step
     seconds after `warmup`, the drawn (no-grad, grad) counts and the peak memory in bytes: CUDA
     max_memory_allocated from the first timed step (compile and allocator warm-up excluded), CPU RSS growth."""
-    from fpdm.diffusion import GaussianDiffusion, LinearSchedule
+    from fpdm.diffusion.gaussian import GaussianDiffusion
+    from fpdm.plugins.schedules import LinearSchedule
     from fpdm.plugins.solvers import FixedPointIteration
-    from fpdm.training import sjfb_losses
+    from fpdm.training.loop import sjfb_losses
 
     (no_grad, grad), device = ranges, x.device
     cuda = device.type == "cuda"
@@ -112,9 +113,10 @@ def saved_bytes(model: torch.nn.Module, batch: int, size: int, channels: int, cl
     """Bytes of the tensors autograd keeps for backward in one training step on the CPU (fp32, or under bf16
     autocast as GPU training runs), counted through saved_tensors_hooks, one count per storage, parameters
     excluded: the activation memory a step holds at the end of its forward pass, whatever the allocator does."""
-    from fpdm.diffusion import GaussianDiffusion, LinearSchedule
+    from fpdm.diffusion.gaussian import GaussianDiffusion
+    from fpdm.plugins.schedules import LinearSchedule
     from fpdm.plugins.solvers import FixedPointIteration
-    from fpdm.training import sjfb_losses
+    from fpdm.training.loop import sjfb_losses
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, size, size, generator=gen)

@@ -43,7 +43,7 @@ SMOKE = {"size": 8, "channels": 4, "classes": 10, "batch": 4,
 def run_one(arch: str, mode: str, *, smoke: bool, steps: int, warmup: int, backend: str) -> dict[str, Any]:
     from fpdm.build import build_denoiser
     from fpdm.config import ModelConfig
-    from fpdm.models import DiTBlock
+    from fpdm.models.transformer import DiTBlock
 
     size = SMOKE if smoke else FULL
     overrides = dict(size["overrides"])

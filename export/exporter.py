@@ -20,9 +20,8 @@ from fpdm import hookimpl
 from fpdm.errors import FpdmRuntimeError, UsageError
 from fpdm.interfaces import Denoiser, Solver
 
-from .loop import SamplingLoop
-from .onnx import (DEFAULT_OPSET, MIN_OPSET, DenoisingStep, example_inputs, export_metadata, input_names,
-                   is_fixed_point, output_names, parity, trace, write_onnx)
+from fpdm.export.loop import SamplingLoop
+from fpdm.export.onnx import DEFAULT_OPSET, MIN_OPSET, DenoisingStep, example_inputs, export_metadata, input_names, is_fixed_point, output_names, parity, trace, write_onnx
 
 # Max error of an exported step against the fp32 PyTorch step, relative to the output's largest magnitude.
 # fp32: rounding only. fp16: measured 4e-4 to 6e-4 on the Fashion-MNIST demo model at K = 3 (ORT CPU);

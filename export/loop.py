@@ -1,7 +1,7 @@
 """The whole sampling loop as one traceable module: S steps, each with its unrolled solve, for runtimes that
 want one call per image batch (`fpdm export --onnx --whole-loop --steps S`).
 
-It walks the same path as `fpdm.sampling.sample`, built from the same pieces (the step update, the reuse
+It walks the same path as `fpdm.diffusion.sampling.sample`, built from the same pieces (the step update, the reuse
 policy, guidance, the per-step iteration plan), with the random draws moved to inputs: x_T (B, C, H, W) and,
 for samplers that add noise, noise (S, B, C, H, W), row s being the noise added after step s. Feeding the
 draws `sample` makes from its per-sample generators reproduces its images.
@@ -14,11 +14,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fpdm.diffusion import GaussianDiffusion
+from fpdm.diffusion.gaussian import GaussianDiffusion
 from fpdm.interfaces import Denoiser, ReusePolicy, Solver
-from fpdm.sampling import StepUpdate, guide
+from fpdm.diffusion.sampling import StepUpdate, guide
 
-from .onnx import is_fixed_point, unrolled_call
+from fpdm.export.onnx import is_fixed_point, unrolled_call
 
 
 class SamplingLoop(nn.Module):

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from fpdm import __version__
 from fpdm.errors import FpdmRuntimeError, UsageError
 from fpdm.interfaces import Denoiser, Solver
-from fpdm.solving import relative_residual
+from fpdm.solving.iterative import relative_residual
 
 FORMAT = "fpdm-onnx"
 FORMAT_VERSION = 1  # bump when inputs, outputs or metadata change meaning; readers refuse newer files

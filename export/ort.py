@@ -18,9 +18,9 @@ from torch import Tensor
 
 from fpdm.errors import UsageError
 from fpdm.interfaces import DenoiserOutput, SolverStats
-from fpdm.sampling import SampleResult, StepStats, step_noise
+from fpdm.diffusion.sampling import SampleResult, StepStats, step_noise
 
-from .onnx import read_metadata
+from fpdm.export.onnx import read_metadata
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 NUMPY = {torch.float32: np.float32, torch.int64: np.int64, torch.float16: np.float16}
@@ -167,7 +167,7 @@ class OrtDenoiser(_ModelFacts):
 
 
 class OrtLoop(_ModelFacts):
-    """An exported whole loop: one ONNX call per batch, fed the same draws `fpdm.sampling.sample` makes."""
+    """An exported whole loop: one ONNX call per batch, fed the same draws `fpdm.diffusion.sampling.sample` makes."""
 
     def __init__(self, session: OrtSession) -> None:
         super().__init__(session.meta)
@@ -200,7 +200,7 @@ class OrtLoop(_ModelFacts):
 
 
 def run_loop(loop: OrtLoop) -> Any:
-    """A `sample`-shaped callable for `fpdm.sampling.generate(run=...)`."""
+    """A `sample`-shaped callable for `fpdm.diffusion.sampling.generate(run=...)`."""
 
     def run(model: Any, diffusion: Any, **options: Any) -> SampleResult:
         return loop(**options)

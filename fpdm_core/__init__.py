@@ -6,20 +6,11 @@ The core: interfaces, the plugin registry and the shared solve loop. Built-in pl
 
 from importlib import metadata as _metadata
 
-from .errors import FpdmError, FpdmRuntimeError, PluginError, UnknownNameError, UsageError
-from .hookspecs import hookimpl
-from .interfaces import (
-    BudgetAllocator,
-    Denoiser,
-    DenoiserOutput,
-    ReusePolicy,
-    Schedule,
-    Solver,
-    SolverResult,
-    SolverStats,
-)
-from .registry import Registry, default_registry
-from .solving import IterativeSolver, relative_residual
+from fpdm.errors import FpdmError, FpdmRuntimeError, PluginError, UnknownNameError, UsageError
+from fpdm.hookspecs import hookimpl
+from fpdm.interfaces import BudgetAllocator, Denoiser, DenoiserOutput, ReusePolicy, Schedule, Solver, SolverResult, SolverStats
+from fpdm.registry import Registry, default_registry
+from fpdm.solving.iterative import IterativeSolver, relative_residual
 
 try:
     __version__ = _metadata.version("fpdm")

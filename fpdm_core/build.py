@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .checkpoint import Checkpoint
-from .config import DiffusionConfig, ModelConfig, SolverConfig
-from .errors import UsageError
-from .interfaces import Denoiser, Schedule, Solver
-from .models import SIZES, parse_arch
-from .registry import Registry, default_registry
+import torch
+
+from fpdm.config import DataConfig, DiffusionConfig, ModelConfig, SolverConfig
+from fpdm.data.images import ImageDataset, fashion_mnist, image_folder
+from fpdm.data.latents import latent_folder
+from fpdm.errors import UsageError
+from fpdm.interfaces import Denoiser, Schedule, Solver
+from fpdm.models.transformer import SIZES, parse_arch
+from fpdm.registry import Registry, default_registry
+
+if TYPE_CHECKING:
+    from fpdm.io.checkpoint import Checkpoint
 
 
 def build_solver(config: SolverConfig, registry: Registry | None = None) -> Solver:
@@ -70,3 +76,26 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], sections: t
             if old.get(key) != new.get(key):
                 raise UsageError(f"checkpoint was trained with {section}.{key}={old.get(key)!r}, "
                                  f"the config says {new.get(key)!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} asked for but CUDA is not available")
+    return device
+
+
+def build_dataset(config: DataConfig) -> ImageDataset:
+    """The dataset `config.name` names."""
+    if config.name == "fashion_mnist":
+        return fashion_mnist(config)
+    if config.name == "image_folder":
+        return image_folder(config)
+    if config.name == "latents":
+        return latent_folder(config)
+    raise UsageError(f"unknown data.name {config.name!r}; known: fashion_mnist, image_folder, latents")

@@ -16,8 +16,7 @@ from typing import Any, TypeVar
 import attrs
 from attrs import validators as v
 
-from .data import DataConfig
-from .errors import UsageError
+from fpdm.errors import UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,6 +24,25 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 T = TypeVar("T")
+
+
+@attrs.frozen
+class DataConfig:
+    """What to train on. `path`: the IDX folder for fashion_mnist (default: the Debian package's folder), the
+    root folder for image_folder or latents (required). `split` only applies to fashion_mnist.
+
+    For `latents` (pre-encoded SD-VAE latents in the official DiT/FPDM feature format, see fpdm.latents)
+    `image_size` is the latent spatial size H (32 for 256 px images), `channels` the latent channels (4), and
+    `scale_factor` the VAE scaling the stored latents already carry (recorded in the checkpoint)."""
+
+    name: str = attrs.field(default="fashion_mnist", validator=v.in_(("fashion_mnist", "image_folder", "latents")))
+    path: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))
+    split: str = attrs.field(default="train", validator=v.in_(("train", "test")))
+    image_size: int = attrs.field(default=32, validator=[v.instance_of(int), v.ge(8)])
+    channels: int = attrs.field(default=1, validator=[v.instance_of(int), v.in_((1, 3, 4))])
+    class_conditional: bool = attrs.field(default=True, validator=v.instance_of(bool))
+    random_flip: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    scale_factor: float = attrs.field(default=0.18215, validator=v.gt(0.0))
 
 
 @attrs.frozen

@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from .errors import UsageError
+from fpdm.errors import UsageError
 
 # --------------------------------------------------------------------------------------------------------------
 # Solver

@@ -24,9 +24,9 @@ from typing import Any
 import attrs
 import pluggy
 
-from . import hookspecs
-from .errors import DuplicateNameError, FpdmError, PluginError, UnknownNameError, UsageError
-from .interfaces import BudgetAllocator, Denoiser, ReusePolicy, Schedule, Solver
+from fpdm import hookspecs
+from fpdm.errors import DuplicateNameError, FpdmError, PluginError, UnknownNameError, UsageError
+from fpdm.interfaces import BudgetAllocator, Denoiser, ReusePolicy, Schedule, Solver
 
 ENTRY_POINT_GROUP = "fpdm"
 ENV_LOAD_PLUGINS = "FPDM_LOAD_PLUGINS"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fpdm import hookimpl
-from fpdm.models import DiT, FPDM
+from fpdm.models.transformer import DiT, FPDM
 
 
 @hookimpl

@@ -11,7 +11,7 @@ from attrs import validators as v
 from torch import Tensor
 
 from fpdm import hookimpl
-from fpdm.solving import IterativeSolver
+from fpdm.solving.iterative import IterativeSolver
 
 
 @attrs.frozen

@@ -88,7 +88,7 @@ def tiny_config(images, out, *extra: str):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def trained(images, tmp_path_factory):
     """A tiny trained FPDM run folder, shared by the sampling and export tests."""
-    from fpdm.training import train
+    from fpdm.training.loop import train
 
     out = tmp_path_factory.mktemp("trained") / "run"
     train(tiny_config(images, out), registry=REGISTRY, progress=False)

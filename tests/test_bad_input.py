@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fpdm.checkpoint import _sha256, list_checkpoints
+from fpdm.io.checkpoint import _sha256, list_checkpoints
 from fpdm.config import Config
 from reliability_support import assert_one_line_error, cli, flush_counts
 

@@ -13,13 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
 
-from fpdm.diffusion import (
-    CosineSchedule,
-    GaussianDiffusion,
-    LinearSchedule,
-    discretized_gaussian_log_likelihood,
-    normal_kl,
-)
+from fpdm.diffusion.gaussian import GaussianDiffusion, discretized_gaussian_log_likelihood, normal_kl
+from fpdm.plugins.schedules import CosineSchedule, LinearSchedule
 from fpdm.errors import UsageError
 from fpdm.registry import Registry
 

@@ -1,7 +1,7 @@
 """Data-parallel training: two gloo ranks on CPU under torchrun against one process on the same global batch.
 
 `torchrun --standalone` picks a free port itself. The ranks run `fpdm.apps.cli.main` through a small launcher
-the test writes (no test hook in the product): it spies on `fpdm.training.sjfb_losses` and `ema_update` to
+the test writes (no test hook in the product): it spies on `fpdm.training.loop.sjfb_losses` and `ema_update` to
 record each rank's S-JFB draws and final weights, and can give one rank an extra `--set` (a config mismatch).
 """
 
@@ -18,15 +18,15 @@ import pytest
 import torch
 
 from conftest import REGISTRY, ROOT, tiny_config
-from fpdm.checkpoint import load_checkpoint
-from fpdm.distributed import DistContext, shard
+from fpdm.io.checkpoint import load_checkpoint
+from fpdm.training.distributed import DistContext, shard
 from fpdm.errors import UsageError
-from fpdm.training import train
+from fpdm.training.loop import train
 
 LAUNCHER = textwrap.dedent('''
     import hashlib, json, os, sys
     import torch
-    import fpdm.training as training
+    import fpdm.training.loop as training
 
     rank, seen, draws = os.environ["RANK"], {}, []
     sjfb_losses, ema_update = training.sjfb_losses, training.ema_update
@@ -92,7 +92,7 @@ def test_two_ranks_match_one_process_and_resume_in_one(images, tmp_path, monkeyp
     assert counts[0] == counts[1] and len(counts[0]) == STEPS  # same S-JFB draws every step
     assert all(len(d["t"]) == 4 for r in ranks for d in r["draws"])  # each rank holds half the global batch
 
-    import fpdm.training as training
+    import fpdm.training.loop as training
 
     single_t: list[list[int]] = []
     real = training.sjfb_losses
@@ -141,7 +141,7 @@ def test_global_batch_must_divide_by_the_world_size():
 
 
 def test_outside_torchrun_is_one_process_without_a_group(monkeypatch):
-    from fpdm.distributed import check_same_config, distributed, mean_across_ranks
+    from fpdm.training.distributed import check_same_config, distributed, mean_across_ranks
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

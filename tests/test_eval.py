@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from fpdm.errors import UsageError
-from fpdm.features import load_extractor, train_extractor
-from fpdm.fidelity import check_pair, cnn_extractor, compute_metrics
+from fpdm.eval.features import load_extractor, train_extractor
+from fpdm.eval.fidelity import check_pair, cnn_extractor, compute_metrics
 
 from conftest import run_cli
 
@@ -144,7 +144,7 @@ def test_cli_eval_bad_input_is_one_line(case: str, extractor_file: Path, fmnist:
 
 def test_inception_weights_are_found_locally_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch-fidelity's own file in the torch hub cache is used; nothing is ever downloaded."""
-    from fpdm.fidelity import inception_weights
+    from fpdm.eval.fidelity import inception_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert inception_weights(None) is None

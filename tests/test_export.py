@@ -11,7 +11,7 @@ import torch
 
 from conftest import REGISTRY, run_cli, tiny_config
 from fpdm.build import load_denoiser
-from fpdm.checkpoint import load_checkpoint
+from fpdm.io.checkpoint import load_checkpoint
 from fpdm.errors import FpdmRuntimeError, UsageError
 from fpdm.interfaces import Solver, SolverResult
 
@@ -36,7 +36,7 @@ def _export(run: Path, out: Path, *, solver: str = "fixed_point", iters: int = 3
 
 @pytest.fixture(scope="module")
 def dit_run(images, tmp_path_factory):  # type: ignore[no-untyped-def]
-    from fpdm.training import train
+    from fpdm.training.loop import train
 
     out = tmp_path_factory.mktemp("dit") / "run"
     train(tiny_config(images, out, "model.arch=DiT-XS/2", "model.depth=2", "train.steps=3"), registry=REGISTRY,
@@ -130,7 +130,7 @@ def _sampling_options(trained: Path, iters: int):  # type: ignore[no-untyped-def
 
 
 def test_ort_sampler_reproduces_pytorch_samples(trained, tmp_path):
-    from fpdm.sampling import generate
+    from fpdm.diffusion.sampling import generate
 
     model, parts = _sampling_options(trained, iters=2)
     _export(trained, tmp_path / "m.onnx", iters=2, verify=False)
@@ -146,7 +146,7 @@ def test_ort_sampler_reproduces_pytorch_samples(trained, tmp_path):
 
 
 def test_whole_loop_export_reproduces_pytorch_samples(trained, tmp_path):
-    from fpdm.sampling import generate
+    from fpdm.diffusion.sampling import generate
 
     model, parts = _sampling_options(trained, iters=2)
     loop = LoopSpec(parts.diffusion, parts.update, parts.iterations, parts.reuse, 2.0, None, False, True,

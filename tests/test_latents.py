@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from conftest import REGISTRY, one_line_error, run_cli, tiny_config
-from fpdm.checkpoint import load_checkpoint
-from fpdm.data import DataConfig, ImageDataset, build_dataset
+from fpdm.io.checkpoint import load_checkpoint
+from fpdm.build import build_dataset
+from fpdm.config import DataConfig
+from fpdm.data.images import ImageDataset
 from fpdm.errors import UsageError
-from fpdm.latents import LatentDataset
-from fpdm.vae import AutoencoderKL, VAEConfig
-from fpdm.vae_io import save_vae
+from fpdm.data.latents import LatentDataset
+from fpdm.models.vae import AutoencoderKL, VAEConfig
+from fpdm.io.vae_weights import save_vae
 
 LATENT = ("data.name=latents", "data.channels=4", "data.image_size=8")
 
@@ -121,7 +123,7 @@ def test_mismatched_and_missing_sets(tmp_path):
 
 
 def test_training_on_latents_marks_the_checkpoint(tmp_path, trained):
-    from fpdm.training import train
+    from fpdm.training.loop import train
 
     write_latents(tmp_path / "data", n=16)
     config = tiny_config(tmp_path / "data", tmp_path / "run", *LATENT, "train.steps=2", "train.ckpt_every=2")
@@ -174,7 +176,7 @@ def test_encode_train_sample_decode(images, vae_dir, tmp_path, cli):
     one_line_error(cli("encode", str(images), str(out), "--vae", str(vae_dir), "--name", "shapes"),
                    "shapes_features already exists")
 
-    from fpdm.training import train
+    from fpdm.training.loop import train
 
     run = tmp_path / "run"
     train(tiny_config(out, run, *LATENT, "train.steps=2", "train.ckpt_every=2"), registry=REGISTRY, progress=False)

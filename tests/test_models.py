@@ -11,7 +11,7 @@ from conftest import REGISTRY, ROOT
 from fpdm.build import build_denoiser
 from fpdm.config import ModelConfig
 from fpdm.errors import UsageError
-from fpdm.models import DiT, FPDM, FixedPointMap, parse_arch, sincos_pos_embed
+from fpdm.models.transformer import DiT, FPDM, FixedPointMap, parse_arch, sincos_pos_embed
 
 LAYOUT = ROOT.parent / "shared" / "official_state_dict_layout.txt"
 

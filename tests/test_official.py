@@ -17,13 +17,13 @@ from torch import Tensor
 
 from conftest import REGISTRY, ROOT, one_line_error, run_cli
 from fpdm.build import build_schedule, load_denoiser
-from fpdm.checkpoint import load_checkpoint
+from fpdm.io.checkpoint import load_checkpoint
 from fpdm.config import Config, from_dict
-from fpdm.diffusion import GaussianDiffusion
+from fpdm.diffusion.gaussian import GaussianDiffusion
 from fpdm.errors import UsageError
-from fpdm.models import sincos_pos_embed
-from fpdm.official import import_official
-from fpdm.sampling import generate
+from fpdm.models.transformer import sincos_pos_embed
+from fpdm.io.official import import_official
+from fpdm.diffusion.sampling import generate
 
 LAYOUT = ROOT.parent / "shared" / "official_state_dict_layout.txt"
 PARITY: dict[str, float] = {}  # max abs error per case, printed with -s
@@ -362,8 +362,8 @@ def test_imported_checkpoint_samples_through_a_vae_and_exports(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from fpdm.vae import AutoencoderKL, VAEConfig
-    from fpdm.vae_io import save_vae
+    from fpdm.models.vae import AutoencoderKL, VAEConfig
+    from fpdm.io.vae_weights import save_vae
 
     vae = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(32, 32), norm_num_groups=8, latent_channels=4)),
                    tmp_path / "vae")

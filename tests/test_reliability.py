@@ -22,12 +22,12 @@ import torch
 import fpdm
 from conftest import REGISTRY, ROOT, run_cli
 from fakedist import fake_dist
-from fpdm.checkpoint import LOCK_NAME, RunLock, list_checkpoints, load_checkpoint
+from fpdm.io.checkpoint import LOCK_NAME, RunLock, list_checkpoints, load_checkpoint
 from fpdm.errors import FpdmRuntimeError, UsageError
 from fpdm.interfaces import Solver, SolverResult
-from fpdm.models import FPDM
+from fpdm.models.transformer import FPDM
 from fpdm.registry import Registry, default_registry
-from fpdm.training import train
+from fpdm.training.loop import train
 from reliability_support import COUNTS, assert_one_line_error, cli, flush_counts
 
 STEPS, EVERY = 12, 2  # the crash run: 12 steps, a checkpoint every 2, so at most 2 steps may be lost
@@ -61,7 +61,7 @@ CHILD = r'''
 import os, sys, time
 import torch
 torch.set_num_threads(int(os.environ["FPDM_TEST_THREADS"]))
-import fpdm.checkpoint as ck
+import fpdm.io.checkpoint as ck
 
 stage = os.environ.get("FPDM_TEST_PAUSE", "")
 
@@ -254,7 +254,7 @@ def _plant(path: Path, marker: Path) -> None:
 
 def _reseal(ckpt: Path) -> None:
     """Recompute meta.json's checksums, as an attacker who hands over a whole folder would."""
-    from fpdm.checkpoint import _sha256
+    from fpdm.io.checkpoint import _sha256
 
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["sha256"] = {name: _sha256(ckpt / name) for name in meta["sha256"]}
@@ -500,9 +500,10 @@ def test_reuse_state_is_per_batch_and_released(trained):
     """Many batches in one process: each batch starts cold and no batch's solutions outlive it."""
     from fpdm.build import build_schedule, load_denoiser
     from fpdm.config import Config, from_dict
-    from fpdm.diffusion import GaussianDiffusion
+    from fpdm.diffusion.gaussian import GaussianDiffusion
     from fpdm.plugins.reuse import Reuse
-    from fpdm.sampling import DDIM, generate
+    from fpdm.diffusion.sampling import generate
+    from fpdm.plugins.samplers import DDIM
 
     seen: list[tuple[int, int]] = []
     refs: list[weakref.ref] = []

@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 
 from conftest import REGISTRY, run_cli
 from fpdm.build import load_denoiser
-from fpdm.checkpoint import load_checkpoint
-from fpdm.diffusion import GaussianDiffusion, LinearSchedule
+from fpdm.io.checkpoint import load_checkpoint
+from fpdm.diffusion.gaussian import GaussianDiffusion
+from fpdm.plugins.schedules import LinearSchedule
 from fpdm.errors import UsageError
-from fpdm.models import DiT, FPDM
-from fpdm.sampling import generate, plan_iterations, sample
+from fpdm.models.transformer import DiT, FPDM
+from fpdm.diffusion.sampling import generate, plan_iterations, sample
 
 ALLOCATORS = REGISTRY.names("allocator")
 
@@ -102,7 +103,7 @@ class _Spent:
 
 def _adaptive_run(model, allocator, steps, budget, solver="fixed_point", n=3):  # type: ignore[no-untyped-def]
     """DDIM under `budget` with the allocator's plan and tolerances; returns (result, plan, spent per step)."""
-    from fpdm.sampling import plan_tolerances
+    from fpdm.diffusion.sampling import plan_tolerances
 
     process = GaussianDiffusion(LinearSchedule(num_train_timesteps=200))
     timesteps = sorted(LinearSchedule(num_train_timesteps=200).sampling_timesteps(steps).tolist())
@@ -163,7 +164,7 @@ def test_adaptive_that_never_reaches_its_tolerance_is_uniform():
 def test_bad_tolerances_from_a_plugin_allocator_are_refused():
     from fpdm.errors import PluginError
     from fpdm.interfaces import BudgetAllocator
-    from fpdm.sampling import plan_tolerances
+    from fpdm.diffusion.sampling import plan_tolerances
 
     class Broken(BudgetAllocator):
         tol = 0.1
@@ -323,7 +324,7 @@ def test_samplers_recover_the_data_with_an_exact_denoiser(sampler, steps):
 
 def test_dit_unconditional_run_samples_within_budget_and_refuses_guidance(images, tmp_path):
     from conftest import tiny_config
-    from fpdm.training import train
+    from fpdm.training.loop import train
 
     run = tmp_path / "dit"
     train(tiny_config(images, run, "model.arch=DiT-XS/2", "model.depth=2", "data.class_conditional=false",

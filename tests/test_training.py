@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import REGISTRY, run_cli, tiny_config
-from fpdm.checkpoint import list_checkpoints, load_checkpoint
+from fpdm.io.checkpoint import list_checkpoints, load_checkpoint
 from fpdm.errors import FpdmRuntimeError, UsageError
-from fpdm.models import FPDM
+from fpdm.models.transformer import FPDM
 from fpdm.registry import Registry
-from fpdm.training import train
+from fpdm.training.loop import train
 
 
 def tiny(images, out, *extra: str):  # type: ignore[no-untyped-def]
@@ -96,7 +96,7 @@ def test_nan_loss_stops_without_a_poisoned_checkpoint(images, tmp_path):
 
 def test_a_failed_save_leaves_the_previous_checkpoint(images, tmp_path, monkeypatch):
     train(tiny(images, tmp_path / "s", "train.steps=3"), registry=REGISTRY, progress=False)
-    import fpdm.checkpoint as ck
+    import fpdm.io.checkpoint as ck
 
     def disk_full(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError(28, "No space left on device")

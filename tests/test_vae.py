@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fpdm.errors import UsageError
-from fpdm.vae import AutoencoderKL, VAEConfig
-from fpdm.vae_io import convert_state_dict, load_vae, save_vae, vae_config_to_dict
+from fpdm.models.vae import AutoencoderKL, VAEConfig
+from fpdm.io.vae_weights import convert_state_dict, load_vae, save_vae, vae_config_to_dict
 
 TINY = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 4}
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import UsageError
+from fpdm.errors import UsageError
 
 NAME = "fpdm-fmnist-cnn"
 DEFAULT_CACHE = "~/.cache/fpdm"
@@ -170,7 +170,8 @@ def train_extractor(path: str | Path, *, data_path: str | None = None, epochs: i
     """Train the classifier on Fashion-MNIST train with a fixed seed (Adam, cosine-decayed LR), measure its
     accuracy on the test split, and save it to `path`. `steps` (else `epochs` passes), `train_limit` and
     `test_limit` shrink the job for tests; the real extractor uses the defaults."""
-    from .data import DataConfig, fashion_mnist
+    from fpdm.config import DataConfig
+    from fpdm.data.images import fashion_mnist
 
     log = log or (lambda message: None)
     start = time.perf_counter()

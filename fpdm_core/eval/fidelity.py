@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .errors import UsageError
-from .features import NAME as CNN_NAME
-from .features import ExtractorFile, load_extractor, to_model_input
+from fpdm.errors import UsageError
+from fpdm.eval.features import NAME as CNN_NAME
+from fpdm.eval.features import ExtractorFile, load_extractor, to_model_input
 
 INCEPTION = "inception-v3"
 INCEPTION_TF_NAME = "inception-v3-compat"  # torch-fidelity's name for the TF-ported FID Inception

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import DataConfig, ImageDataset
-from .errors import UsageError
+from fpdm.config import DataConfig
+from fpdm.data.images import ImageDataset
+from fpdm.errors import UsageError
 
 FEATURES, LABELS, INFO = "_features", "_labels", "_info.json"
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .errors import FpdmRuntimeError, UsageError
+from fpdm.errors import FpdmRuntimeError, UsageError
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 

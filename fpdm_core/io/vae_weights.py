@@ -8,14 +8,15 @@ convs (C, C, 1, 1); both are converted on load. Every problem is a one-line `Usa
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .errors import UsageError
-from .vae import DECODER_BLOCK, ENCODER_BLOCK, AutoencoderKL, VAEConfig
+from fpdm.errors import UsageError
+from fpdm.models.vae import DECODER_BLOCK, ENCODER_BLOCK, AutoencoderKL, VAEConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -152,3 +153,33 @@ def save_vae(vae: AutoencoderKL, folder: str | Path) -> Path:
     state = {k: t.detach().cpu().contiguous() for k, t in vae.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_NAMES[0]))
     return folder
+
+
+def latent_decoder(spec: dict[str, Any], vae_path: str | None, *, in_channels: int, input_size: int,
+                   device: torch.device) -> Callable[[Tensor], Tensor] | None:
+    """None for a pixel model; for a latent model (spec["latent"]) a function latents (N, C, H, W) -> images
+    (N, out_channels, H*f, W*f) in [-1, 1] through the VAE at `vae_path`. Mismatches are one-line UsageErrors."""
+    latent = spec.get("latent")
+    if latent is None:
+        if vae_path is not None:
+            raise UsageError(f"--vae applies to latent models only; this checkpoint generates ({in_channels}, "
+                             f"{input_size}, {input_size}) images directly")
+        return None
+    if vae_path is None:
+        raise UsageError(f"this checkpoint generates latents of shape ({in_channels}, {input_size}, {input_size}); "
+                         "pass --vae DIR holding a diffusers AutoencoderKL "
+                         "(config.json + diffusion_pytorch_model.safetensors)")
+    vae = load_vae(vae_path, device=device)
+    if vae.config.latent_channels != in_channels:
+        raise UsageError(f"the VAE at {vae_path} has {vae.config.latent_channels} latent channels; this checkpoint "
+                         f"generates {in_channels}")
+    scale = float(latent["scale_factor"])
+
+    def decode(latents: Tensor, batch_size: int = 16) -> Tensor:
+        out = []
+        with torch.no_grad():
+            for chunk in latents.split(batch_size):
+                out.append(vae.decode_latents(chunk.to(device), scale_factor=scale).cpu())  # (b, C, H*f, W*f)
+        return torch.cat(out)
+
+    return decode

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .build import denoiser_options
-from .checkpoint import list_checkpoints, save_checkpoint
-from .config import load_config, to_dict
-from .errors import UsageError
-from .models import SIZES, parse_arch
-from .registry import Registry, default_registry
+from fpdm.build import denoiser_options
+from fpdm.io.checkpoint import list_checkpoints, save_checkpoint
+from fpdm.config import load_config, to_dict
+from fpdm.errors import UsageError
+from fpdm.models.transformer import SIZES, parse_arch
+from fpdm.registry import Registry, default_registry
 
 OFFICIAL_BLOCKS = 28  # official sampling iterations are 28 - pre - post: a step costs one DiT-XL/2 step
 LATENT_SCALE = 0.18215  # SD-VAE latent scaling the official feature extraction applies
@@ -253,7 +253,7 @@ def import_official(source: str | Path, out: str | Path, *, weights: str | None 
 def _write_run(out: Path, step: int, sets: dict[str, dict[str, Tensor]], config: dict[str, Any],
                spec: dict[str, Any]) -> Path:
     """Build the run folder under a hidden name, then swap it into place (an earlier fpdm run at `out` goes)."""
-    from . import __version__
+    from fpdm import __version__
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

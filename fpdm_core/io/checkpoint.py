@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .errors import FpdmRuntimeError, UsageError
+from fpdm.errors import FpdmRuntimeError, UsageError
 
 FORMAT = "fpdm-checkpoint"
 FORMAT_VERSION = 1

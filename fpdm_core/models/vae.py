@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from attrs import validators as v
 from torch import Tensor, nn
 
-from .errors import UsageError
+from fpdm.errors import UsageError
 
 ENCODER_BLOCK, DECODER_BLOCK = "DownEncoderBlock2D", "UpDecoderBlock2D"
 EPS = 1e-6  # every GroupNorm of the autoencoder
@@ -268,11 +268,3 @@ class AutoencoderKL(nn.Module):
         scale = self.config.scaling_factor if scale_factor is None else scale_factor
         z = latents / scale + (self.config.shift_factor or 0.0)
         return self.decode(z).clamp(-1.0, 1.0)
-
-
-def __getattr__(name: str) -> Any:  # load_vae/save_vae from here without an import cycle (vae_io imports vae)
-    if name in ("load_vae", "save_vae"):
-        from . import vae_io
-
-        return getattr(vae_io, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

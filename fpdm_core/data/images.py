@@ -12,15 +12,14 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-import attrs
 import numpy as np
 import torch
 import torch.nn.functional as F
-from attrs import validators as v
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .errors import UsageError
+from fpdm.config import DataConfig
+from fpdm.errors import UsageError
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts it
 FASHION_MNIST_CACHE = "~/.cache/fpdm/fashion-mnist"  # torchvision download target when the folder is missing
@@ -28,25 +27,6 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # torchvision's set
-
-
-@attrs.frozen
-class DataConfig:
-    """What to train on. `path`: the IDX folder for fashion_mnist (default: the Debian package's folder), the
-    root folder for image_folder or latents (required). `split` only applies to fashion_mnist.
-
-    For `latents` (pre-encoded SD-VAE latents in the official DiT/FPDM feature format, see fpdm.latents)
-    `image_size` is the latent spatial size H (32 for 256 px images), `channels` the latent channels (4), and
-    `scale_factor` the VAE scaling the stored latents already carry (recorded in the checkpoint)."""
-
-    name: str = attrs.field(default="fashion_mnist", validator=v.in_(("fashion_mnist", "image_folder", "latents")))
-    path: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))
-    split: str = attrs.field(default="train", validator=v.in_(("train", "test")))
-    image_size: int = attrs.field(default=32, validator=[v.instance_of(int), v.ge(8)])
-    channels: int = attrs.field(default=1, validator=[v.instance_of(int), v.in_((1, 3, 4))])
-    class_conditional: bool = attrs.field(default=True, validator=v.instance_of(bool))
-    random_flip: bool = attrs.field(default=False, validator=v.instance_of(bool))
-    scale_factor: float = attrs.field(default=0.18215, validator=v.gt(0.0))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -311,19 +291,3 @@ def _load_image(path: Path, size: int, channels: int) -> Tensor:
 
 
 load_image = _load_image  # public name for readers outside this module (fpdm encode)
-
-
-# --------------------------------------------------------------------------------------------------------------
-
-
-def build_dataset(config: DataConfig) -> ImageDataset:
-    """The dataset `config.name` names."""
-    if config.name == "fashion_mnist":
-        return fashion_mnist(config)
-    if config.name == "image_folder":
-        return image_folder(config)
-    if config.name == "latents":
-        from .latents import latent_folder  # lazy: latents.py builds on this module
-
-        return latent_folder(config)
-    raise UsageError(f"unknown data.name {config.name!r}; known: fashion_mnist, image_folder, latents")

@@ -27,17 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .build import build_denoiser, build_schedule, build_solver, check_compatible, denoiser_options
-from .checkpoint import RunLock, list_checkpoints, load_checkpoint, save_checkpoint, write_text_atomic
-from .config import Config, to_dict
-from .data import build_dataset
-from .distributed import (DistContext, barrier, check_in_sync, check_same_config, distributed, mean_across_ranks,
-                          shard, wrap_model)
-from .diffusion import GaussianDiffusion
-from .errors import FpdmRuntimeError, UsageError
-from .interfaces import Solver
-from .models import DiTBlock
-from .registry import Registry
+from fpdm.build import resolve_device, build_denoiser, build_schedule, build_solver, check_compatible, denoiser_options
+from fpdm.io.checkpoint import RunLock, list_checkpoints, load_checkpoint, save_checkpoint, write_text_atomic
+from fpdm.config import Config, to_dict
+from fpdm.build import build_dataset
+from fpdm.training.distributed import DistContext, barrier, check_in_sync, check_same_config, distributed, mean_across_ranks, shard, wrap_model
+from fpdm.diffusion.gaussian import GaussianDiffusion
+from fpdm.errors import FpdmRuntimeError, UsageError
+from fpdm.interfaces import Solver
+from fpdm.models.transformer import DiTBlock
+from fpdm.registry import Registry
 
 Logger = Callable[[dict[str, Any]], None]
 
@@ -49,18 +48,6 @@ class TrainResult:
     step: int
     history: list[dict[str, Any]]
     rank: int = 0  # the process's rank under torchrun: only rank 0 should report
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} asked for but CUDA is not available")
-    return device
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -319,6 +306,6 @@ def _progress(start: int, total: int, enabled: bool) -> Any:
 
 
 def _version() -> str:
-    from . import __version__
+    from fpdm import __version__
 
     return __version__

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from .errors import PluginError, UsageError
-from .interfaces import Denoiser, DenoiserOutput, Solver, SolverResult
+from fpdm.errors import PluginError, UsageError
+from fpdm.interfaces import Denoiser, DenoiserOutput, Solver, SolverResult
 
 # name -> (hidden size, heads, DiT depth). S/B/L/XL as in DiT; XS and Ti are CPU-sized.
 SIZES: dict[str, tuple[int, int, int]] = {

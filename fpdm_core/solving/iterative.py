@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import UsageError
-from .interfaces import FixedPointMap, RestrictableMap, Solver, SolverResult, SolverStats
+from fpdm.errors import UsageError
+from fpdm.interfaces import RestrictableMap, Solver, SolverResult, SolverStats
+from fpdm.models.transformer import FixedPointMap
 
 RESIDUAL_EPS = 1e-8
 

@@ -1,0 +1,1 @@
+"""What goes to and comes from disk: run checkpoints, VAE weights and official FPDM/DiT checkpoints."""

@@ -1,0 +1,1 @@
+"""The S-JFB training loop and its distributed (torchrun / DDP) helpers."""
