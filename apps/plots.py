@@ -1,4 +1,6 @@
-"""Small PNG line plots drawn with Pillow (already a torchvision dependency), so fpdm needs no matplotlib."""
+"""Small PNG line plots drawn with Pillow (already a torchvision dependency), so fpdm needs no matplotlib.
+
+Pillow is imported inside the functions: command modules import this one on the CLI's start path."""
 
 from __future__ import annotations
 
@@ -6,15 +8,17 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageDraw, ImageFont
+if TYPE_CHECKING:
+    from PIL import Image
 
 COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
 
 
-def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: str | Path, **kwargs) -> Path:  # type: ignore[no-untyped-def]
+def line_plot(series: dict[str, Sequence[tuple[float, float]]], path: str | Path, **options: Any) -> Path:
     """draw_plot, saved to `path` (a temporary name, then renamed into place)."""
-    return save_png(draw_plot(series, **kwargs), path)
+    return save_png(draw_plot(series, **options), path)  # draw_plot's keywords, checked by its signature
 
 
 def save_png(img: Image.Image, path: str | Path) -> Path:
@@ -27,6 +31,8 @@ def save_png(img: Image.Image, path: str | Path) -> Path:
 
 def stack_images(images: Sequence[Image.Image]) -> Image.Image:
     """Panels one above the other."""
+    from PIL import Image
+
     out = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
     y = 0
     for img in images:
@@ -38,6 +44,8 @@ def stack_images(images: Sequence[Image.Image]) -> Image.Image:
 def draw_plot(series: dict[str, Sequence[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
               log_y: bool = False, size: tuple[int, int] = (720, 440)) -> Image.Image:
     """Each named series of (x, y) points as a line; non-finite (and, on a log axis, non-positive) y skipped."""
+    from PIL import Image, ImageDraw, ImageFont
+
     width, height = size
     left, right, top, bottom = 70, 20, 36, 50
     img = Image.new("RGB", size, "white")

@@ -1,15 +1,26 @@
 """Plugin loading and the name -> factory registry (the one place names become objects).
 
-Built-ins and third-party plugins arrive the same way: modules named in the `fpdm` entry-point group,
-each implementing some `register_<kinds>` hooks (see `fpdm.hookspecs`). Each plugin is loaded and
-registered on its own: a plugin that fails to import, implements an unknown hook, registers a bad or
-duplicate name, or raises in a hook is reported by name and rolled back, and the others still load.
+Built-ins and third-party plugins arrive the same way: modules named in an entry-point group, each
+implementing some `register_<kinds>` hooks (see `fpdm.hookspecs`). Each plugin is loaded and registered
+on its own: a plugin that fails to import, implements an unknown hook, registers a bad or duplicate name,
+or raises in a hook is reported by name and rolled back, and the others still load.
 `FPDM_LOAD_PLUGINS` restricts third-party loading to a comma list of plugin or distribution names, or
 disables it when empty; fpdm's own built-ins always load.
+
+Two groups, loaded lazily, so that the CLI's start path never imports torch:
+- `fpdm.cli`: plugins that register CLI commands (`register_commands`). Loaded the first time a command is
+  looked up. Their modules must import only argparse-level code at the top; a command's factory builds its
+  parser and returns a `run` that imports the heavy parts when called.
+- `fpdm`: everything else (solvers, denoisers, schedules, ...; these import torch). Loaded the first time
+  any other kind is looked up, or a command name is missing from the `fpdm.cli` group (a plugin written
+  before the split may still register its commands here: it runs, but `fpdm --help` lists only the
+  `fpdm.cli` group's commands until some other lookup has loaded it).
+`plugins()` and `add_plugin()` load both groups first. A module named in both groups loads once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -21,34 +32,39 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 from typing import Any
 
-import attrs
 import pluggy
 
 from fpdm import hookspecs
 from fpdm.errors import DuplicateNameError, FpdmError, PluginError, UnknownNameError, UsageError
-from fpdm.interfaces import BudgetAllocator, Denoiser, ReusePolicy, Schedule, Solver
 
 ENTRY_POINT_GROUP = "fpdm"
+CLI_ENTRY_POINT_GROUP = "fpdm.cli"
+GROUPS = (CLI_ENTRY_POINT_GROUP, ENTRY_POINT_GROUP)
 ENV_LOAD_PLUGINS = "FPDM_LOAD_PLUGINS"
 BUILTIN_SOURCE = "built-in"
 
-# kind -> (hook that registers it, interface its instances must implement; None = any callable)
-KINDS: dict[str, tuple[str, type | None]] = {
-    "solver": ("register_solvers", Solver),
-    "denoiser": ("register_denoisers", Denoiser),
-    "schedule": ("register_schedules", Schedule),
-    "reuse_policy": ("register_reuse_policies", ReusePolicy),
-    "allocator": ("register_budget_allocators", BudgetAllocator),
+# kind -> (hook that registers it, name of the fpdm.interfaces class its instances must implement; None = any
+# callable). Names, not classes: fpdm.interfaces imports torch, which the CLI's start path must not.
+KINDS: dict[str, tuple[str, str | None]] = {
+    "solver": ("register_solvers", "Solver"),
+    "denoiser": ("register_denoisers", "Denoiser"),
+    "schedule": ("register_schedules", "Schedule"),
+    "reuse_policy": ("register_reuse_policies", "ReusePolicy"),
+    "allocator": ("register_budget_allocators", "BudgetAllocator"),
     "sampler": ("register_samplers", None),
     "exporter": ("register_exporters", None),
     "command": ("register_commands", None),
 }
+# entry-point group -> the kinds its plugins register when it loads. A plugin that came through `fpdm.cli`
+# registers its other kinds (if any) once the `fpdm` group has loaded, after the built-ins.
+GROUP_KINDS: dict[str, tuple[str, ...]] = {CLI_ENTRY_POINT_GROUP: ("command",), ENTRY_POINT_GROUP: tuple(KINDS)}
 # Modules a factory may come from without belonging to its plugin (a lambda in a namespace, functools.partial).
 _SHARED_MODULES = frozenset({"builtins", "functools", "types", "fpdm", *sys.stdlib_module_names})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-@attrs.frozen
+# dataclasses, not attrs: this module is on the CLI's start path, and attrs costs a tenth of a second there.
+@dataclasses.dataclass(frozen=True)
 class Entry:
     kind: str
     name: str
@@ -57,48 +73,81 @@ class Entry:
     description: str = ""
 
 
-@attrs.frozen
+@dataclasses.dataclass(frozen=True)
 class PluginInfo:
     """One plugin as `fpdm plugins` shows it. `error` is None for a plugin that loaded."""
 
     name: str
     source: str
-    registered: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+    registered: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "registered": {k: list(v) for k, v in self.registered.items()}, "error": self.error}
+        registered = {kind: list(names) for kind, names in self.registered.items()}
+        return {"name": self.name, "source": self.source, "registered": registered, "error": self.error}
 
 
 class Registry:
-    """Names of every kind, the plugin each came from, and the plugins that failed."""
+    """Names of every kind, the plugin each came from, and the plugins that failed.
+
+    `Registry()` is empty; `Registry.load()` is backed by the installed entry points, each group loaded
+    on first need (see the module docstring)."""
 
     def __init__(self) -> None:
         self._pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
         self._pm.add_hookspecs(hookspecs)
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
         self._plugins: dict[str, PluginInfo] = {}
+        self._pending: list[str] = []  # entry-point groups not loaded yet
+        self._only: set[str] | None = None
+        self._kinds_done: dict[str, tuple[str, ...]] = {}  # plugin -> the kinds its hooks have registered
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, *, only: Iterable[str] | None = None) -> Registry:
-        """Load fpdm's built-ins and the installed third-party plugins (restricted to `only` when given)."""
+    def load(cls, *, only: Iterable[str] | None = None, groups: Iterable[str] = GROUPS) -> Registry:
+        """fpdm's built-ins and the installed third-party plugins (restricted to `only` when given) of the
+        entry-point `groups`. Nothing is imported yet: each group loads on first need."""
         registry = cls()
-        wanted = None if only is None else set(only)
-        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=_builtin_first):
+        registry._only = None if only is None else set(only)
+        registry._pending = [group for group in GROUPS if group in set(groups)]
+        return registry
+
+    def _load_group(self, group: str) -> None:
+        if group not in self._pending:
+            return
+        self._pending.remove(group)
+        for ep in sorted(metadata.entry_points(group=group), key=_builtin_first):
             source = _source_of(ep)
-            if source != BUILTIN_SOURCE and wanted is not None and not ({ep.name, _dist_name(ep)} & wanted):
+            if source != BUILTIN_SOURCE and self._only is not None and not ({ep.name, _dist_name(ep)} & self._only):
                 continue
             try:
                 module = ep.load()
             except Exception as exc:  # a plugin's import may fail in any way; it must not take fpdm down
-                registry._plugins[ep.name] = PluginInfo(ep.name, source, error=f"import failed: {_describe(exc)}")
+                self._plugins[ep.name] = PluginInfo(ep.name, source, error=f"import failed: {_describe(exc)}")
                 continue
-            registry.add_plugin(module, name=ep.name, source=source)
-        return registry
+            if self._pm.is_registered(module):  # named in both groups: one plugin, loaded once
+                continue
+            self._add_plugin(module, name=ep.name, source=source, kinds=GROUP_KINDS[group])
+        ready = {kind for g, kinds in GROUP_KINDS.items() if g not in self._pending for kind in kinds}
+        for name, done in list(self._kinds_done.items()):
+            if not ready <= set(done):
+                self._extend(name, [kind for kind in KINDS if kind in ready and kind not in done])
+
+    def _load_for(self, kind: str) -> None:
+        self._load_group(CLI_ENTRY_POINT_GROUP if kind == "command" else ENTRY_POINT_GROUP)
+
+    def _load_all(self) -> None:
+        for group in list(self._pending):
+            self._load_group(group)
 
     def add_plugin(self, plugin: object, *, name: str, source: str = "local") -> PluginInfo:
-        """Register one plugin object (module or instance); all of its registrations or none of them."""
+        """Register one plugin object (module or instance); all of its registrations or none of them.
+        The installed plugins load first, so that a name clash is always blamed on the plugin added here."""
+        self._load_all()
+        return self._add_plugin(plugin, name=name, source=source)
+
+    def _add_plugin(self, plugin: object, *, name: str, source: str,
+                    kinds: tuple[str, ...] = tuple(KINDS)) -> PluginInfo:
         if name in self._plugins:
             info = PluginInfo(name, source, error=f"a plugin named {name!r} is already loaded")
             self._plugins[f"{name} ({source})"] = info
@@ -112,22 +161,37 @@ class Registry:
             return info
         try:
             self._check_hooks(plugin)
-            for kind, (hook_name, _) in KINDS.items():
-                for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
-                    if impl.plugin is plugin:
-                        register = self._stager(kind, name, staged)
-                        impl.function(**{arg: register for arg in impl.argnames})
+            self._call_hooks(plugin, name, kinds, staged)
             self._commit(staged)
         except Exception as exc:  # roll back: a half-registered plugin is worse than none
             self._pm.unregister(plugin)
             info = PluginInfo(name, source, error=_describe(exc))
         else:
-            registered: dict[str, tuple[str, ...]] = {}
-            for entry in staged:
-                registered[entry.kind] = (*registered.get(entry.kind, ()), entry.name)
-            info = PluginInfo(name, source, registered)
+            info = PluginInfo(name, source, _listing(staged))
+            self._kinds_done[name] = kinds
         self._plugins[name] = info
         return info
+
+    def _extend(self, name: str, kinds: list[str]) -> None:
+        """Register the `kinds` of an already loaded plugin. On failure these are dropped and the plugin is
+        marked failed; what it registered before stays (commands already shown, and possibly running)."""
+        info = self._plugins[name]
+        staged: list[Any] = []
+        self._kinds_done[name] = (*self._kinds_done[name], *kinds)
+        try:
+            self._call_hooks(self._pm.get_plugin(name), name, kinds, staged)
+            self._commit(staged)
+        except Exception as exc:
+            self._plugins[name] = dataclasses.replace(info, error=_describe(exc))
+        else:
+            self._plugins[name] = dataclasses.replace(info, registered={**info.registered, **_listing(staged)})
+
+    def _call_hooks(self, plugin: object, name: str, kinds: Iterable[str], staged: list[Entry]) -> None:
+        for kind in kinds:
+            for impl in getattr(self._pm.hook, KINDS[kind][0]).get_hookimpls():
+                if impl.plugin is plugin:
+                    register = self._stager(kind, name, staged)
+                    impl.function(**{arg: register for arg in impl.argnames})
 
     def _check_hooks(self, plugin: object) -> None:
         known = sorted(hook for hook, _ in KINDS.values())
@@ -136,7 +200,7 @@ class Registry:
                 raise PluginError(f"implements unknown hook {caller.name!r}; known hooks: {', '.join(known)}")
 
     def _stager(self, kind: str, plugin: str, staged: list[Entry]) -> Callable[..., None]:
-        interface = KINDS[kind][1]
+        interface = interface_of(kind)
 
         def register(name: str, factory: Callable[..., Any], *, description: str = "") -> None:
             if not isinstance(name, str) or not _NAME.match(name):
@@ -165,6 +229,8 @@ class Registry:
 
     def entry(self, kind: str, name: str) -> Entry:
         entries = self._kind(kind)
+        if name not in entries and self._pending:  # a command of a plugin outside `fpdm.cli`, or not loaded yet
+            self._load_all()
         if name not in entries:
             error = UnknownNameError(kind.replace("_", " "), name, entries)
             failed = sorted(info.name for info in self._plugins.values() if info.error)
@@ -175,6 +241,7 @@ class Registry:
         return entries[name]
 
     def plugins(self) -> list[PluginInfo]:
+        self._load_all()
         return list(self._plugins.values())
 
     def blame(self, exc: BaseException) -> str | None:
@@ -188,10 +255,11 @@ class Registry:
                     owners[plugin.__name__] = f"{info.name!r} ({info.source})"
         for entries in self._entries.values():
             for entry in entries.values():
-                info = self._plugins.get(entry.plugin)
+                registrant = self._plugins.get(entry.plugin)
                 module = getattr(entry.factory, "__module__", None)
-                if info is not None and info.source != BUILTIN_SOURCE and module and module not in _SHARED_MODULES:
-                    owners.setdefault(module, f"{info.name!r} ({info.source})")
+                if registrant is not None and registrant.source != BUILTIN_SOURCE and module \
+                        and module not in _SHARED_MODULES:
+                    owners.setdefault(module, f"{registrant.name!r} ({registrant.source})")
         for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
             name = str(frame.f_globals.get("__name__", ""))
             for module, owner in owners.items():
@@ -215,7 +283,7 @@ class Registry:
             raise UsageError(f"{label}: bad option: {exc}") from exc
         except Exception as exc:
             raise PluginError(f"{label} from plugin {entry.plugin!r} failed to build: {_describe(exc)}") from exc
-        interface = KINDS[kind][1]
+        interface = interface_of(kind)
         if interface is not None and not isinstance(obj, interface):
             raise PluginError(
                 f"{label} from plugin {entry.plugin!r} returned {type(obj).__name__}, not an fpdm.{interface.__name__}"
@@ -225,13 +293,27 @@ class Registry:
     def _kind(self, kind: str) -> dict[str, Entry]:
         if kind not in self._entries:
             raise UnknownNameError("kind", kind, self._entries)
+        self._load_for(kind)
         return self._entries[kind]
+
+
+def interface_of(kind: str) -> type | None:
+    """The fpdm.interfaces class a kind's instances implement (None: any callable). Imported here, not at the
+    top: only kinds other than commands need it, and they import torch anyway."""
+    name = KINDS[kind][1]
+    if name is None:
+        return None
+    from fpdm import interfaces
+
+    return getattr(interfaces, name)
 
 
 def option_names(factory: Callable[..., Any]) -> list[str] | None:
     """Keyword options a factory accepts, or None when it takes arbitrary **kwargs (it then validates itself)."""
-    if attrs.has(factory):
-        return [f.alias for f in attrs.fields(factory) if f.init]  # type: ignore[arg-type]
+    if isinstance(factory, type) and getattr(factory, "__attrs_attrs__", None) is not None:  # an attrs class
+        import attrs
+
+        return [f.alias for f in attrs.fields(factory) if f.init]
     try:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):
@@ -269,6 +351,13 @@ def _source_of(ep: metadata.EntryPoint) -> str:
 
 def _builtin_first(ep: metadata.EntryPoint) -> tuple[bool, str, str]:
     return (_source_of(ep) != BUILTIN_SOURCE, _dist_name(ep), ep.name)
+
+
+def _listing(staged: list[Entry]) -> dict[str, tuple[str, ...]]:
+    registered: dict[str, tuple[str, ...]] = {}
+    for entry in staged:
+        registered[entry.kind] = (*registered.get(entry.kind, ()), entry.name)
+    return registered
 
 
 def _describe(exc: BaseException) -> str:

@@ -80,7 +80,8 @@ def test_a_misbehaving_plugin_is_reported_by_name_and_skipped(registry, hooks, m
     info = registry.add_plugin(plugin(**hooks), name="bad")
     assert info.error is not None and message in info.error
     assert {kind: registry.names(kind) for kind in before} == before
-    good = registry.add_plugin(plugin(register_solvers=lambda register: register("ok", FixedPointIteration)), name="good")
+    good = registry.add_plugin(plugin(register_solvers=lambda register: register("ok", FixedPointIteration)),
+                               name="good")
     assert good.error is None and "ok" in registry.names("solver")
 
 
@@ -119,7 +120,8 @@ def register_solvers(register):
 
 def test_entry_points_load_one_by_one_with_isolation(tmp_path, monkeypatch):
     fake_dist(tmp_path, "fpdm-toy", "1.2.3", {"toy": "fpdm_toy_plugin"}, {"fpdm_toy_plugin": GOOD})
-    fake_dist(tmp_path, "fpdm-broken", "0.1", {"broken": "fpdm_broken_plugin"}, {"fpdm_broken_plugin": "raise ImportError('no such thing')"})
+    fake_dist(tmp_path, "fpdm-broken", "0.1", {"broken": "fpdm_broken_plugin"},
+              {"fpdm_broken_plugin": "raise ImportError('no such thing')"})
     fake_dist(tmp_path, "fpdm-missing", "0.1", {"missing": "fpdm_module_that_does_not_exist"})
     monkeypatch.syspath_prepend(str(tmp_path))
 
@@ -148,7 +150,7 @@ def test_fpdm_load_plugins_env(monkeypatch, value, expected):
 
 
 def test_config_selects_the_example_plugin_by_name():
-    from conftest import REGISTRY
+    from support import REGISTRY
 
     config = load_config(overrides=["solver.name=barzilai_borwein", "solver.options.max_step=10"])
     solver = build_solver(config.solver, REGISTRY)
@@ -156,3 +158,75 @@ def test_config_selects_the_example_plugin_by_name():
     f = lambda z: 0.5 * z + 1.0  # noqa: E731
     result = solver.solve(f, torch.zeros(2, 3), max_iter=50, tol=1e-6)
     torch.testing.assert_close(result.z, torch.full((2, 3), 2.0))
+
+
+# ------------------------------------------------------------------ two entry-point groups, loaded on first need
+COMMAND_ONLY = """
+import fpdm
+
+@fpdm.hookimpl
+def register_commands(register):
+    register("hello", lambda parser: (lambda args: 0), description="say hello")
+"""
+MARKS_ITS_IMPORT = """
+import pathlib
+pathlib.Path({marker!r}).write_text("imported")
+"""
+COMMAND_AND_SOLVER = """
+import fpdm
+from fpdm.plugins.solvers import FixedPointIteration
+
+@fpdm.hookimpl
+def register_commands(register):
+    register("{command}", lambda parser: (lambda args: 0))
+
+@fpdm.hookimpl
+def register_solvers(register):
+    register("{solver}", FixedPointIteration)
+"""
+
+
+def test_a_command_lookup_loads_only_the_cli_group(tmp_path, monkeypatch):
+    marker = tmp_path / "marker"
+    fake_dist(tmp_path, "fpdm-hello", "1.0", {"hello": "fpdm_hello_cmd"}, {"fpdm_hello_cmd": COMMAND_ONLY},
+              group="fpdm.cli")
+    fake_dist(tmp_path, "fpdm-heavy", "1.0", {"heavy": "fpdm_heavy_mod"},
+              {"fpdm_heavy_mod": MARKS_ITS_IMPORT.format(marker=str(marker))})
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    registry = Registry.load()
+    assert {"hello", "plugins", "solve"} <= set(registry.names("command"))
+    assert registry.entry("command", "hello").plugin == "hello"
+    assert not marker.exists()  # the `fpdm` group (solvers, models ...: torch) was never imported
+    assert "anderson" in registry.names("solver") and marker.exists()
+    assert "hello" not in Registry.load(only=[]).names("command")  # FPDM_LOAD_PLUGINS holds for both groups
+
+
+def test_a_command_registered_through_the_fpdm_group_is_found_on_a_miss(tmp_path, monkeypatch):
+    fake_dist(tmp_path, "fpdm-old", "1.0", {"old": "fpdm_old_cmd"}, {"fpdm_old_cmd": COMMAND_ONLY})
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    registry = Registry.load()
+    assert "hello" not in registry.names("command")  # not in `fpdm.cli`: `fpdm --help` does not list it
+    assert registry.entry("command", "hello").plugin == "old"  # but `fpdm hello` finds it
+    with pytest.raises(UnknownNameError, match="unknown command 'nope'"):
+        registry.entry("command", "nope")
+
+
+def test_other_kinds_of_a_cli_plugin_register_after_the_builtins(tmp_path, monkeypatch):
+    fake_dist(tmp_path, "fpdm-clash", "1.0", {"clash": "fpdm_clash_mod"},
+              {"fpdm_clash_mod": COMMAND_AND_SOLVER.format(command="clashcmd", solver="anderson")}, group="fpdm.cli")
+    fake_dist(tmp_path, "fpdm-both", "1.0", {"both": "fpdm_both_mod"},
+              {"fpdm_both_mod": COMMAND_AND_SOLVER.format(command="bothcmd", solver="both_solver")},
+              group="fpdm.cli", more_groups={"fpdm": {"both": "fpdm_both_mod"}})
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    registry = Registry.load()
+    assert {"clashcmd", "bothcmd"} <= set(registry.names("command"))
+    assert type(registry.create("solver", "anderson")).__name__ == "Anderson"  # the built-in kept its name
+    infos = {info.name: info for info in registry.plugins()}
+    assert "solver 'anderson' is already registered by plugin 'solvers'" in infos["clash"].error
+    assert infos["clash"].registered == {"command": ("clashcmd",)}  # its command stays usable
+    assert infos["both"].error is None  # named in both groups, loaded once
+    assert infos["both"].registered == {"command": ("bothcmd",), "solver": ("both_solver",)}
+    assert [info.name for info in registry.plugins()].count("both") == 1

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from fpdm.build import denoiser_options
-from fpdm.io.checkpoint import list_checkpoints, save_checkpoint
 from fpdm.config import load_config, to_dict
 from fpdm.errors import UsageError
+from fpdm.io.checkpoint import list_checkpoints, save_checkpoint
 from fpdm.models.transformer import SIZES, parse_arch
 from fpdm.registry import Registry, default_registry
 
@@ -253,7 +253,7 @@ def import_official(source: str | Path, out: str | Path, *, weights: str | None 
 def _write_run(out: Path, step: int, sets: dict[str, dict[str, Tensor]], config: dict[str, Any],
                spec: dict[str, Any]) -> Path:
     """Build the run folder under a hidden name, then swap it into place (an earlier fpdm run at `out` goes)."""
-    from fpdm import __version__
+    from fpdm.version import __version__
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
