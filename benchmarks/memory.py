@@ -19,15 +19,14 @@ from pathlib import Path
 
 import torch
 
+from _report import RESULTS, write_results
 from fpdm.build import build_denoiser, build_schedule, load_denoiser
-from fpdm.io.checkpoint import load_checkpoint
 from fpdm.config import Config, from_dict, load_config
 from fpdm.diffusion.gaussian import GaussianDiffusion
-from fpdm.registry import Registry
 from fpdm.diffusion.sampling import generate
+from fpdm.io.checkpoint import load_checkpoint
 from fpdm.plugins.samplers import DDPM
-
-from _report import RESULTS, write_results
+from fpdm.registry import Registry
 
 PRESET = Path(__file__).resolve().parents[1] / "apps" / "presets" / "fashion_mnist.toml"
 
@@ -77,7 +76,7 @@ def main() -> int:
     start = time.perf_counter()
     generate(model, diffusion, n=args.batches * args.batch_size, batch_size=args.batch_size, seed=0,
              labels=list(range(model.num_classes)) or None, progress=after_batch,
-             shape=(model.in_channels, model.input_size, model.input_size), update=DDPM(),
+             shape=(model.in_channels, model.input_size, model.input_size), sampler=DDPM(),
              solver=registry.create("solver", "fixed_point"), iterations=[args.iters] * args.steps,
              reuse=registry.create("reuse_policy", "reuse"))
     seconds = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """Sampling benchmark on a trained Fashion-MNIST FPDM: residual and speed per solver x allocator x reuse.
 
-    python benchmarks/sampling.py [--checkpoint runs/demo] [--n 64] [--quick] [--allocation] [--update-readme]
+    python benchmarks/sampling.py [--checkpoint runs/demo] [--n 64] [--quick] [--allocation] [--update-docs]
 
 Budgets are 2, 5, 10 and 20 DiT-step equivalents: a DiT of the same width spends its depth (6 blocks for
 XS) per step, so the FPDM gets 12, 30, 60 and 120 block evaluations per sample, spent as budget // 6 steps
@@ -12,7 +12,7 @@ Writes benchmarks/results/sampling.json and sampling.md.
 
 --allocation compares the allocators alone (uniform, the paper's increasing ramp, adaptive at three
 tolerances) by residual and blocks spent, with no timing, so it can run on a loaded machine; it writes
-sampling_allocation.json / .md and the README table `bench:sampling-allocation`.
+sampling_allocation.json / .md and the docs/benchmarks.md table `bench:sampling-allocation`.
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ from pathlib import Path
 
 import torch
 
+from _report import RESULTS, ROOT, publish
 from fpdm.build import build_schedule, load_denoiser
-from fpdm.io.checkpoint import load_checkpoint
 from fpdm.config import Config, from_dict
 from fpdm.diffusion.gaussian import GaussianDiffusion
-from fpdm.registry import Registry
 from fpdm.diffusion.sampling import generate, plan_iterations, plan_tolerances
+from fpdm.io.checkpoint import load_checkpoint
 from fpdm.plugins.samplers import DDIM
+from fpdm.registry import Registry
 
-from _report import RESULTS, ROOT, publish
 DIT_DEPTH = 6  # DiT-XS, the equal-width baseline
 BLOCKS_PER_STEP = 6  # pre + post + ~4 iterations
 # --allocation: (label, allocator, options); adaptive's default tol and a looser and a tighter one
@@ -52,14 +52,17 @@ def hand_written(model, diffusion, n: int, iterations: list[int], solver, labels
     gens = [torch.Generator().manual_seed(k) for k in range(n)]
     x = torch.stack([torch.randn((1, 32, 32), generator=g) for g in gens])
     y = torch.tensor([labels[k % len(labels)] for k in range(n)])
-    update, z = DDIM(), None
+    z = None
     start = time.perf_counter()
     with torch.no_grad():
         for step, i in enumerate(reversed(range(diffusion.num_timesteps))):
-            t = diffusion.map_timesteps(torch.full((n,), i))
-            out = model(x, t, y, z0=z, iters=iterations[step], solver=solver)
+            index = torch.full((n,), i)
+            out = model(x, diffusion.map_timesteps(index), y, z0=z, iters=iterations[step], solver=solver)
             z = out.z
-            x = update(diffusion, out.pred, x, i, noise=torch.zeros_like(x), clip_x0=False)
+            pred, _ = diffusion.split_output(out.pred, x)  # DDIM, eta 0
+            x0, eps = diffusion.predict_x0(pred, x, index), diffusion.predict_eps(pred, x, index)
+            ac_prev = diffusion.extract("alphas_cumprod_prev", index, x)
+            x = ac_prev.sqrt() * x0 + (1 - ac_prev).sqrt() * eps
     return time.perf_counter() - start
 
 
@@ -70,7 +73,8 @@ def cuda_xl_step() -> dict | None:
     from fpdm.plugins.solvers import FixedPointIteration
 
     model = FPDM().cuda().eval()
-    x, t, y = torch.randn(64, 4, 32, 32, device="cuda"), torch.randint(0, 1000, (64,), device="cuda"), torch.randint(0, 1000, (64,), device="cuda")
+    x = torch.randn(64, 4, 32, 32, device="cuda")
+    t, y = torch.randint(0, 1000, (64,), device="cuda"), torch.randint(0, 1000, (64,), device="cuda")
     solver, results = FixedPointIteration(), {"device": torch.cuda.get_device_name()}
     for mode in ("eager", "compile"):
         if mode == "compile":
@@ -99,7 +103,7 @@ def residual_row(model, schedule, base, labels, n: int, dit_steps: int, solver_n
     allocator = registry.create("allocator", alloc_name, **options)
     plan = plan_iterations(model, ts[::-1], budget=budget, iters=0, allocator=allocator)
     result = generate(model, diffusion, n=n, batch_size=n, seed=0, labels=labels,
-                      shape=(model.in_channels, model.input_size, model.input_size), update=DDIM(),
+                      shape=(model.in_channels, model.input_size, model.input_size), sampler=DDIM(),
                       solver=registry.create("solver", solver_name), iterations=plan,
                       reuse=registry.create("reuse_policy", reuse_name), tol=plan_tolerances(allocator, plan, ts[::-1]),
                       adaptive=allocator.tol > 0)
@@ -119,7 +123,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="two budgets, fewer combinations")
     parser.add_argument("--allocation", action="store_true", help="only the allocator comparison, no timing")
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", "--update-readme", action="store_true", help="refresh docs/benchmarks.md")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     registry = Registry.load(only=[])
@@ -153,25 +157,25 @@ def main() -> int:
         results = {"command": command, "machine": machine, "checkpoint": checkpoint, "n": args.n, "rows": rows}
         table = allocation_markdown(results)
         publish(args.out, "sampling_allocation", results, table,
-                readme="sampling-allocation" if args.update_readme else None)
+                doc="sampling-allocation" if args.update_docs else None)
         return 0
 
     # framework overhead: generate() vs a hand-written loop of the same calls (DDIM, reuse, uniform plan)
-    diffusion, ts = respaced(schedule, base, 20)
+    diffusion, _ = respaced(schedule, base, 20)
     plan = [4] * 20
     solver = registry.create("solver", "fixed_point")
     ours, theirs = [], []
     for _ in range(3):
         theirs.append(hand_written(model, diffusion, args.n, plan, solver, labels or [0]))
         ours.append(generate(model, diffusion, n=args.n, batch_size=args.n, seed=0, labels=labels,
-                             shape=(1, 32, 32), update=DDIM(), solver=solver, iterations=plan,
+                             shape=(1, 32, 32), sampler=DDIM(), solver=solver, iterations=plan,
                              reuse=registry.create("reuse_policy", "reuse")).seconds)
     overhead = {"fpdm_s": min(ours), "hand_written_s": min(theirs), "overhead": min(ours) / min(theirs) - 1}
     results = {"command": command, "machine": machine, "checkpoint": checkpoint, "n": args.n, "rows": rows,
                "overhead": overhead,
                "cuda_xl_step": cuda_xl_step()}
     table = markdown(results)
-    publish(args.out, "sampling", results, table, readme="sampling" if args.update_readme else None)
+    publish(args.out, "sampling", results, table, doc="sampling" if args.update_docs else None)
     return 0
 
 
@@ -181,7 +185,8 @@ def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}; checkpoint `{results['checkpoint']}`, {results['n']} samples, DDIM "
              f"(`{results['command']}`). Mean final relative residual of the fixed-point solves over all steps "
              "(lower = closer to the fixed point the model was trained for); img/s in parentheses.", "",
-             "| solver | allocator | reuse | " + " | ".join(f"{b} DiT steps ({b * DIT_DEPTH} blocks)" for b in budgets) + " |",
+             "| solver | allocator | reuse | "
+             + " | ".join(f"{b} DiT steps ({b * DIT_DEPTH} blocks)" for b in budgets) + " |",
              "|---|---|---|" + "---|" * len(budgets)]
     keys = sorted({(r["solver"], r["allocator"], r["reuse"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
     for key in keys:

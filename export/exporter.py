@@ -7,7 +7,6 @@ of objects with `export(model, *, solver, config, spec, source, out, loop=None) 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,33 +15,29 @@ import torch
 from attrs import validators as v
 from torch import Tensor, nn
 
-from fpdm import hookimpl
+from fpdm.hookspecs import Register, hookimpl
+from fpdm.diffusion.plan import LoopSpec  # what Pipeline.export hands an exporter for a whole loop
 from fpdm.errors import FpdmRuntimeError, UsageError
-from fpdm.interfaces import Denoiser, Solver
-
 from fpdm.export.loop import SamplingLoop
-from fpdm.export.onnx import DEFAULT_OPSET, MIN_OPSET, DenoisingStep, example_inputs, export_metadata, input_names, is_fixed_point, output_names, parity, trace, write_onnx
+from fpdm.export.onnx import (
+    DEFAULT_OPSET,
+    MIN_OPSET,
+    DenoisingStep,
+    example_inputs,
+    export_metadata,
+    input_names,
+    output_names,
+    parity,
+    trace,
+    write_onnx,
+)
+from fpdm.interfaces import Denoiser, Solver, is_fixed_point
 
 # Max error of an exported step against the fp32 PyTorch step, relative to the output's largest magnitude.
 # fp32: rounding only. fp16: measured 4e-4 to 6e-4 on the Fashion-MNIST demo model at K = 3 (ORT CPU);
 # the bound leaves room for deeper models and longer unrolls.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3}
 LOOP_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # images after S steps: errors compound through the loop
-
-
-@dataclass(frozen=True)
-class LoopSpec:
-    """What the whole-loop export bakes in: the respaced process and the choices `sample` takes by name."""
-
-    diffusion: Any  # GaussianDiffusion, respaced
-    update: Any  # StepUpdate
-    iterations: list[int]
-    reuse: Any  # ReusePolicy
-    cfg_scale: float
-    cfg_channels: int | None
-    clip_x0: bool
-    clip_output: bool  # False for latent models
-    names: dict[str, Any]  # sampler / allocator / reuse / budget, for the metadata
 
 
 @attrs.frozen
@@ -63,15 +58,17 @@ class OnnxExporter:
         if fixed_point and solver is not None and not solver.can_unroll:
             raise UsageError(f"solver {type(solver).__name__} cannot be exported: a solver plugin must provide "
                              "unrolled(f, z0, *, iters) -> Tensor with a fixed number of evaluations and "
-                             "ONNX-exportable ops (README: 'Export contract')")
+                             "ONNX-exportable ops (docs/plugins.md: 'Export contract')")
         dtype = torch.float16 if self.fp16 else torch.float32
         precision = "fp16" if self.fp16 else "fp32"
         reference = model.float().eval()
         traced = copy.deepcopy(reference).to(dtype) if self.fp16 else reference
+        module: nn.Module
+        ref_module: nn.Module
         if loop is None:
-            module, ref_module = DenoisingStep(traced, solver, self.iters, dtype=dtype), DenoisingStep(
-                reference, solver, self.iters)
-            names, outputs = input_names(module), output_names(module)
+            step = DenoisingStep(traced, solver, self.iters, dtype=dtype)
+            module, ref_module = step, DenoisingStep(reference, solver, self.iters)
+            names, outputs = input_names(step), output_names(step)
             make_inputs = lambda b, g: example_inputs(model, b, generator=g)  # noqa: E731
             kind, tolerance = "step", TOLERANCE[precision]
         else:
@@ -113,7 +110,7 @@ class OnnxExporter:
                 "bytes": out.stat().st_size, "parity": errors, "tolerance": tolerance}
 
     def _loop(self, model: Denoiser, solver: Solver | None, loop: LoopSpec, dtype: torch.dtype) -> SamplingLoop:
-        return SamplingLoop(model, loop.diffusion, update=loop.update, solver=solver, iterations=loop.iterations,
+        return SamplingLoop(model, loop.diffusion, sampler=loop.sampler, solver=solver, iterations=loop.iterations,
                             reuse=loop.reuse, cfg_scale=loop.cfg_scale, cfg_channels=loop.cfg_channels,
                             clip_x0=loop.clip_x0, clip_output=loop.clip_output, dtype=dtype)
 
@@ -130,7 +127,7 @@ class _Named(nn.Module):
 
 
 def loop_inputs(model: Denoiser, loop: LoopSpec, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
-    c, s = model.in_channels, model.input_size  # type: ignore[attr-defined]
+    c, s = model.in_channels, model.input_size
     inputs = {"x_T": torch.randn(batch, c, s, s, generator=generator)}
     if model.num_classes:
         inputs["y"] = torch.randint(0, model.num_classes, (batch,), generator=generator)
@@ -147,5 +144,5 @@ def cpu_session(path: Path) -> Any:
 
 
 @hookimpl
-def register_exporters(register):  # type: ignore[no-untyped-def]
+def register_exporters(register: Register) -> None:
     register("onnx", OnnxExporter, description="ONNX graph of one denoising step (or the whole loop), solver unrolled")

@@ -24,44 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fpdm import __version__
+from fpdm.diffusion.evaluation import unrolled_call
 from fpdm.errors import FpdmRuntimeError, UsageError
-from fpdm.interfaces import Denoiser, Solver
-from fpdm.solving.iterative import relative_residual
+from fpdm.interfaces import Denoiser, FixedPointDenoiser, Solver
+from fpdm.version import __version__
 
 FORMAT = "fpdm-onnx"
 FORMAT_VERSION = 1  # bump when inputs, outputs or metadata change meaning; readers refuse newer files
 MIN_OPSET, DEFAULT_OPSET = 18, 20
 TWO_GB = 2 * 1024**3
-
-
-def is_fixed_point(model: Denoiser) -> bool:
-    """FPDM-like: spends iterations per call (a DiT's blocks do not depend on them)."""
-    return model.blocks_per_call(1) != model.blocks_per_call(0)
-
-
-def unrolled_call(model: Denoiser, solver: Solver | None, iters: int, x: Tensor, t: Tensor, y: Tensor | None,
-                  z0: Tensor | None, use_z0: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The denoiser with `solver.unrolled` in place of its solve: (pred, z, residual of the last iteration).
-
-    z0 None is the cold start (the pre-layer output); with `use_z0` (B,) in {0, 1}, row b starts from z0 where
-    use_z0 is 1 and cold where it is 0, so one graph serves both. A DiT returns (pred, None, None)."""
-    if not is_fixed_point(model):
-        return model(x, t, y).pred, None, None  # (B, C_out, H, W)
-    if solver is None or iters < 1:
-        raise UsageError("an FPDM step needs a solver and iters >= 1")
-    h, f, c_pp = model.prepare(x, t, y)  # type: ignore[attr-defined]
-    start = h
-    if z0 is not None:
-        start = z0.to(h.dtype) if use_z0 is None else h + use_z0.to(h.dtype)[:, None, None] * (z0.to(h.dtype) - h)
-    last: dict[str, Tensor] = {}
-
-    def f_seen(z: Tensor) -> Tensor:  # remembers the last evaluation for the residual output
-        last["z"], last["fz"] = z, f(z)
-        return last["fz"]
-
-    z = solver.unrolled(f_seen, start, iters=iters)  # (B, T, D)
-    return model.finish(z, c_pp), z, relative_residual(last["z"], last["fz"])  # type: ignore[attr-defined]
 
 
 class DenoisingStep(nn.Module):
@@ -71,13 +42,14 @@ class DenoisingStep(nn.Module):
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.model, self.solver, self.iters, self.dtype = model, solver, iters, dtype
-        self.fixed_point = is_fixed_point(model)
+        self.fixed_point = isinstance(model, FixedPointDenoiser)
         if self.fixed_point and (solver is None or iters < 1):
             raise UsageError("an FPDM step needs a solver and iters >= 1")
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None, z0: Tensor | None = None,
                 use_z0: Tensor | None = None) -> tuple[Tensor, ...]:
-        pred, z, residual = unrolled_call(self.model, self.solver, self.iters, x_t.to(self.dtype), t, y, z0, use_z0)
+        pred, z, residual = unrolled_call(self.model, x_t.to(self.dtype), t, y, solver=self.solver, iters=self.iters,
+                                          z0=z0, use_z0=use_z0)
         if z is None or residual is None:
             return (pred.float(),)
         return pred.float(), z.float(), residual
@@ -96,14 +68,15 @@ def example_inputs(model: Denoiser, batch: int, *, num_timesteps: int = 1000,
                    generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Random inputs of every kind the step takes, for tracing and parity checks."""
     g = generator or torch.Generator().manual_seed(0)
-    c, s = model.in_channels, model.input_size  # type: ignore[attr-defined]
+    c, s = model.in_channels, model.input_size
     inputs = {"x_t": torch.randn(batch, c, s, s, generator=g),
               "t": torch.randint(0, num_timesteps, (batch,), generator=g)}
-    if getattr(model, "num_classes", 0):
+    if model.num_classes:
         inputs["y"] = torch.randint(0, model.num_classes + 1, (batch,), generator=g)  # the null label too
-    if is_fixed_point(model):
-        tokens = (s // model.patch_size) ** 2  # type: ignore[attr-defined]
-        inputs["z0"] = torch.randn(batch, tokens, model.hidden_size, generator=g)  # type: ignore[attr-defined]
+    if isinstance(model, FixedPointDenoiser):
+        with torch.no_grad():  # the state's shape (B, T, D) is the cold start's, whatever the architecture
+            start = model.prepare(inputs["x_t"], inputs["t"], inputs.get("y")).start
+        inputs["z0"] = torch.randn(start.shape, generator=g)
         inputs["use_z0"] = (torch.rand(batch, generator=g) < 0.5).float()
     return inputs
 
@@ -141,6 +114,8 @@ def trace(module: nn.Module, inputs: dict[str, Tensor], names: list[str], output
     except Exception as exc:  # the exporter raises many types; the user gets one line with the cause
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0]
         raise FpdmRuntimeError(f"ONNX export failed: {type(exc).__name__}: {first}") from exc
+    if program is None:  # torch returns None only for the legacy TorchScript path, never with dynamo=True
+        raise FpdmRuntimeError("ONNX export failed: the exporter returned no program")
     got = program.model.opset_imports.get("", None)
     if got != opset:
         raise UsageError(f"the exporter cannot write opset {opset} (it produced {got}); "

@@ -1,5 +1,6 @@
-"""ONNX Runtime as a sampling backend: the exported step behind the Denoiser call, so `fpdm.sampling` runs
-the same schedules, samplers and reuse policies on it; and the exported whole loop behind `sample`'s signature.
+"""ONNX Runtime as a sampling backend: the exported step behind the Denoiser call, so `fpdm.diffusion.sampling`
+runs the same samplers, model evaluation and reuse policies on it; and the exported whole loop as one batch
+sampler for `fpdm.diffusion.sampling.generate_batches`.
 
 Providers are explicit. CUDA runs with IO binding on torch's device buffers (and, optionally, CUDA graphs over
 fixed-size buffers); CPU feeds numpy. ONNX Runtime falls back to CPU silently when the CUDA provider cannot
@@ -16,11 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fpdm.errors import UsageError
-from fpdm.interfaces import DenoiserOutput, SolverStats
 from fpdm.diffusion.sampling import SampleResult, StepStats, step_noise
-
+from fpdm.errors import UsageError
 from fpdm.export.onnx import read_metadata
+from fpdm.interfaces import DenoiserOutput, SolverStats
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 NUMPY = {torch.float32: np.float32, torch.int64: np.int64, torch.float16: np.float16}
@@ -106,7 +106,10 @@ class OrtSession:
 
 
 class _ModelFacts:
-    """What the sampler asks of a denoiser, read from the export's metadata instead of a module."""
+    """What the sampler asks of a denoiser, read from the export's metadata instead of a module.
+
+    `fixed_point` is the flag `fpdm.interfaces.is_fixed_point` reads for stand-ins that are not modules: an
+    exported FPDM step spends its K iterations per call (and cannot be re-solved: no `prepare`/`finish`)."""
 
     def __init__(self, meta: dict[str, Any]) -> None:
         options = meta["spec"]["options"]
@@ -132,7 +135,7 @@ class OrtDenoiser(_ModelFacts):
     def __init__(self, session: OrtSession) -> None:
         super().__init__(session.meta)
         if session.meta.get("kind") != "step":
-            raise UsageError("this .onnx holds a whole sampling loop, not a step; it runs through `run_loop`")
+            raise UsageError("this .onnx holds a whole sampling loop, not a step; it runs through `OrtLoop`")
         self.session, self.iters = session, int(session.meta["iters"])
 
     def to(self, device: Any) -> OrtDenoiser:  # the sampler moves models; the session's device is fixed
@@ -154,7 +157,7 @@ class OrtDenoiser(_ModelFacts):
         shapes: dict[str, tuple[int, ...]] = {"pred": (b, self.out_channels, self.input_size, self.input_size)}
         if self.fixed_point:
             cold = z0 is None
-            feeds["z0"] = torch.zeros(b, self.tokens, self.hidden_size) if cold else z0.float()
+            feeds["z0"] = torch.zeros(b, self.tokens, self.hidden_size) if z0 is None else z0.float()
             feeds["use_z0"] = torch.full((b,), 0.0 if cold else 1.0)
             shapes.update(z=(b, self.tokens, self.hidden_size), residual=(b,))
         outs = dict(zip(self.session.outputs, self.session.run(feeds, shapes)))
@@ -177,11 +180,19 @@ class OrtLoop(_ModelFacts):
         self.iterations: list[int] = list(session.meta["iterations"])
         self.timesteps: list[int] = list(session.meta["timesteps"])[::-1]  # sampling order
 
-    def __call__(self, *, generators: list[torch.Generator], shape: tuple[int, ...], labels: Tensor | None,
-                 **_: Any) -> SampleResult:
-        """`sample`'s call for one batch (its other keywords are fixed inside the graph and not used here)."""
-        steps, b = len(self.iterations), len(generators)
-        x_T = step_noise(generators, shape, torch.device("cpu"))  # (B, C, H, W), drawn as `sample` draws it
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.input_size, self.input_size)
+
+    def __call__(self, generators: list[torch.Generator], labels: Tensor | None,
+                 x_T: Tensor | None = None) -> SampleResult:
+        """One batch (a `BatchSampler`): the sampling choices are fixed inside the graph. The draws are the ones
+        `sample` makes: x_T first (replaced by the x_T given, if any), then the noise."""
+        steps, b, shape = len(self.iterations), len(generators), self.shape
+        drawn = step_noise(generators, shape, torch.device("cpu"))  # (B, C, H, W)
+        if x_T is not None and tuple(x_T.shape) != tuple(drawn.shape):
+            raise UsageError(f"x_T must have shape {tuple(drawn.shape)}, got {tuple(x_T.shape)}")
+        x_T = drawn if x_T is None else x_T.float().cpu()
         noise = torch.stack([step_noise(generators, shape, torch.device("cpu")) if s < steps - 1
                              else torch.zeros(b, *shape) for s in range(steps)])  # (S, B, C, H, W)
         feeds = {"x_T": x_T, "noise": noise, **({"y": labels.long()} if labels is not None else {})}
@@ -197,15 +208,6 @@ class OrtLoop(_ModelFacts):
             return StepStats(s, self.timesteps[s], 0, 0.0, 0, float("nan"), float("nan"), float(self.base_blocks))
         return StepStats(s, self.timesteps[s], k, float(k), k, residual.double().nanmean().item(),
                          residual.double().nan_to_num(nan=0.0).max().item(), float(self.blocks_per_call(k)))
-
-
-def run_loop(loop: OrtLoop) -> Any:
-    """A `sample`-shaped callable for `fpdm.diffusion.sampling.generate(run=...)`."""
-
-    def run(model: Any, diffusion: Any, **options: Any) -> SampleResult:
-        return loop(**options)
-
-    return run
 
 
 def session_summary(session: OrtSession) -> str:

@@ -1,4 +1,4 @@
-"""The five extension points of fpdm and the results they return.
+"""The extension points of fpdm and the results they return.
 
 Every implementation, built-in or third-party, is registered by name through the plugin hooks
 (`fpdm.hookspecs`) and must pass the shared conformance tests for its kind. Results are frozen dataclasses.
@@ -10,12 +10,15 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from fpdm.errors import UsageError
+
+if TYPE_CHECKING:  # the process holds the tables samplers read; it imports this module, so only for types
+    from fpdm.diffusion.gaussian import GaussianDiffusion
 
 # --------------------------------------------------------------------------------------------------------------
 # Solver
@@ -84,7 +87,7 @@ class SolverResult:
 class Solver(abc.ABC):
     """Finds z = f(z) for a batch, each sample on its own.
 
-    Contract shared by every solver (checked by tests/test_solver_conformance.py over the registry):
+    Contract shared by every solver (fpdm.testing's solver suite checks it, over the whole registry in tests):
     - `solve` never toggles grad mode; the caller decides (torch.no_grad for S-JFB's no-grad phase).
     - tol > 0: a sample stops once its relative residual is <= tol and its estimate no longer changes.
     - tol = 0: exactly `max_iter` evaluations for every sample (training, budgets, export).
@@ -140,7 +143,14 @@ class DenoiserOutput:
 
 
 class Denoiser(nn.Module, metaclass=abc.ABCMeta):
-    """A diffusion network. Holds parameters only: the fixed-point state comes in as z0 and goes out as z."""
+    """A diffusion network. Holds parameters only: the fixed-point state comes in as z0 and goes out as z.
+
+    Every denoiser says what it takes: x of (in_channels, input_size, input_size), and labels 0..num_classes-1
+    plus num_classes itself, the null label of classifier-free guidance (num_classes 0: unconditional)."""
+
+    in_channels: int
+    input_size: int
+    num_classes: int
 
     @abc.abstractmethod
     def forward(
@@ -162,6 +172,56 @@ class Denoiser(nn.Module, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def blocks_per_call(self, iters: int) -> int:
         """Transformer-block evaluations of one call at `iters` fixed-point iterations (the budget unit)."""
+
+    def block_modules(self) -> list[nn.Module]:
+        """The transformer blocks, each a module called once per block evaluation: what training compiles one
+        by one, and what a wrapper hooks to count evaluations. None by default (nothing to compile per block)."""
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedPointProblem:
+    """Everything a fixed-point denoiser computed before its solve, for one batch.
+
+    start:   the cold-start iterate (B, T, D): the pre-layer output.
+    f:       the map z -> z whose fixed point the solve finds (restrictable to rows: `RestrictableMap`).
+    context: what `finish` needs besides z (the conditioning of the post blocks); opaque to callers.
+    """
+
+    start: Tensor
+    f: FixedPointMap
+    context: Any
+
+
+class FixedPointDenoiser(Denoiser):
+    """A denoiser whose middle is one map iterated to a fixed point: pre -> injection -> solve -> post.
+
+    It exposes the pieces around the solve, so the same model runs with a solver's own `solve` (sampling,
+    training) or with `solver.unrolled` (export), warm-started from any z0:
+        problem = model.prepare(x, t, y); z = solve(problem.f, z0 or problem.start); pred = model.finish(z, problem)
+    `forward(x, t, y, z0=..., iters=..., solver=..., tol=...)` must compute exactly that (plus S-JFB's grad
+    iterations). One call costs pre_depth + iterations + post_depth block evaluations.
+    """
+
+    pre_depth: int
+    post_depth: int
+
+    @abc.abstractmethod
+    def prepare(self, x: Tensor, t: Tensor, y: Tensor | None) -> FixedPointProblem:
+        """Embeddings, pre blocks and the input injection: x (B, C, H, W), t (B,), y (B,) or None."""
+
+    @abc.abstractmethod
+    def finish(self, z: Tensor, problem: FixedPointProblem) -> Tensor:
+        """Post blocks and the final layer: z (B, T, D) -> the prediction (B, C_out, H, W)."""
+
+    def blocks_per_call(self, iters: int) -> int:
+        return self.pre_depth + iters + self.post_depth
+
+
+def is_fixed_point(model: object) -> bool:
+    """Whether a denoiser spends fixed-point iterations per call: a `FixedPointDenoiser`, or a stand-in that is
+    not a module (an exported graph behind the Denoiser call) declaring `fixed_point = True` from its metadata."""
+    return isinstance(model, FixedPointDenoiser) or getattr(model, "fixed_point", False) is True
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -231,3 +291,73 @@ class BudgetAllocator(abc.ABC):
         """Adaptive allocators (tol > 0): the relative residual at which each step may stop early, given the
         plan `allocate` returned; 0 spends the step's whole cap. One finite value >= 0 per timestep."""
         return [float(self.tol)] * len(timesteps)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoised:
+    """One model evaluation as a sampler sees it; x0 and eps have x's shape (B, C, H, W).
+
+    x0:     the predicted clean sample, clamped to [-1, 1] when the run clips x0.
+    eps:    the noise consistent with x_t and x0: the model's own (converted from v), or re-derived from the
+            clamped x0 when clipping.
+    output: the guided network output (B, C_out, H, W): the prediction channels, then the learned-variance
+            channels when the model has them (what DDPM's variance reads).
+    """
+
+    x0: Tensor
+    eps: Tensor
+    output: Tensor
+
+
+class Evaluate(Protocol):
+    """The model as samplers call it: x (B, C, H, W) at noise level t -> `Denoised`.
+
+    t is an index into the respaced process's steps (`diffusion.num_timesteps - 1` is the noisiest); a
+    continuous level between steps is reserved for samplers that need one. Guidance, the fixed-point solve (its
+    warm start and iteration cap), the prediction-type conversion and the accounting happen behind the call.
+    """
+
+    def __call__(self, x: Tensor, t: int) -> Denoised: ...
+
+
+class NoiseSource(Protocol):
+    """The k-th noise draw of a run (k = 0, 1, ... asked for in order), x's shape (B, C, H, W).
+
+    Sampling draws it from per-sample generators, so image b depends only on its own generator; an exported
+    loop reads row k of an input tensor (S, B, C, H, W)."""
+
+    def __call__(self, k: int) -> Tensor: ...
+
+
+class Sampler(abc.ABC):
+    """Integrates the reverse process over the model evaluation: `sampler(evaluate, x_T, diffusion, *, noise)
+    -> x_0`, one signature for every sampler (k-diffusion style).
+
+    Contract (the same sampler object runs eagerly and is traced into an exported whole loop):
+    - calls `evaluate` exactly `evaluations(steps)` times for a process of `steps` respaced steps (the plan
+      holds one iteration cap per evaluation), noisiest first;
+    - draws randomness only from `noise(k)`, k = 0, 1, ... in order, and none when `deterministic`;
+    - keeps any history (a multistep method's previous x0) as local tensors of the call, never on the object;
+    - uses tensor ops on x only: no host syncs, no Python branches on tensor values.
+    `order` is the method's nominal order of accuracy. Options are fields of a frozen attrs class (DDIM's eta).
+    """
+
+    order: int = 1
+
+    @property
+    def deterministic(self) -> bool:
+        """True when the samples depend on x_T alone (no noise drawn after it)."""
+        return True
+
+    def evaluations(self, steps: int) -> int:
+        """Model evaluations of one run over `steps` steps (one per step unless the method says otherwise)."""
+        return steps
+
+    @abc.abstractmethod
+    def __call__(self, evaluate: Evaluate, x: Tensor, diffusion: GaussianDiffusion, *,
+                 noise: NoiseSource) -> Tensor:
+        """x_T (B, C, H, W) -> x_0 of the same shape, along `diffusion`'s respaced steps."""

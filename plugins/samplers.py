@@ -1,4 +1,4 @@
-"""Built-in samplers: DDPM (learned variance when the model has it) and DDIM."""
+"""Built-in samplers over the model evaluation: DDPM (learned variance when the model has it) and DDIM."""
 
 from __future__ import annotations
 
@@ -9,45 +9,70 @@ from torch import Tensor
 
 from fpdm import hookimpl
 from fpdm.diffusion.gaussian import GaussianDiffusion
+from fpdm.hookspecs import Register
+from fpdm.interfaces import Evaluate, NoiseSource, Sampler
+
+
+def _model_log_variance(diffusion: GaussianDiffusion, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    """The model's log variance at t, as `GaussianDiffusion.p_mean_variance` computes it: learned, between the
+    clipped posterior's and log beta_t (Nichol & Dhariwal 2021, eq. 15), or DiT's fixed small."""
+    _, var_values = diffusion.split_output(output, x)
+    if var_values is None:
+        return diffusion.extract("posterior_log_variance_clipped", t, x).expand_as(x)
+    min_log = diffusion.extract("posterior_log_variance_clipped", t, x)
+    max_log = diffusion.extract("log_betas", t, x)
+    frac = (var_values + 1.0) / 2.0
+    return frac * max_log + (1.0 - frac) * min_log
 
 
 @attrs.frozen
-class DDPM:
-    """Ancestral sampling with the model's (learned or fixed) variance (Ho et al. 2020; Nichol & Dhariwal 2021)."""
+class DDPM(Sampler):
+    """Ancestral sampling with the model's (learned or fixed) variance (Ho et al. 2020; Nichol & Dhariwal 2021):
+    x_{t-1} = posterior mean at the predicted x0 + exp(log var / 2) * noise, no noise at the last step."""
 
-    def __call__(self, diffusion: GaussianDiffusion, model_output: Tensor, x: Tensor, i: int, *,
-                 noise: Tensor, clip_x0: bool) -> Tensor:
-        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        out = diffusion.p_mean_variance(model_output, x, t, clip_x0=clip_x0)
-        if i == 0:  # no noise at the last step
-            return out["mean"]
-        return out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise
+    @property
+    def deterministic(self) -> bool:
+        return False
+
+    def __call__(self, evaluate: Evaluate, x: Tensor, diffusion: GaussianDiffusion, *,
+                 noise: NoiseSource) -> Tensor:
+        for step, i in enumerate(reversed(range(diffusion.num_timesteps))):
+            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)  # (B,)
+            d = evaluate(x, i)
+            mean, _, _ = diffusion.q_posterior(d.x0, x, t)
+            if i == 0:
+                return mean
+            x = mean + torch.exp(0.5 * _model_log_variance(diffusion, d.output, x, t)) * noise(step)
+        return x
 
 
 @attrs.frozen
-class DDIM:
+class DDIM(Sampler):
     """Song et al. 2021, eq. 12; eta = 0 is deterministic, eta = 1 matches DDPM's posterior variance."""
 
     eta: float = attrs.field(default=0.0, converter=float, validator=[v.ge(0.0), v.le(1.0)])
 
-    def __call__(self, diffusion: GaussianDiffusion, model_output: Tensor, x: Tensor, i: int, *,
-                 noise: Tensor, clip_x0: bool) -> Tensor:
-        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        pred, _ = diffusion.split_output(model_output, x)
-        x0 = diffusion.predict_x0(pred, x, t)
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
-        eps = (diffusion.extract("sqrt_recip_alphas_cumprod", t, x) * x - x0) / diffusion.extract(
-            "sqrt_recipm1_alphas_cumprod", t, x)  # the noise consistent with the (clipped) x0
-        ac = diffusion.extract("alphas_cumprod", t, x)
-        ac_prev = diffusion.extract("alphas_cumprod_prev", t, x)
-        sigma = self.eta * torch.sqrt((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev))
-        mean = x0 * torch.sqrt(ac_prev) + torch.sqrt((1 - ac_prev - sigma**2).clamp_min(0)) * eps
-        return mean if i == 0 else mean + sigma * noise
+    @property
+    def deterministic(self) -> bool:
+        return self.eta == 0
 
+    def __call__(self, evaluate: Evaluate, x: Tensor, diffusion: GaussianDiffusion, *,
+                 noise: NoiseSource) -> Tensor:
+        for step, i in enumerate(reversed(range(diffusion.num_timesteps))):
+            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)  # (B,)
+            x0 = evaluate(x, i).x0
+            # The noise consistent with the (clipped) x0, in eq. 12's own form.
+            eps = (diffusion.extract("sqrt_recip_alphas_cumprod", t, x) * x - x0) / diffusion.extract(
+                "sqrt_recipm1_alphas_cumprod", t, x)
+            ac = diffusion.extract("alphas_cumprod", t, x)
+            ac_prev = diffusion.extract("alphas_cumprod_prev", t, x)
+            sigma = self.eta * torch.sqrt((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev))
+            mean = x0 * torch.sqrt(ac_prev) + torch.sqrt((1 - ac_prev - sigma**2).clamp_min(0)) * eps
+            x = mean if i == 0 or self.deterministic else mean + sigma * noise(step)
+        return x
 
 
 @hookimpl
-def register_samplers(register):  # type: ignore[no-untyped-def]
+def register_samplers(register: Register) -> None:
     register("ddpm", DDPM, description="ancestral sampling with the model's variance")
     register("ddim", DDIM, description="DDIM; eta=0 deterministic")

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REGISTRY, run_cli, tiny_config
 from fpdm.build import load_denoiser
-from fpdm.io.checkpoint import load_checkpoint
 from fpdm.errors import FpdmRuntimeError, UsageError
 from fpdm.interfaces import Solver, SolverResult
+from fpdm.io.checkpoint import load_checkpoint
+from support import REGISTRY, run_cli, tiny_config
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -21,7 +21,7 @@ pytest.importorskip("onnxruntime")
 from fpdm.export import exporter as exporter_module  # noqa: E402
 from fpdm.export.exporter import LoopSpec, OnnxExporter  # noqa: E402
 from fpdm.export.onnx import FORMAT_VERSION, example_inputs, read_metadata  # noqa: E402
-from fpdm.export.ort import OrtDenoiser, OrtLoop, OrtSession, run_loop  # noqa: E402
+from fpdm.export.ort import OrtDenoiser, OrtLoop, OrtSession  # noqa: E402
 
 
 def _export(run: Path, out: Path, *, solver: str = "fixed_point", iters: int = 3, loop: LoopSpec | None = None,
@@ -48,6 +48,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
 @pytest.mark.parametrize("iters", [1, 3, 8])
 def test_step_graph_matches_the_pytorch_solve(trained, tmp_path, solver, iters):
@@ -67,6 +68,7 @@ def test_step_graph_matches_the_pytorch_solve(trained, tmp_path, solver, iters):
         assert got.blocks.tolist() == want.blocks.tolist()
 
 
+@pytest.mark.slow
 def test_node_count_grows_linearly_in_k(trained, tmp_path):
     counts = []
     for k in (1, 2, 4):
@@ -77,6 +79,7 @@ def test_node_count_grows_linearly_in_k(trained, tmp_path):
     assert counts[2] - counts[1] == 2 * per_iteration  # the same nodes again for every unrolled iteration
 
 
+@pytest.mark.slow
 def test_dit_exports_without_a_state(dit_run, tmp_path):
     report = _export(dit_run, tmp_path / "dit.onnx")
     assert report["inputs"] == ["x_t", "t", "y"] and report["outputs"] == ["pred"]
@@ -94,6 +97,7 @@ def test_dit_exports_without_a_state(dit_run, tmp_path):
     assert json.loads((tmp_path / "s" / "stats.json").read_text())["blocks_per_sample"]["max"] == 2 * 2  # depth 2
 
 
+@pytest.mark.slow
 def test_metadata_round_trips_and_the_file_is_self_contained(trained, tmp_path):
     report = _export(trained, tmp_path / "m.onnx", solver="anderson", iters=2)
     meta = read_metadata(tmp_path / "m.onnx")
@@ -107,6 +111,7 @@ def test_metadata_round_trips_and_the_file_is_self_contained(trained, tmp_path):
         assert errors["pred"] <= 1e-4 and errors["z"] <= 1e-4, (batch, errors)
 
 
+@pytest.mark.slow
 def test_fp16_export_stays_within_its_documented_bound(trained, tmp_path):
     report = _export(trained, tmp_path / "h.onnx", fp16=True)
     assert report["precision"] == "fp16" and report["tolerance"] == exporter_module.TOLERANCE["fp16"]
@@ -116,25 +121,23 @@ def test_fp16_export_stays_within_its_documented_bound(trained, tmp_path):
 
 
 def _sampling_options(trained: Path, iters: int):  # type: ignore[no-untyped-def]
-    import argparse
-
-    from fpdm.apps.sampling_setup import sampling_parts
-    from fpdm.config import Config, from_dict
+    from fpdm.config import Config, SampleConfig, from_dict
+    from fpdm.diffusion.plan import sampling_parts
 
     ckpt = load_checkpoint(trained)
     model = load_denoiser(ckpt, registry=REGISTRY)
-    args = argparse.Namespace(steps=4, budget=None, sampler="ddpm", eta=None, allocator="uniform",
-                              reuse="extrapolate", cfg_scale=2.0, cfg_channels=None, clip_x0=False)
-    parts = sampling_parts(args, from_dict(Config, ckpt.config), model, REGISTRY, iters=iters)
+    options = SampleConfig(steps=4, sampler="ddpm", reuse="extrapolate", cfg_scale=2.0)
+    parts = sampling_parts(from_dict(Config, ckpt.config), model, options, registry=REGISTRY, iters=iters)
     return model, parts
 
 
+@pytest.mark.slow
 def test_ort_sampler_reproduces_pytorch_samples(trained, tmp_path):
     from fpdm.diffusion.sampling import generate
 
     model, parts = _sampling_options(trained, iters=2)
     _export(trained, tmp_path / "m.onnx", iters=2, verify=False)
-    common = dict(n=5, batch_size=3, seed=3, labels=[0, 1], shape=(1, 8, 8), update=parts.update,
+    common = dict(n=5, batch_size=3, seed=3, labels=[0, 1], shape=(1, 8, 8), sampler=parts.sampler,
                   iterations=parts.iterations, reuse=parts.reuse, cfg_scale=2.0)
     want = generate(model, parts.diffusion, solver=REGISTRY.create("solver", "fixed_point"), **common)
     got = generate(OrtDenoiser(OrtSession(tmp_path / "m.onnx", provider="cpu")), parts.diffusion, solver=None,
@@ -145,23 +148,26 @@ def test_ort_sampler_reproduces_pytorch_samples(trained, tmp_path):
         assert a["residual_mean"] == pytest.approx(b["residual_mean"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_whole_loop_export_reproduces_pytorch_samples(trained, tmp_path):
-    from fpdm.diffusion.sampling import generate
+    """The exported loop runs the sampler `generate` runs, over the same model evaluation (unrolled)."""
+    from fpdm.diffusion.sampling import generate, generate_batches
 
     model, parts = _sampling_options(trained, iters=2)
-    loop = LoopSpec(parts.diffusion, parts.update, parts.iterations, parts.reuse, 2.0, None, False, True,
+    loop = LoopSpec(parts.diffusion, parts.sampler, parts.iterations, parts.reuse, 2.0, None, False, True,
                     {"steps": 4, "sampler": "ddpm", "reuse": "extrapolate", "cfg_scale": 2.0})
     report = _export(trained, tmp_path / "loop.onnx", loop=loop)
     assert report["kind"] == "loop" and report["inputs"] == ["x_T", "y", "noise"]
-    common = dict(n=4, batch_size=4, seed=5, labels=[1, 0], shape=(1, 8, 8), update=parts.update,
-                  iterations=parts.iterations, reuse=parts.reuse, cfg_scale=2.0)
-    want = generate(model, parts.diffusion, solver=REGISTRY.create("solver", "fixed_point"), **common)
+    want = generate(model, parts.diffusion, n=4, batch_size=4, seed=5, labels=[1, 0], shape=(1, 8, 8),
+                    sampler=parts.sampler, solver=REGISTRY.create("solver", "fixed_point"),
+                    iterations=parts.iterations, reuse=parts.reuse, cfg_scale=2.0)
     ort_loop = OrtLoop(OrtSession(tmp_path / "loop.onnx", provider="cpu"))
-    got = generate(ort_loop, None, run=run_loop(ort_loop), **common)  # type: ignore[arg-type]
+    got = generate_batches(ort_loop, n=4, batch_size=4, seed=5, labels=[1, 0])
     assert (got.images - want.images).abs().max().item() <= 1e-3
     assert got.blocks.tolist() == want.blocks.tolist()
 
 
+@pytest.mark.slow
 def test_cli_exports_and_samples_with_onnxruntime(trained, tmp_path):
     out = tmp_path / "m.onnx"
     done = run_cli("export", str(trained), "--onnx", "--iters", "2", "--out", str(out))
@@ -191,6 +197,7 @@ def test_a_solver_without_an_unrolled_form_is_named(trained, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_failed_parity_writes_nothing(trained, tmp_path, monkeypatch):
     monkeypatch.setitem(exporter_module.TOLERANCE, "fp32", 0.0)
     monkeypatch.setattr(exporter_module, "parity", lambda *a, **k: {"pred": 1.0, "z": 0.0})
@@ -199,16 +206,17 @@ def test_failed_parity_writes_nothing(trained, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
-    (["--onnx", "--iters", "0"], "--iters must be >= 1"),
+    (["--onnx", "--iters", "0"], "iters must be >= 1"),
     (["--onnx", "--opset", "12"], "'opset' must be >= 18"),
     (["--onnx", "--opset", "40", "--no-verify"], "cannot write opset 40"),
     (["--iters", "2"], "choose a format"),
-    (["--onnx", "--steps", "4"], "only apply with --whole-loop"),
-    (["--onnx", "--whole-loop"], "--whole-loop needs --steps"),
+    (["--onnx", "--steps", "4"], "only apply to whole_loop"),
+    (["--onnx", "--whole-loop"], "whole_loop needs steps"),
     (["--onnx", "--whole-loop", "--steps", "3", "--allocator", "adaptive"], "needs a fixed plan"),
     (["--format", "tensorrt"], "unknown exporter 'tensorrt'"),
-    (["--onnx", "--out", "model.bin"], "--out must end in .onnx"),
+    (["--onnx", "--out", "model.bin"], "out must end in .onnx"),
 ])
 def test_bad_export_arguments_get_one_line(trained, tmp_path, args, message):
     out = [] if "--out" in args else ["--out", str(tmp_path / "m.onnx")]
@@ -218,11 +226,13 @@ def test_bad_export_arguments_get_one_line(trained, tmp_path, args, message):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_one_line(tmp_path):
     done = run_cli("export", str(tmp_path / "nope"), "--onnx")
-    assert done.returncode == 2 and "checkpoint not found" in done.stderr
+    assert done.returncode == 2 and "model not found" in done.stderr
 
 
+@pytest.mark.slow
 def test_onnx_without_fpdm_metadata_or_from_a_newer_format_is_refused(trained, tmp_path):
     plain = tmp_path / "plain.onnx"
     torch.onnx.export(torch.nn.Linear(2, 2).eval(), (torch.randn(1, 2),), str(plain), dynamo=True)
@@ -241,6 +251,7 @@ def test_onnx_without_fpdm_metadata_or_from_a_newer_format_is_refused(trained, t
     assert done.returncode == 2 and "not a readable ONNX model" in done.stderr
 
 
+@pytest.mark.slow
 def test_ort_sampler_refuses_what_one_graph_cannot_do(trained, tmp_path):
     _export(trained, tmp_path / "m.onnx", iters=2, verify=False)
     path = str(tmp_path / "m.onnx")
@@ -258,6 +269,7 @@ def test_ort_sampler_refuses_what_one_graph_cannot_do(trained, tmp_path):
         model(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), iters=3)
 
 
+@pytest.mark.slow
 def test_the_cards_command_names_the_missing_default_run(tmp_path):
     """`fpdm export --onnx --iters 3` (no checkpoint) uses the run `fpdm train` writes; without one, one line."""
     import os

@@ -7,11 +7,11 @@ import re
 import pytest
 import torch
 
-from conftest import REGISTRY, ROOT
 from fpdm.build import build_denoiser
 from fpdm.config import ModelConfig
 from fpdm.errors import UsageError
-from fpdm.models.transformer import DiT, FPDM, FixedPointMap, parse_arch, sincos_pos_embed
+from fpdm.models.transformer import FPDM, DiT, FixedPointMap, parse_arch, sincos_pos_embed
+from support import REGISTRY, ROOT
 
 LAYOUT = ROOT.parent / "shared" / "official_state_dict_layout.txt"
 
@@ -26,7 +26,8 @@ def n_params(model: torch.nn.Module) -> int:
 )
 def test_parameter_counts_match_the_paper(arch, expected):
     with torch.device("meta"):  # no memory: XL DiT has 675M parameters
-        model = build_denoiser(ModelConfig(arch=arch), input_size=32, in_channels=4, num_classes=1000, registry=REGISTRY)
+        model = build_denoiser(ModelConfig(arch=arch), input_size=32, in_channels=4, num_classes=1000,
+                               registry=REGISTRY)
     assert abs(n_params(model) - expected) / expected < 0.002
 
 
@@ -161,3 +162,27 @@ def test_unconditional_and_bad_inputs():
 def test_bad_arch_names(arch):
     with pytest.raises(UsageError, match="bad model arch"):
         parse_arch(arch)
+
+
+def test_fpdm_is_a_fixed_point_denoiser_and_dit_is_not():
+    from fpdm.interfaces import FixedPointDenoiser, FixedPointProblem, is_fixed_point
+
+    torch.manual_seed(0)
+    model = FPDM(input_size=8, in_channels=1, patch_size=2, hidden_size=32, num_heads=2, pre_depth=2, post_depth=1,
+                 num_classes=3).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)  # a contraction, so the iterates below stay small
+    dit = DiT(input_size=8, in_channels=1, patch_size=2, hidden_size=32, num_heads=2, depth=3, num_classes=3)
+    assert isinstance(model, FixedPointDenoiser) and is_fixed_point(model)
+    assert not isinstance(dit, FixedPointDenoiser) and not is_fixed_point(dit)
+    assert model.blocks_per_call(5) == 2 + 5 + 1 and dit.blocks_per_call(5) == 3
+    assert len(model.block_modules()) == 2 + 1 + 1 and len(dit.block_modules()) == 3
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 70]), torch.tensor([0, 2])
+    with torch.no_grad():
+        problem = model.prepare(x, t, y)
+        assert isinstance(problem, FixedPointProblem) and problem.start.shape == (2, 16, 32)  # (B, T, D)
+        z = problem.start
+        for _ in range(4):
+            z = problem.f(z)
+        out = model(x, t, y, iters=4, solver=REGISTRY.create("solver", "fixed_point"))  # prepare, solve, finish
+    torch.testing.assert_close(model.finish(z, problem), out.pred, rtol=0, atol=1e-6)

@@ -1,7 +1,8 @@
-"""Sampling under a compute budget, the loop that owns the fixed-point state between timesteps.
+"""Sampling under a compute budget: plans, the noise sources, and the loop that runs a sampler over one
+`ModelEvaluation` per batch (which owns the fixed-point state between evaluations).
 
-Budgets are counted in transformer-block evaluations per sample, the paper's unit: an FPDM step costs
-pre + iterations + post, a DiT step its depth. Classifier-free guidance evaluates the network twice per
+Budgets are counted in transformer-block evaluations per sample, the paper's unit: an FPDM evaluation costs
+pre + iterations + post, a DiT evaluation its depth. Classifier-free guidance evaluates the network twice per
 sample; budgets and reports count one evaluation per sample, as the paper does, and say so.
 """
 
@@ -9,57 +10,47 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
+import attrs
 import torch
 from torch import Tensor
 
+from fpdm.diffusion.evaluation import ModelEvaluation, StepStats, guide
 from fpdm.diffusion.gaussian import GaussianDiffusion
-from fpdm.errors import FpdmRuntimeError, PluginError, UsageError
-from fpdm.interfaces import BudgetAllocator, Denoiser, ReusePolicy, Solver
+from fpdm.errors import PluginError, UsageError
+from fpdm.interfaces import (
+    BudgetAllocator,
+    Denoiser,
+    Evaluate,
+    NoiseSource,
+    ReusePolicy,
+    Sampler,
+    Solver,
+    is_fixed_point,
+)
 
-
-class StepUpdate(Protocol):
-    """One reverse step: x_{t-1} from x_t and the model output at respaced index i (shared by every sampler)."""
-
-    def __call__(self, diffusion: GaussianDiffusion, model_output: Tensor, x: Tensor, i: int, *,
-                 noise: Tensor, clip_x0: bool) -> Tensor: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class StepStats:
-    """What one sampling step spent, per-sample aggregates over the batch."""
-
-    index: int
-    timestep: int
-    iterations: int  # allocated (the cap)
-    iterations_mean: float  # spent
-    iterations_max: int
-    residual_mean: float  # final relative residual of the fixed-point solve
-    residual_max: float
-    blocks_mean: float
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleResult:
-    images: Tensor  # (B, C, H, W) in [-1, 1] (clipped), or latents as they are with clip_output=False
-    steps: list[StepStats]
-    blocks: Tensor  # (B,) block evaluations spent per sample over the whole trajectory
+__all__ = ["GenerateResult", "GeneratorNoise", "SampleResult", "StepStats", "StepUpdate", "StepUpdateSampler",
+           "TensorNoise", "as_sampler", "generate", "generate_batches", "guide", "plan_iterations",
+           "plan_tolerances", "sample", "step_noise"]
 
 
 def plan_iterations(model: Denoiser, timesteps: Sequence[int], *, budget: int | None, iters: int,
                     allocator: BudgetAllocator) -> list[int]:
-    """Fixed-point iterations per step. Without a budget: `iters` each. With one: the allocator splits what
-    is left after the pre/post blocks of every step; a budget that cannot pay one iteration per step fails."""
+    """Fixed-point iterations per model evaluation (`timesteps` holds one entry per evaluation). Without a
+    budget: `iters` each. With one: the allocator splits what is left after the pre/post blocks of every
+    evaluation; a budget that cannot pay one iteration per evaluation fails."""
     steps = len(timesteps)
     if iters < 0 or (budget is not None and budget < 1):
         raise UsageError(f"iterations per step must be >= 0 and a budget >= 1, got iters={iters}, budget={budget}")
     per_step = model.blocks_per_call(0)
-    if model.blocks_per_call(1) == per_step:  # DiT: depth per step, nothing to allocate
+    if not is_fixed_point(model):  # DiT: depth per step, nothing to allocate
         if budget is not None and steps * per_step > budget:
             raise UsageError(f"budget {budget} cannot pay for {steps} DiT steps of {per_step} blocks "
-                             f"({steps * per_step} needed); use --steps {max(1, budget // per_step)} or a larger budget")
+                             f"({steps * per_step} needed); use --steps {max(1, budget // per_step)} or a larger "
+                             "budget")
         return [0] * steps
     if budget is None:
         return [iters] * steps
@@ -87,138 +78,180 @@ def plan_tolerances(allocator: BudgetAllocator, iterations: Sequence[int], times
     return [float(t) for t in tols]
 
 
-def guide(output: Tensor, scale: float, *, channels: int | None, learn_sigma: bool) -> Tensor:
-    """Classifier-free guidance on a batch of conditional rows followed by the same rows unconditioned:
-    uncond + scale * (cond - uncond) on the prediction channels (or the first `channels`); the learned
-    variance channels stay conditional. (B2, C_out, H, W) -> (B, C_out, H, W)."""
-    half = output.shape[0] // 2
-    cond, uncond = output[:half], output[half:]  # slices, not chunk(): chunk pins the batch size when exported
-    k = channels or (cond.shape[1] // 2 if learn_sigma else cond.shape[1])
-    eps = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
-    return torch.cat([eps, cond[:, k:]], dim=1)
+class StepUpdate(Protocol):
+    """The old step-update plugin: x_{t-1} from x_t and the guided model output at respaced index i.
+    Still accepted wherever a sampler is (`as_sampler` adapts it)."""
+
+    def __call__(self, diffusion: GaussianDiffusion, model_output: Tensor, x: Tensor, i: int, *,
+                 noise: Tensor, clip_x0: bool) -> Tensor: ...
+
+
+@attrs.frozen
+class StepUpdateSampler(Sampler):
+    """A `StepUpdate` run as a `Sampler`: one evaluation and one update per step, noise drawn at every step
+    but the last (the draws the step-update loop always made, so its images do not change)."""
+
+    update: StepUpdate
+    clip_x0: bool = False
+
+    @property
+    def deterministic(self) -> bool:
+        return False  # it may use the noise it is given: nothing says it does not
+
+    def __call__(self, evaluate: Evaluate, x: Tensor, diffusion: GaussianDiffusion, *,
+                 noise: NoiseSource) -> Tensor:
+        for step, i in enumerate(reversed(range(diffusion.num_timesteps))):
+            output = evaluate(x, i).output
+            added = noise(step) if i > 0 else torch.zeros_like(x)
+            x = self.update(diffusion, output, x, i, noise=added, clip_x0=self.clip_x0)
+        return x
+
+
+def as_sampler(sampler: Sampler | StepUpdate, *, clip_x0: bool = False) -> Sampler:
+    """A `Sampler` as it is; an old-style step update wrapped in `StepUpdateSampler`; anything else refused."""
+    if isinstance(sampler, Sampler):
+        return sampler
+    if callable(sampler):
+        return StepUpdateSampler(sampler, clip_x0=clip_x0)
+    raise PluginError(f"sampler {type(sampler).__name__} is neither an fpdm.Sampler nor a step-update callable")
 
 
 def step_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> Tensor:
     """Per-sample noise from per-sample generators: image k does not depend on the batch it is drawn in."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)  # (B, *shape)
 
 
-def sample(model: Denoiser, diffusion: GaussianDiffusion, *, generators: list[torch.Generator], shape: tuple[int, ...],
-           labels: Tensor | None, update: StepUpdate, solver: Solver | None, iterations: Sequence[int],
-           reuse: ReusePolicy, tol: float | Sequence[float] = 0.0, cfg_scale: float = 1.0,
-           cfg_channels: int | None = None, clip_x0: bool = False, adaptive: bool = False,
+class GeneratorNoise:
+    """The `NoiseSource` of eager sampling: draw k from every sample's own generator, in order."""
+
+    def __init__(self, generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> None:
+        self.generators, self.shape, self.device, self.drawn = generators, shape, device, 0
+
+    def __call__(self, k: int) -> Tensor:
+        if k != self.drawn:  # generators only go forward: draw k is the k-th draw or it is not reproducible
+            raise PluginError(f"the sampler asked for noise draw {k} after {self.drawn} draws; draws go in order")
+        self.drawn += 1
+        return step_noise(self.generators, self.shape, self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorNoise:
+    """The `NoiseSource` of an exported loop: row k of an input (S, B, C, H, W); zeros like `like` without one."""
+
+    noise: Tensor | None
+    like: Tensor
+
+    def __call__(self, k: int) -> Tensor:
+        return torch.zeros_like(self.like) if self.noise is None else self.noise[k]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    images: Tensor  # (B, C, H, W) in [-1, 1] (clipped), or latents as they are with clip_output=False
+    steps: list[StepStats]  # one per model evaluation
+    blocks: Tensor  # (B,) block evaluations spent per sample over the whole trajectory
+
+
+def sample(model: Denoiser, diffusion: GaussianDiffusion, *, generators: list[torch.Generator],
+           shape: tuple[int, ...], labels: Tensor | None, sampler: Sampler | StepUpdate, solver: Solver | None,
+           iterations: Sequence[int], reuse: ReusePolicy, tol: float | Sequence[float] = 0.0,
+           cfg_scale: float = 1.0, cfg_channels: int | None = None, clip_x0: bool = False, adaptive: bool = False,
            device: torch.device | str = "cpu", clip_output: bool = True,
-           callback: Callable[[StepStats], None] | None = None) -> SampleResult:
-    """Run the reverse process of the respaced `diffusion` for len(generators) samples of `shape` (C, H, W).
+           callback: Callable[[StepStats], None] | None = None, x_T: Tensor | None = None) -> SampleResult:
+    """Run `sampler` over the respaced `diffusion` for len(generators) samples of `shape` (C, H, W).
 
-    iterations[i] is step i's iteration cap (in sampling order); `tol` is one stopping tolerance or one per
-    step (`plan_tolerances`). With `adaptive`, each sample carries the iterations it did not use into its next
-    step, so the total stays within the plan.
+    iterations[k] is the k-th model evaluation's iteration cap (in sampling order); `tol` is one stopping
+    tolerance or one per evaluation (`plan_tolerances`). With `adaptive`, each sample carries the iterations it
+    did not use into its next evaluation, so the total stays within the plan.
     cfg_channels limits guidance to the first channels (the official code guides 3 of 4); None guides all.
     `clip_output` clamps the final samples to [-1, 1]: right for pixels, wrong for latents (pass False).
+    `callback` sees every evaluation's StepStats as it completes. `x_T` (B, C, H, W) replaces the starting
+    noise; each generator still makes its first draw, so the noise that follows is the same as without it.
     """
     device = torch.device(device)
-    n = len(generators)
-    if len(iterations) != diffusion.num_timesteps:
-        raise UsageError(f"{len(iterations)} iteration counts for {diffusion.num_timesteps} steps")
-    tols = [tol] * len(iterations) if isinstance(tol, (int, float)) else list(tol)
-    if len(tols) != len(iterations):
-        raise UsageError(f"{len(tols)} tolerances for {diffusion.num_timesteps} steps")
-    guided = cfg_scale != 1.0
-    if guided and labels is None:
-        raise UsageError("classifier-free guidance needs a class-conditional model")
+    chosen = as_sampler(sampler, clip_x0=clip_x0)
+    evaluations = chosen.evaluations(diffusion.num_timesteps)
+    if len(iterations) != evaluations:
+        per = "" if evaluations == diffusion.num_timesteps else f" ({evaluations} model evaluations)"
+        raise UsageError(f"{len(iterations)} iteration counts for {diffusion.num_timesteps} steps{per}")
     if cfg_channels is not None and not 1 <= cfg_channels <= shape[0]:  # 0 would silently mean "all channels"
         raise UsageError(f"guided channels must be 1..{shape[0]} (the image channels), got {cfg_channels}")
-    x = step_noise(generators, shape, device)  # (B, C, H, W) x_T
-    y = labels
-    if guided:  # one batch: conditional rows, then the same rows with the null label
-        y = torch.cat([labels, torch.full_like(labels, model.num_classes)])  # type: ignore[arg-type]
-    solutions: list[Tensor] = []
-    carry = torch.zeros(n * (2 if guided else 1), dtype=torch.long, device=device)
-    spent = torch.zeros(n, dtype=torch.long, device=device)
-    history: list[StepStats] = []
-    for step, i in enumerate(reversed(range(diffusion.num_timesteps))):
-        t_model = diffusion.map_timesteps(torch.full((n,), i, dtype=torch.long, device=device))
-        x_in, t_in = (torch.cat([x, x]), torch.cat([t_model, t_model])) if guided else (x, t_model)
-        z0 = reuse.init(solutions, step)  # the list holds at most reuse.history solutions
-        cap = iterations[step]
-        limit = cap + carry if adaptive else cap  # adaptive: per-sample caps, what each has not spent yet
-        with torch.no_grad():
-            out = model(x_in, t_in, y, z0=z0, iters=limit, solver=solver, tol=tols[step])
-        if out.z is not None and reuse.history:
-            solutions = [*solutions, out.z][-reuse.history :]
-        if adaptive and out.stats is not None:
-            carry = limit - out.stats.iterations
-        output = out.pred
-        if guided:
-            output = guide(output, cfg_scale, channels=cfg_channels, learn_sigma=diffusion.learn_sigma)
-        noise = step_noise(generators, shape, device) if i > 0 else torch.zeros_like(x)
-        x = update(diffusion, output, x, i, noise=noise, clip_x0=clip_x0)
-        if not bool(torch.isfinite(x).all()):  # NaN images are never returned as if they were samples
-            raise FpdmRuntimeError(_diverged(step, diffusion.num_timesteps, int(t_model[0]), out, history))
-        blocks = out.blocks[:n]
-        spent += blocks
-        stats = _step_stats(step, int(t_model[0]), cap, out, blocks)
-        history.append(stats)
-        if callback is not None:
-            callback(stats)
-    return SampleResult(x.clamp(-1, 1) if clip_output else x, history, spent)
-
-
-def _diverged(step: int, steps: int, timestep: int, out: Any, history: list[StepStats]) -> str:
-    """One line: where sampling went non-finite, the solve's residual there and at the step before."""
-    if out.z is not None and not bool(torch.isfinite(out.z).all()):
-        where = "the fixed-point state"
-    elif not bool(torch.isfinite(out.pred).all()):
-        where = "the model output"
-    else:
-        where = "the sampler update"
-    residual = "no fixed-point solve"
-    if out.stats is not None:
-        r = out.stats.residual.double()
-        worst = r.nan_to_num(nan=math.inf, posinf=math.inf).max().item() if r.numel() else math.nan
-        residual = f"fixed-point residual max {worst:.3g}"
-        if history:
-            residual += f" (step before: {history[-1].residual_max:.3g})"
-    return (f"sampling diverged at step {step + 1} of {steps} (timestep {timestep}): non-finite values in {where}, "
-            f"{residual}; no images written (try more iterations, a damped or another solver, or fewer steps)")
-
-
-def _step_stats(step: int, timestep: int, cap: int, out: Any, blocks: Tensor) -> StepStats:
-    if out.stats is None:
-        return StepStats(step, timestep, cap, 0.0, 0, float("nan"), float("nan"), blocks.double().mean().item())
-    s = out.stats
-    return StepStats(step, timestep, cap, s.iterations.double().mean().item(), int(s.iterations.max()),
-                     s.residual.double().nanmean().item(), s.residual.double().nan_to_num(nan=0.0).max().item(),
-                     blocks.double().mean().item())
+    evaluate = ModelEvaluation(model, diffusion, labels=labels, solver=solver, iterations=iterations, reuse=reuse,
+                               tol=tol, adaptive=adaptive, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
+                               clip_x0=clip_x0, solve="solving", callback=callback)
+    x = step_noise(generators, shape, device)  # (B, C, H, W) x_T, each sample's first draw
+    if x_T is not None:
+        if tuple(x_T.shape) != tuple(x.shape):
+            raise UsageError(f"x_T must have shape {tuple(x.shape)}, got {tuple(x_T.shape)}")
+        x = x_T.to(device=device, dtype=x.dtype)
+    x = chosen(evaluate, x, diffusion, noise=GeneratorNoise(generators, shape, device))
+    evaluate.check_output(x)
+    assert evaluate.spent is not None  # at least one evaluation ran: check_output counted them
+    return SampleResult(x.clamp(-1, 1) if clip_output else x, evaluate.history, evaluate.spent)
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerateResult:
     images: Tensor  # (N, C, H, W) in [-1, 1], on the CPU
     labels: Tensor | None  # (N,)
-    steps: list[dict[str, float]]  # per step, aggregated over all batches
+    steps: list[dict[str, float]]  # per model evaluation, aggregated over all batches
     blocks: Tensor  # (N,) block evaluations spent per sample
     seconds: float
 
 
-def generate(model: Denoiser, diffusion: GaussianDiffusion, *, n: int, batch_size: int, seed: int,
-             labels: Sequence[int] | None, progress: Callable[[int], None] | None = None,
-             run: Callable[..., SampleResult] | None = None, **options: Any) -> GenerateResult:
-    """`n` samples in batches through `sample`; sample k uses generator (seed, k), so the images do not depend
-    on the batch size. `options` are `sample`'s keywords (update, solver, iterations, reuse, ...); `run` replaces
-    `sample` with a callable of the same signature (an exported whole loop)."""
-    import time
+class BatchSampler(Protocol):
+    """One batch of samples from their generators, labels and, when given, starting noise x_T (`sample` with
+    everything else fixed, or an exported whole loop)."""
 
-    device = torch.device(options.get("device", "cpu"))
+    def __call__(self, generators: list[torch.Generator], labels: Tensor | None, x_T: Tensor | None, /
+                 ) -> SampleResult: ...
+
+
+def generate(model: Denoiser, diffusion: GaussianDiffusion, *, n: int, batch_size: int, seed: int,
+             labels: Sequence[int] | None, shape: tuple[int, ...], sampler: Sampler | StepUpdate,
+             solver: Solver | None, iterations: Sequence[int], reuse: ReusePolicy,
+             tol: float | Sequence[float] = 0.0, cfg_scale: float = 1.0, cfg_channels: int | None = None,
+             clip_x0: bool = False, adaptive: bool = False, device: torch.device | str = "cpu",
+             clip_output: bool = True, callback: Callable[[StepStats], None] | None = None,
+             progress: Callable[[int], object] | None = None, generators: Sequence[torch.Generator] | None = None,
+             x_T: Tensor | None = None) -> GenerateResult:
+    """`n` samples in batches through `sample` (the keywords they share are sample's); sample k uses generator
+    (seed, k), so the images do not depend on the batch size. `generators` (one per sample) replace the seeded
+    ones; `x_T` (n, C, H, W) is the starting noise."""
+
+    def run(gens: list[torch.Generator], y: Tensor | None, start: Tensor | None) -> SampleResult:
+        return sample(model, diffusion, generators=gens, shape=shape, labels=y, sampler=sampler, solver=solver,
+                      iterations=iterations, reuse=reuse, tol=tol, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
+                      clip_x0=clip_x0, adaptive=adaptive, device=device, clip_output=clip_output,
+                      callback=callback, x_T=start)
+
+    return generate_batches(run, n=n, batch_size=batch_size, seed=seed, labels=labels, device=device,
+                            progress=progress, generators=generators, x_T=x_T)
+
+
+def generate_batches(run: BatchSampler, *, n: int, batch_size: int, seed: int, labels: Sequence[int] | None,
+                     device: torch.device | str = "cpu", progress: Callable[[int], object] | None = None,
+                     generators: Sequence[torch.Generator] | None = None,
+                     x_T: Tensor | None = None) -> GenerateResult:
+    """`n` samples from `run` in batches of `batch_size`; sample k gets generator (seed, k) (or generators[k]),
+    x_T[k] when given, and label labels[k % len(labels)], whatever batch it falls in."""
+    if n < 1 or batch_size < 1:
+        raise UsageError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
+    if generators is not None and len(generators) != n:
+        raise UsageError(f"{len(generators)} generators for n={n} samples: give one per sample")
+    if x_T is not None and x_T.shape[0] != n:
+        raise UsageError(f"x_T holds {x_T.shape[0]} samples for n={n}")
     label_tensor = None if labels is None else torch.tensor([labels[k % len(labels)] for k in range(n)])
     images, blocks, per_step = [], [], []
     start = time.perf_counter()
     for first in range(0, n, batch_size):
         ks = range(first, min(first + batch_size, n))
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + k) for k in ks]
-        y = None if label_tensor is None else label_tensor[first : first + len(ks)].to(device)
-        result = (run or sample)(model, diffusion, generators=gens, labels=y, **options)
+        if generators is None:
+            gens = [torch.Generator().manual_seed(seed * 1_000_003 + k) for k in ks]
+        else:
+            gens = list(generators[first : ks.stop])
+        y = None if label_tensor is None else label_tensor[first : ks.stop].to(device)
+        result = run(gens, y, None if x_T is None else x_T[first : ks.stop])
         images.append(result.images.cpu())
         blocks.append(result.blocks.cpu())
         per_step.append((len(ks), result.steps))
@@ -233,7 +266,10 @@ def _merge_steps(batches: list[tuple[int, list[StepStats]]]) -> list[dict[str, f
     merged = []
     for i, first in enumerate(batches[0][1]):
         rows = [(size, steps[i]) for size, steps in batches]
-        mean = lambda name: sum(size * getattr(s, name) for size, s in rows) / total  # noqa: E731
+
+        def mean(name: str, rows: list[tuple[int, StepStats]] = rows) -> float:  # sample-weighted over batches
+            return sum(size * getattr(s, name) for size, s in rows) / total
+
         merged.append({
             "step": i, "timestep": first.timestep, "iterations": first.iterations,
             "iterations_mean": mean("iterations_mean"), "iterations_max": max(s.iterations_max for _, s in rows),

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from fpdm.errors import PluginError, UsageError
-from fpdm.interfaces import Denoiser, DenoiserOutput, Solver, SolverResult
+from fpdm.interfaces import Denoiser, DenoiserOutput, FixedPointDenoiser, FixedPointProblem, Solver, SolverResult
 
 # name -> (hidden size, heads, DiT depth). S/B/L/XL as in DiT; XS and Ti are CPU-sized.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -111,7 +111,7 @@ class TimestepEmbedder(nn.Module):
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]  # (B, half)
         # The sinusoid stays fp32 (fp16 cannot resolve t * freq near t = 999); the MLP runs in its own dtype.
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype)  # (B, 256)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(next(self.mlp.parameters()).dtype)  # (B, 256)
         return self.mlp(emb)  # (B, D), cos first
 
 
@@ -168,18 +168,22 @@ class _Backbone(Denoiser):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.x_embedder.proj.bias is not None:  # always there; the Conv2d type allows none
+            nn.init.zeros_(self.x_embedder.proj.bias)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in self.t_embedder.mlp:  # its two linears, in order
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
         for module in self.modules():
-            if isinstance(module, (DiTBlock, FinalLayer)):
-                nn.init.zeros_(module.adaLN_modulation[-1].weight)
-                nn.init.zeros_(module.adaLN_modulation[-1].bias)
+            last = module.adaLN_modulation[-1] if isinstance(module, (DiTBlock, FinalLayer)) else None
+            if isinstance(last, nn.Linear):  # adaLN-Zero: every block starts as the identity
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -188,7 +192,7 @@ class _Backbone(Denoiser):
         if (y is None) != (self.y_embedder is None):
             raise UsageError("class labels are required for a class-conditional model and refused otherwise")
         tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D)
-        return tokens, self.t_embedder(t), None if y is None else self.y_embedder(y)  # type: ignore[misc]
+        return tokens, self.t_embedder(t), None if y is None else self.y_embedder(y)  # type: ignore[misc]  # y_embedder is None only when y is
 
     def unpatchify(self, x: Tensor) -> Tensor:
         p, c, grid = self.patch_size, self.out_channels, self.input_size // self.patch_size
@@ -217,7 +221,7 @@ class FixedPointMap:
         return FixedPointMap(self.model, self.u[rows], self.c[rows])
 
 
-class FPDM(_Backbone):
+class FPDM(_Backbone, FixedPointDenoiser):
     """Pre blocks -> input injection -> one block iterated to a fixed point -> post blocks -> final layer."""
 
     def __init__(self, *, input_size: int = 32, in_channels: int = 4, patch_size: int = 2, hidden_size: int = 1152,
@@ -239,11 +243,12 @@ class FPDM(_Backbone):
         self.blocks_post = nn.ModuleList([self.block() for _ in range(post_depth)])
         self.initialize()
 
-    def blocks_per_call(self, iters: int) -> int:
-        return self.pre_depth + iters + self.post_depth
+    def block_modules(self) -> list[nn.Module]:
+        return [*self.blocks_pre, self.block_fixed_point, *self.blocks_post]
 
-    def prepare(self, x: Tensor, t: Tensor, y: Tensor | None) -> tuple[Tensor, FixedPointMap, Tensor]:
-        """Everything before the solve: (pre-layer output h (B, T, D), the fixed-point map, the post condition)."""
+    def prepare(self, x: Tensor, t: Tensor, y: Tensor | None) -> FixedPointProblem:
+        """Everything before the solve: the pre-layer output h (B, T, D) as the cold start, the fixed-point map
+        with the injection computed once, and the post blocks' condition as the context."""
         tokens, t_emb, y_emb = self.embed(x, t, y)
         c = t_emb if y_emb is None else t_emb + y_emb  # (B, D) the fixed-point block sees timestep + class
         # Officially pre/post/final see the class only; an unconditional model has only the timestep to give.
@@ -251,19 +256,20 @@ class FPDM(_Backbone):
         h = tokens
         for block in self.blocks_pre:
             h = self.run_block(block, h, c_pp, self.checkpoint)
-        return h, FixedPointMap(self, self.block_pre_projection(h), c), c_pp  # input injection computed once
+        return FixedPointProblem(h, FixedPointMap(self, self.block_pre_projection(h), c), c_pp)
 
-    def finish(self, z: Tensor, c_pp: Tensor) -> Tensor:
+    def finish(self, z: Tensor, problem: FixedPointProblem) -> Tensor:
         """Everything after the solve: post blocks and the final layer, (B, T, D) -> (B, C_out, H, W)."""
-        out = z
+        c_pp, out = problem.context, z
         for block in self.blocks_post:
             out = self.run_block(block, out, c_pp, self.checkpoint)
         return self.unpatchify(self.final_layer(out, c_pp))
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, z0: Tensor | None = None, iters: int | Tensor,
                 solver: Solver | None = None, tol: float = 0.0, grad_iters: int = 0) -> DenoiserOutput:
-        h, f, c_pp = self.prepare(x, t, y)
-        z = h if z0 is None else z0  # (B, T, D)
+        problem = self.prepare(x, t, y)
+        f = problem.f
+        z = problem.start if z0 is None else z0  # (B, T, D)
         stats = None
         if (int(iters.max()) if isinstance(iters, Tensor) else iters) > 0:
             if solver is None:
@@ -276,7 +282,7 @@ class FPDM(_Backbone):
             z, stats = result.z, result.stats
         for _ in range(grad_iters):  # S-JFB's grad phase: unrolled backprop through these iterations only
             z = grad_checkpoint(f, z, use_reentrant=False) if self.checkpoint and torch.is_grad_enabled() else f(z)
-        pred = self.finish(z, c_pp)  # (B, C_out, H, W)
+        pred = self.finish(z, problem)  # (B, C_out, H, W)
         spent = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device) if stats is None else stats.iterations
         blocks = spent + self.pre_depth + self.post_depth + grad_iters  # (B,)
         return DenoiserOutput(pred, z, stats, blocks)
@@ -299,6 +305,9 @@ class DiT(_Backbone):
     def blocks_per_call(self, iters: int) -> int:
         return self.depth
 
+    def block_modules(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, z0: Tensor | None = None, iters: int | Tensor = 0,
                 solver: Solver | None = None, tol: float = 0.0, grad_iters: int = 0) -> DenoiserOutput:
         h, t_emb, y_emb = self.embed(x, t, y)
@@ -306,7 +315,8 @@ class DiT(_Backbone):
         for block in self.blocks:
             h = self.run_block(block, h, c, self.checkpoint)
         pred = self.unpatchify(self.final_layer(h, c))  # (B, C_out, H, W)
-        return DenoiserOutput(pred, None, None, torch.full((x.shape[0],), self.depth, dtype=torch.int64, device=x.device))
+        blocks = torch.full((x.shape[0],), self.depth, dtype=torch.int64, device=x.device)  # (B,)
+        return DenoiserOutput(pred, None, None, blocks)
 
 
 def parse_arch(arch: str) -> tuple[str, str, int]:

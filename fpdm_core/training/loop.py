@@ -35,7 +35,6 @@ from fpdm.training.distributed import DistContext, barrier, check_in_sync, check
 from fpdm.diffusion.gaussian import GaussianDiffusion
 from fpdm.errors import FpdmRuntimeError, UsageError
 from fpdm.interfaces import Solver
-from fpdm.models.transformer import DiTBlock
 from fpdm.registry import Registry
 
 Logger = Callable[[dict[str, Any]], None]
@@ -52,7 +51,8 @@ class TrainResult:
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
-        e, m = list(ema.parameters()), list(model.parameters())
+        e: list[Tensor] = list(ema.parameters())
+        m: list[Tensor] = list(model.parameters())
         torch._foreach_lerp_(e, m, 1.0 - decay)
 
 
@@ -122,9 +122,8 @@ def _train(config: Config, ctx: DistContext, *, resume: bool, registry: Registry
         if start >= tc.steps:
             raise UsageError(f"{run_dir} is already at step {start} of train.steps={tc.steps}; raise train.steps to continue")
     if tc.compile:
-        for module in model.modules():  # per block: one graph reused by every fixed-point iteration
-            if isinstance(module, DiTBlock):
-                module.compile()
+        for block in model.block_modules():  # per block: one graph reused by every fixed-point iteration
+            block.compile()
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -306,6 +305,6 @@ def _progress(start: int, total: int, enabled: bool) -> Any:
 
 
 def _version() -> str:
-    from fpdm import __version__
+    from fpdm.version import __version__
 
     return __version__
