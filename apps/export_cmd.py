@@ -1,86 +1,58 @@
-"""`fpdm export CKPT --onnx --iters K`: one denoising step (or the whole loop) as a verified .onnx file."""
+"""`fpdm export MODEL --onnx [--iters K]`: flags -> `ExportConfig` -> `fpdm.pipeline.export_report`, the function
+`Pipeline.export` runs (the exporter registered as --format, one denoising step or the whole loop, verified).
+Top-level imports stay torch-free."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-from fpdm.build import load_denoiser
-from fpdm.io.checkpoint import load_checkpoint
-from fpdm.config import Config, from_dict
+from fpdm.apps.cli import Handler, add_json_option, add_weights_option, write_json
+from fpdm.apps.sampling_setup import add_process_arguments
 from fpdm.errors import UsageError
-from fpdm.registry import default_registry
-
-from fpdm.apps.presets import default_run
-from fpdm.apps.sampling_setup import add_process_arguments, names, sampling_parts
 
 
-def export_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-def]
-    parser.add_argument("checkpoint", nargs="?",
-                        help="a run or checkpoint folder (default: the run `fpdm train` writes)")
+def export_command(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="a run, checkpoint or packed model folder (default: the run `fpdm train` writes)")
     parser.add_argument("--onnx", dest="format", action="store_const", const="onnx",
                         help="ONNX (the built-in format; same as --format onnx)")
     parser.add_argument("--format", dest="format", help="a registered exporter (see `fpdm plugins`)")
-    parser.add_argument("--iters", type=int, default=3, help="fixed-point iterations unrolled per step (K)")
-    parser.add_argument("--solver", help="solver to unroll (default: the config's)")
-    parser.add_argument("--opset", type=int, help="ONNX opset (default 20)")
+    parser.add_argument("--iters", type=int, help="fixed-point iterations unrolled per step, K "
+                        "(default: the model's configured solver.max_iter)")
+    parser.add_argument("--solver", help="solver to unroll (default: the model's configured one)")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, 20 for onnx)")
     parser.add_argument("--fp16", action="store_true", help="half-precision weights and compute (I/O stays fp32)")
     parser.add_argument("--no-verify", action="store_true", help="skip the parity check against PyTorch")
-    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
-    parser.add_argument("--out", help="output .onnx path (default: RUN/export/<name>.onnx)")
+    add_weights_option(parser)
+    parser.add_argument("--out", help="output .onnx path (default: RUN/export/<checkpoint>-k<K>.onnx, or "
+                        "DIR-export/ beside a packed folder)")
     parser.add_argument("--whole-loop", action="store_true", help="export all --steps steps in one graph")
-    add_process_arguments(parser, steps=None)
+    add_process_arguments(parser, steps=None, steps_help="sampling steps of a --whole-loop graph (required there)")
+    add_json_option(parser, help="also write the export report to PATH; '-': stdout, instead of the summary")
 
     def run(args: argparse.Namespace) -> int:
+        from fpdm.apps.presets import default_run
+        from fpdm.config import ExportConfig, make_config
+        from fpdm.pipeline import export_report, load
+
         if args.format is None:
             raise UsageError("choose a format: --onnx (or --format NAME of a registered exporter)")
-        if args.iters < 1:
-            raise UsageError(f"--iters must be >= 1, got {args.iters}")
-        if args.whole_loop and args.steps is None:
-            raise UsageError("--whole-loop needs --steps S")
-        if not args.whole_loop and (args.steps is not None or args.budget is not None):
-            raise UsageError("--steps and --budget only apply with --whole-loop; a step graph runs --iters per call")
-        ckpt = load_checkpoint(default_run(args.checkpoint))
-        config = from_dict(Config, ckpt.config)
-        registry = default_registry()
-        model = load_denoiser(ckpt, ema=args.ema, registry=registry)
-        solver_name = args.solver or config.solver.name
-        solver_options = {} if args.solver else dict(config.solver.options)
-        solver = registry.create("solver", solver_name, **solver_options)
-        options: dict[str, Any] = {"iters": args.iters, "fp16": args.fp16, "verify": not args.no_verify}
-        if args.opset is not None:
-            options["opset"] = args.opset
-        exporter = registry.create("exporter", args.format, **options)
-        loop = _loop_spec(args, config, model, registry, ckpt.spec) if args.whole_loop else None
-        out = Path(args.out) if args.out else _default_out(ckpt.path, args, model)
-        if out.suffix != ".onnx":
-            raise UsageError(f"--out must end in .onnx, got {out}")
-        report = exporter.export(model, solver=solver, solver_info={"name": solver_name, "options": solver_options},
-                                 config=ckpt.config, spec=ckpt.spec, out=out, loop=loop,
-                                 source={"checkpoint": str(ckpt.path), "step": ckpt.step, "ema": args.ema})
-        _print(report)
+        config = make_config(ExportConfig, format=args.format, iters=args.iters, solver=args.solver,
+                             opset=args.opset, fp16=args.fp16, verify=not args.no_verify, out=args.out,
+                             whole_loop=args.whole_loop, steps=args.steps, budget=args.budget, sampler=args.sampler,
+                             eta=args.eta, allocator=args.allocator, reuse=args.reuse, cfg_scale=args.cfg_scale,
+                             cfg_channels=args.cfg_channels, clip_x0=args.clip_x0)
+        pipe = load(default_run(args.model), device="cpu", weights=args.weights)
+        report = export_report(pipe, config)
+        if args.json is not None:
+            write_json(report, args.json)
+        if args.json != "-":
+            _print(report)
         return 0
 
     return run
-
-
-def _loop_spec(args: argparse.Namespace, config: Config, model: Any, registry: Any, spec: dict[str, Any]) -> Any:
-    from fpdm.export.exporter import LoopSpec
-
-    parts = sampling_parts(args, config, model, registry, iters=args.iters)
-    if parts.allocator.tol > 0:
-        raise UsageError(f"allocator {args.allocator!r} decides per sample at run time; a graph needs a fixed plan "
-                         "(uniform, increasing, decreasing, ramp)")
-    return LoopSpec(parts.diffusion, parts.update, parts.iterations, parts.reuse, args.cfg_scale, args.cfg_channels,
-                    args.clip_x0, "latent" not in spec, names(args))
-
-
-def _default_out(ckpt_path: Path, args: argparse.Namespace, model: Any) -> Path:
-    run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
-    what = f"loop-s{args.steps}" if args.whole_loop else f"k{args.iters}"
-    return run / "export" / f"{ckpt_path.name}-{what}{'-fp16' if args.fp16 else ''}.onnx"
 
 
 def _print(report: dict[str, Any]) -> None:

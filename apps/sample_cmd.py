@@ -1,7 +1,8 @@
-"""`fpdm sample CKPT|MODEL.onnx`: images under a block budget, a grid, per-step stats and an optional plot.
+"""`fpdm sample MODEL`: images under a block budget, a grid, per-step stats and an optional plot.
 
-The PyTorch backend samples a checkpoint; the ONNX Runtime backend samples an exported step (the same loop,
-schedules and reuse policies, with the iterations fixed at the exported K) or an exported whole loop.
+MODEL is a run, checkpoint or packed folder (flags -> `SampleConfig` -> `fpdm.load(MODEL).sample(...)`), or an
+exported .onnx sampled by ONNX Runtime: the same options, schedules and reuse policies over an exported step
+(iterations fixed at the exported K) or an exported whole loop. Top-level imports stay torch-free.
 """
 
 from __future__ import annotations
@@ -15,200 +16,226 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-from PIL import Image
-from torchvision.utils import make_grid
-
-from fpdm.config import Config, from_dict
+from fpdm.apps.cli import Handler, add_device_option, add_json_option, add_weights_option, write_json
+from fpdm.apps.sampling_setup import add_process_arguments, class_value, sample_config
 from fpdm.errors import UsageError
-from fpdm.registry import default_registry
-from fpdm.diffusion.sampling import generate
-
-from fpdm.io.vae_weights import latent_decoder
-from fpdm.apps.plots import draw_plot, save_png, stack_images
-from fpdm.apps.presets import default_run
-from fpdm.apps.sampling_setup import add_process_arguments, load_for_sampling, sampling_parts
 
 
-def sample_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-def]
-    parser.add_argument("checkpoint", nargs="?",
-                        help="a run or checkpoint folder, or an exported .onnx (default: the run `fpdm train` writes)")
+def sample_command(parser: argparse.ArgumentParser) -> Handler:
+    parser.add_argument("model", nargs="?", metavar="MODEL", help="a run, checkpoint or packed model folder, or an "
+                        "exported .onnx (default: the run `fpdm train` writes)")
     parser.add_argument("--n", type=int, default=64, help="number of images")
-    parser.add_argument("--batch-size", type=int, default=64)
-    add_process_arguments(parser, steps=None)  # --steps (default 50), --budget, --sampler, --allocator, ...
+    parser.add_argument("--batch-size", type=int, default=64, help="images sampled at once")
+    add_process_arguments(parser, steps=None, steps_help="sampling steps (respaced); default 50 (an exported "
+                          "whole loop: its own)")
     parser.add_argument("--iters", type=int, help="fixed-point iterations per step without --budget "
-                        "(default: the config's solver.max_iter)")
-    parser.add_argument("--solver", help="fixed-point solver (default: the config's)")
+                        "(default: the model's configured solver.max_iter)")
+    parser.add_argument("--solver", help="fixed-point solver (default: the model's configured one)")
     parser.add_argument("--tol", type=float, default=0.0, help="stop a sample's solve early at this residual "
                         "(with --allocator adaptive: its step-size-relative tol)")
-    parser.add_argument("--class", dest="classes", type=int, action="append", help="class id (repeatable)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--class", dest="classes", type=class_value, action="append", metavar="CLASS",
+                        help="class id or name, repeatable, cycled over the images (default: every class in turn)")
+    parser.add_argument("--seed", type=int, default=0, help="image k is drawn from generator (seed, k)")
+    add_weights_option(parser)
+    add_device_option(parser)
     parser.add_argument("--backend", choices=("torch", "onnxruntime"), help="default: onnxruntime for .onnx files")
     parser.add_argument("--provider", default="auto", choices=("auto", "cuda", "cpu"),
                         help="onnxruntime provider (auto: CUDA when it loads, else CPU; the one used is printed)")
     parser.add_argument("--cuda-graph", action="store_true", help="onnxruntime CUDA: replay CUDA graphs")
-    parser.add_argument("--out", help="output folder (default: RUN/samples, or MODEL-samples beside an .onnx)")
+    parser.add_argument("--out", help="output folder (default: RUN/samples, DIR-samples beside a packed folder, "
+                        "or MODEL-samples beside an .onnx)")
     parser.add_argument("--vae", help="latent models: diffusers AutoencoderKL folder that decodes the samples")
     parser.add_argument("--plot", action="store_true", help="also write stats.png (residual, iterations per step)")
-    parser.add_argument("--no-progress", action="store_true")
+    add_json_option(parser, help="also write the report (stats.json) to PATH; '-': stdout, instead of the summary")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> int:
-        for name in ("n", "batch_size"):
-            if getattr(args, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-        args.checkpoint = default_run(args.checkpoint)
-        onnx = args.backend == "onnxruntime" or (args.backend is None and args.checkpoint.endswith(".onnx"))
-        if args.backend == "torch" and args.checkpoint.endswith(".onnx"):
-            raise UsageError("an .onnx file samples with --backend onnxruntime; the torch backend takes a checkpoint")
-        job = _onnx_job(args) if onnx else _torch_job(args)
-        labels = _labels(args, job.model, job.spec.get("class_names", []))
-        decode = latent_decoder(job.spec, args.vae, in_channels=job.model.in_channels,
-                                input_size=job.model.input_size, device=job.device)  # None for pixel models
-        out = Path(args.out) if args.out else job.default_out
-        tmp = _fresh_tmp(out)
-        from tqdm.auto import tqdm
+        from fpdm.apps.presets import default_run
 
-        shape = (job.model.in_channels, job.model.input_size, job.model.input_size)
-        with tqdm(total=args.n, unit="img", disable=args.no_progress) as bar:
-            result = generate(job.model, job.diffusion, n=args.n, batch_size=args.batch_size, seed=args.seed,
-                              labels=labels, progress=bar.update, shape=shape, cfg_scale=args.cfg_scale,
-                              cfg_channels=args.cfg_channels, clip_x0=args.clip_x0, device=job.device,
-                              clip_output=decode is None, **job.options)
-        if decode is not None:  # latents -> images in [-1, 1]
-            result = dataclasses.replace(result, images=decode(result.images))
-        report = _report(args, job, result)
-        _write(tmp, result, report, args.plot, labels)
-        _replace(tmp, out)
-        spent = report["blocks_per_sample"]
-        print(f"{args.n} images, {len(result.steps)} steps, blocks per sample mean {spent['mean']:.1f} "
-              f"max {spent['max']}" + (f" (budget {args.budget})" if args.budget else "")
-              + f", {report['images_per_s']:.2f} img/s, {job.backend}")
-        print(f"grid: {out / 'grid.png'}\nstats: {out / 'stats.json'}")
+        options = sample_config(args, output_type="tensor")  # cheap checks before anything is loaded
+        args.model = default_run(args.model)
+        onnx = args.backend == "onnxruntime" or (args.backend is None and args.model.endswith(".onnx"))
+        if args.backend == "torch" and args.model.endswith(".onnx"):
+            raise UsageError("an .onnx file samples with --backend onnxruntime; the torch backend takes a model folder")
+        drawn = _onnx(args, options) if onnx else _torch(args, options)
+        _write(drawn, args)
         return 0
 
     return run
 
 
-@dataclasses.dataclass
-class _Job:
-    """What the backends hand to the shared sampling and writing code."""
+@dataclasses.dataclass(frozen=True)
+class _Drawn:
+    """What a backend sampled, and the report's description of how."""
 
-    model: Any  # a Denoiser, or its ONNX Runtime stand-in
-    diffusion: Any
-    options: dict[str, Any]  # generate()'s remaining keywords: update, solver, iterations, reuse, tol, ...
-    spec: dict[str, Any]
-    source: dict[str, Any]  # for the report: checkpoint or onnx path, step, solver, plan
-    default_out: Path
-    device: torch.device
+    images: Any  # Tensor (N, C, H, W) in [-1, 1], CPU
+    labels: list[int] | None
+    blocks: Any  # Tensor (N,)
+    steps: list[dict[str, float]]
+    seconds: float
+    source: dict[str, Any]  # model, step, solver, plan ...
+    names: dict[str, Any]  # sampler, allocator, reuse, budget, cfg_scale ...
+    out: Path
     backend: str
+    cycle: int  # classes the labels cycle through (the grid puts one per column)
 
 
-def _torch_job(args: argparse.Namespace) -> _Job:
+def _torch(args: argparse.Namespace, options: Any) -> _Drawn:
+    from fpdm.pipeline import load
+
     if args.provider != "auto" or args.cuda_graph:
         raise UsageError("--provider and --cuda-graph apply to the onnxruntime backend (an exported .onnx)")
-    args.steps = 50 if args.steps is None else args.steps
-    job = load_for_sampling(args, args.checkpoint)
-    tol = job.parts.tolerances
-    source = {"checkpoint": str(job.ckpt.path), "step": job.ckpt.step, "ema": args.ema, "solver": job.solver_name,
-              "tol": tol, "iterations_plan": job.parts.iterations}
-    return _Job(job.model, job.parts.diffusion, job.generate_options(), job.ckpt.spec, source,
-                job.ckpt.path.parent.parent / "samples", job.device, "torch " + job.device.type)
+    pipe = load(args.model, device=args.device, weights=args.weights)
+    out = Path(args.out) if args.out else pipe.output_dir("samples")
+    _check_out(out)
+    result = pipe.sample(options, vae=args.vae)
+    plan = result.plan
+    source = {"checkpoint": str(pipe.path), "step": pipe.step, "weights": pipe.weights, "solver": plan["solver"],
+              "tol": plan["tol"], "iterations_plan": plan["iterations"]}
+    labels = None if result.labels is None else result.labels.tolist()
+    return _Drawn(result.images, labels, result.blocks, result.stats, result.seconds, source,
+                  {k: plan[k] for k in ("sampler", "allocator", "reuse", "cfg_scale", "budget")}, out,
+                  f"torch {pipe.device.type}", len(options.classes or ()) or pipe.denoiser.num_classes)
 
 
-def _onnx_job(args: argparse.Namespace) -> _Job:
-    from fpdm.export.ort import OrtDenoiser, OrtLoop, OrtSession, run_loop, session_summary
+def _onnx(args: argparse.Namespace, options: Any) -> _Drawn:
+    import torch
 
-    if args.solver or args.tol or args.iters is not None or not args.ema:
-        raise UsageError("--solver, --tol, --iters and --no-ema are fixed when a graph is exported; "
+    from fpdm.export.ort import OrtDenoiser, OrtLoop, OrtSession, session_summary
+    from fpdm.io.vae_weights import latent_decoder
+    from fpdm.pipeline import class_ids
+
+    if args.solver or args.tol or args.iters is not None or args.weights != "ema":
+        raise UsageError("--solver, --tol, --iters and --weights are fixed when a graph is exported; "
                          "export again to change them")
-    session = OrtSession(args.checkpoint, provider=args.provider, cuda_graph=args.cuda_graph)
-    if session.cuda_graph and args.n % args.batch_size:
+    session = OrtSession(args.model, provider=args.provider, cuda_graph=args.cuda_graph)
+    if session.cuda_graph and options.n % options.batch_size:
         raise UsageError("--cuda-graph replays one batch size: make --n a multiple of --batch-size")
-    meta, path = session.meta, Path(args.checkpoint)
-    config = from_dict(Config, meta["config"])
+    meta, path = session.meta, Path(args.model)
     source = {"onnx": str(path), "checkpoint": meta["source"].get("checkpoint"), "step": meta["source"].get("step"),
               "solver": (meta.get("solver") or {}).get("name"), "provider": session.provider}
-    default_out = path.with_name(f"{path.stem}-samples")
+    out = Path(args.out) if args.out else path.with_name(f"{path.stem}-samples")
+    _check_out(out)
+    model = OrtLoop(session) if meta["kind"] == "loop" else OrtDenoiser(session)
+    labels = class_ids(options.classes, meta["spec"].get("class_names", []), model.num_classes)
     device = torch.device("cuda" if session.cuda else "cpu")
-    if meta["kind"] == "loop":
-        given = [f"--{k.replace('_', '-')}" for k in ("steps", "budget", "eta", "cfg_channels")
-                 if getattr(args, k) is not None]
-        given += [f"--{k}" for k, default in (("sampler", "ddpm"), ("allocator", "uniform"), ("reuse", "reuse"))
-                  if getattr(args, k) != default]
-        if given or args.cfg_scale != 1.0 or args.clip_x0:
-            raise UsageError(f"this whole-loop graph fixes the sampling choices at export "
-                             f"({json.dumps(meta['sampling'])}); drop {', '.join(given) or '--cfg-scale/--clip-x0'}")
-        loop = OrtLoop(session)
-        for key, value in meta["sampling"].items():  # the report tells what the graph does
-            setattr(args, key, value)
-        options = {"run": run_loop(loop)}
-        return _Job(loop, None, options, meta["spec"], {**source, "iterations_plan": loop.iterations,
-                    "sampling": meta["sampling"]}, default_out, device, session_summary(session))
-    model = OrtDenoiser(session)
-    args.steps = 50 if args.steps is None else args.steps
+    decode = latent_decoder(meta["spec"], args.vae, in_channels=model.in_channels, input_size=model.input_size,
+                            device=device)  # None for pixel models
+    if isinstance(model, OrtLoop):
+        result, names, plan = _onnx_loop(args, options, model, labels)
+    else:
+        result, names, plan = _onnx_step(args, options, model, labels, device)
+    images = result.images if decode is None else decode(result.images)  # latents -> images in [-1, 1]
+    return _Drawn(images, labels, result.blocks, result.steps, result.seconds, {**source, **plan}, names, out,
+                  session_summary(session), len(options.classes or ()) or model.num_classes)
+
+
+def _onnx_loop(args: argparse.Namespace, options: Any, loop: Any,
+               labels: list[int] | None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    from fpdm.diffusion.sampling import generate_batches
+
+    meta = loop.meta
+    given = [f"--{k.replace('_', '-')}" for k in ("steps", "budget", "eta", "cfg_channels")
+             if getattr(args, k) is not None]
+    given += [f"--{k}" for k, default in (("sampler", "ddpm"), ("allocator", "uniform"), ("reuse", "reuse"))
+              if getattr(args, k) != default]
+    if given or args.cfg_scale != 1.0 or args.clip_x0:
+        raise UsageError(f"this whole-loop graph fixes the sampling choices at export "
+                         f"({json.dumps(meta['sampling'])}); drop {', '.join(given) or '--cfg-scale/--clip-x0'}")
+    result = _with_progress(options, lambda bar: generate_batches(
+        loop, n=options.n, batch_size=options.batch_size, seed=options.seed, labels=labels, progress=bar))
+    return result, dict(meta["sampling"]), {"iterations_plan": loop.iterations, "sampling": meta["sampling"]}
+
+
+def _onnx_step(args: argparse.Namespace, options: Any, model: Any, labels: list[int] | None,
+               device: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    from fpdm.config import Config, from_dict
+    from fpdm.diffusion.plan import sampling_parts
+    from fpdm.diffusion.sampling import generate
+    from fpdm.registry import default_registry
+
+    meta = model.meta
     if args.allocator != "uniform" and model.fixed_point:
         raise UsageError(f"the ONNX graph runs exactly K={model.iters} iterations at every step, so the allocation "
                          f"is fixed; --allocator {args.allocator} needs the PyTorch backend (or one export per K)")
-    parts = sampling_parts(args, config, model, default_registry(), iters=model.iters)  # type: ignore[arg-type]
+    parts = sampling_parts(from_dict(Config, meta["config"]), model, options, registry=default_registry(),
+                           iters=model.iters)
     if model.fixed_point and set(parts.iterations) != {model.iters}:
-        raise UsageError(f"--budget {args.budget} would need {sorted(set(parts.iterations))} iterations per step; "
-                         f"the graph runs exactly K={model.iters}: use --budget "
-                         f"{args.steps * model.blocks_per_call(model.iters)} or drop --budget")
-    options = {"update": parts.update, "solver": None, "iterations": parts.iterations, "reuse": parts.reuse}
-    return _Job(model, parts.diffusion, options, meta["spec"], {**source, "iterations_plan": parts.iterations},
-                default_out, device, session_summary(session))
+        raise UsageError(f"--budget {options.budget} would need {sorted(set(parts.iterations))} iterations per "
+                         f"step; the graph runs exactly K={model.iters}: use --budget "
+                         f"{options.steps * model.blocks_per_call(model.iters)} or drop --budget")
+    shape = (model.in_channels, model.input_size, model.input_size)
+    result = _with_progress(options, lambda bar: generate(
+        model, parts.diffusion, n=options.n, batch_size=options.batch_size, seed=options.seed, labels=labels,
+        shape=shape, sampler=parts.sampler, solver=None, iterations=parts.iterations, reuse=parts.reuse,
+        cfg_scale=options.cfg_scale, cfg_channels=options.cfg_channels, clip_x0=options.clip_x0, device=device,
+        clip_output="latent" not in meta["spec"], progress=bar))
+    return result, parts.names, {"iterations_plan": parts.iterations}
 
 
-def _labels(args: argparse.Namespace, model, class_names: list[str]) -> list[int] | None:  # type: ignore[no-untyped-def]
-    classes = model.num_classes
-    if not classes:
-        if args.classes or args.cfg_scale != 1.0:
-            raise UsageError("this model is unconditional: --class and --cfg-scale do not apply")
-        return None
-    chosen = args.classes or list(range(classes))
-    bad = [c for c in chosen if not 0 <= c < classes]
-    if bad:
-        names = f" ({', '.join(class_names)})" if class_names else ""
-        raise UsageError(f"class id {bad[0]} out of range: the model has classes 0..{classes - 1}{names}")
-    return chosen
+def _with_progress(options: Any, draw: Any) -> Any:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=options.n, unit="img", disable=not options.progress) as bar:
+        return draw(bar.update)
 
 
-def _report(args: argparse.Namespace, job: _Job, result: Any) -> dict[str, Any]:
-    blocks = result.blocks
-    return {
-        **job.source, "backend": job.backend, "n": args.n, "steps": len(result.steps), "sampler": args.sampler,
-        "allocator": args.allocator, "reuse": args.reuse, "cfg_scale": args.cfg_scale, "seed": args.seed,
-        "budget": args.budget,
-        "blocks_per_sample": {"mean": blocks.double().mean().item(), "max": int(blocks.max()),
-                              "note": "one network evaluation per sample; guidance (cfg_scale != 1) doubles compute"},
-        "images_per_s": args.n / result.seconds, "seconds": result.seconds, "per_step": result.steps,
-    }
-
-
-def _fresh_tmp(out: Path) -> Path:
-    if out.exists() and any(out.iterdir()) and not (out / "stats.json").is_file():
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "stats.json").is_file())):
         raise UsageError(f"{out} exists and is not an fpdm samples folder; choose another --out")
+
+
+def _write(drawn: _Drawn, args: argparse.Namespace) -> None:
+    """Images, grid, stats.json (and stats.png) into a hidden folder, swapped into place when complete."""
+    out = drawn.out
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
-    return tmp
+    try:
+        report = _report(drawn, args)
+        _files(tmp, drawn, report, args.plot)
+        if out.exists():  # an earlier samples folder at `out` is replaced only now
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if args.json is not None:
+        write_json(report, args.json)
+    if args.json == "-":
+        return
+    spent = report["blocks_per_sample"]
+    print(f"{report['n']} images, {report['steps']} steps, blocks per sample mean {spent['mean']:.1f} "
+          f"max {spent['max']}" + (f" (budget {report['budget']})" if report["budget"] else "")
+          + f", {report['images_per_s']:.2f} img/s, {drawn.backend}")
+    print(f"grid: {out / 'grid.png'}\nstats: {out / 'stats.json'}")
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    array = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (C, H, W)
-    array = array[0] if array.shape[0] == 1 else array.permute(1, 2, 0)
-    return Image.fromarray(array.numpy())
+def _report(drawn: _Drawn, args: argparse.Namespace) -> dict[str, Any]:
+    blocks, n = drawn.blocks, len(drawn.images)
+    return {
+        **drawn.source, "backend": drawn.backend, "n": n, "steps": len(drawn.steps), "seed": args.seed,
+        **{k: drawn.names.get(k) for k in ("sampler", "allocator", "reuse", "cfg_scale", "budget")},
+        "blocks_per_sample": {"mean": blocks.double().mean().item(), "max": int(blocks.max()),
+                              "note": "one network evaluation per sample; guidance (cfg_scale != 1) doubles compute"},
+        "images_per_s": n / drawn.seconds, "seconds": drawn.seconds, "per_step": drawn.steps,
+    }
 
 
-def _write(tmp: Path, result, report: dict, plot: bool, labels) -> None:  # type: ignore[no-untyped-def]
-    for k, image in enumerate(result.images):
-        _to_pil(image).save(tmp / "images" / f"{k:06d}.png")
-    rows = len(labels) if labels and len(labels) <= 16 and len(result.images) % len(labels) == 0 else None
-    nrow = rows or math.ceil(math.sqrt(len(result.images)))
-    grid = make_grid(result.images, nrow=nrow, padding=2, pad_value=1.0)  # (C, H, W) in [-1, 1]
-    _to_pil(grid).resize((grid.shape[2] * 2, grid.shape[1] * 2), Image.NEAREST).save(tmp / "grid.png")
+def _files(tmp: Path, drawn: _Drawn, report: dict[str, Any], plot: bool) -> None:
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from fpdm.apps.plots import draw_plot, save_png, stack_images
+    from fpdm.pipeline import to_pil
+
+    images, cycle = drawn.images, drawn.cycle
+    for k, image in enumerate(to_pil(images)):
+        image.save(tmp / "images" / f"{k:06d}.png")
+    rows = cycle if drawn.labels and 1 <= cycle <= 16 and len(images) % cycle == 0 else None
+    nrow = rows or math.ceil(math.sqrt(len(images)))
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)  # (C, H, W) in [-1, 1]
+    to_pil(grid[None])[0].resize((grid.shape[2] * 2, grid.shape[1] * 2), Image.Resampling.NEAREST).save(tmp / "grid.png")
     (tmp / "stats.json").write_text(json.dumps(report, indent=2))
     if plot:
         steps = report["per_step"]
@@ -221,10 +248,3 @@ def _write(tmp: Path, result, report: dict, plot: bool, labels) -> None:  # type
                       title="fixed-point iterations per step", xlabel="step", ylabel="iterations"),
         ]
         save_png(stack_images(panels), tmp / "stats.png")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Swap the finished folder into place; an earlier samples folder at `out` is replaced only now."""
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)

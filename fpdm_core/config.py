@@ -7,6 +7,8 @@ export stores `to_dict(config)` so it can be rebuilt with `from_dict`.
 from __future__ import annotations
 
 import copy
+import math
+import operator
 import sys
 import types
 import typing
@@ -26,6 +28,25 @@ else:  # pragma: no cover
 T = TypeVar("T")
 
 
+def finite(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """attrs validator shared by every float field of every config: NaN and +-inf are refused (None passes, for
+    optional fields), so the API and `--set a.b=nan` fail alike, naming the field."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"'{attribute.name}' must be a finite number, got {value!r}")
+
+
+def at_least(lo: int) -> Any:
+    """attrs validator: an integer (not a bool) >= lo; the message names the field as the API and CLI spell it."""
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{attribute.name} must be an integer, got {type(value).__name__} ({value!r})")
+        if value < lo:
+            raise ValueError(f"{attribute.name} must be >= {lo}, got {value}")
+
+    return check
+
+
 @attrs.frozen
 class DataConfig:
     """What to train on. `path`: the IDX folder for fashion_mnist (default: the Debian package's folder), the
@@ -42,7 +63,7 @@ class DataConfig:
     channels: int = attrs.field(default=1, validator=[v.instance_of(int), v.in_((1, 3, 4))])
     class_conditional: bool = attrs.field(default=True, validator=v.instance_of(bool))
     random_flip: bool = attrs.field(default=False, validator=v.instance_of(bool))
-    scale_factor: float = attrs.field(default=0.18215, validator=v.gt(0.0))
+    scale_factor: float = attrs.field(default=0.18215, validator=[v.gt(0.0), finite])
 
 
 @attrs.frozen
@@ -53,7 +74,7 @@ class SolverConfig:
 
     name: str = "fixed_point"
     max_iter: int = attrs.field(default=12, validator=v.ge(0))
-    tol: float = attrs.field(default=0.0, validator=v.ge(0.0))
+    tol: float = attrs.field(default=0.0, validator=[v.ge(0.0), finite])
     check_every: int = attrs.field(default=1, validator=v.ge(1))
     options: dict[str, Any] = attrs.field(factory=dict)
 
@@ -69,7 +90,7 @@ class ModelConfig:
     depth: int | None = attrs.field(default=None, validator=v.optional(v.ge(1)))  # DiT blocks
     pre_depth: int = attrs.field(default=1, validator=v.ge(0))
     post_depth: int = attrs.field(default=1, validator=v.ge(0))
-    mlp_ratio: float = attrs.field(default=4.0, validator=v.gt(0.0))
+    mlp_ratio: float = attrs.field(default=4.0, validator=[v.gt(0.0), finite])
     learn_sigma: bool = True
     prepost_timestep: bool = False  # official default: pre/post blocks see the class only
     options: dict[str, Any] = attrs.field(factory=dict)  # extra options of a third-party denoiser
@@ -100,16 +121,17 @@ class TrainConfig:
 
     steps: int = attrs.field(default=2000, validator=v.ge(1))
     batch_size: int = attrs.field(default=64, validator=v.ge(1))  # GLOBAL batch: torchrun ranks split it evenly
-    lr: float = attrs.field(default=1e-4, validator=v.gt(0.0))
-    weight_decay: float = attrs.field(default=0.0, validator=v.ge(0.0))
-    grad_clip: float = attrs.field(default=0.0, validator=v.ge(0.0))  # 0 = off
+    lr: float = attrs.field(default=1e-4, validator=[v.gt(0.0), finite])
+    weight_decay: float = attrs.field(default=0.0, validator=[v.ge(0.0), finite])
+    grad_clip: float = attrs.field(default=0.0, validator=[v.ge(0.0), finite])  # 0 = off
     skip_nonfinite: int = attrs.field(default=0, validator=v.ge(0))  # batches with NaN/inf to skip before stopping
-    ema_decay: float = attrs.field(default=0.9999, validator=[v.ge(0.0), v.lt(1.0)])
+    ema_decay: float = attrs.field(default=0.9999, validator=[v.ge(0.0), v.lt(1.0), finite])
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): short runs get a useful EMA
-    label_dropout: float = attrs.field(default=0.1, validator=[v.ge(0.0), v.lt(1.0)])
+    label_dropout: float = attrs.field(default=0.1, validator=[v.ge(0.0), v.lt(1.0), finite])
     no_grad_iters: list[int] = attrs.field(factory=lambda: [0, 10], validator=_range(0))
     grad_iters: list[int] = attrs.field(factory=lambda: [1, 12], validator=_range(0))
-    no_grad_tol: float = attrs.field(default=0.0, validator=v.ge(0.0))  # > 0: the no-grad solve may stop early
+    # > 0: the no-grad solve may stop early
+    no_grad_tol: float = attrs.field(default=0.0, validator=[v.ge(0.0), finite])
     checkpoint_activations: bool = False  # gradient checkpointing per block and per grad-phase iteration
     precision: str = attrs.field(default="auto", validator=v.in_(("auto", "fp32", "bf16")))  # auto: bf16 on CUDA
     tf32: bool = True
@@ -131,12 +153,129 @@ class Config:
     train: TrainConfig = attrs.field(factory=TrainConfig)
 
 
+@attrs.frozen
+class EvalConfig:
+    """How `fpdm.evaluate` / `fpdm eval` compares samples with a reference (FID, KID, precision/recall).
+
+    `ref`: "fashion_mnist" (its `ref_split`, from `data_dir`) or a folder of images; `ref_n` keeps a seeded
+    random subset. `extractor`: "auto" (fpdm's Fashion-MNIST CNN for Fashion-MNIST and gray images,
+    Inception-v3 otherwise), "fpdm-fmnist-cnn", "inception-v3" (local `inception_weights` only) or the path of
+    a CNN extractor file; the CNN is cached in `cache` (default ~/.cache/fpdm). When the samples are a model,
+    `n` images are drawn (required then), `batch_size` at a time, from its `weights` on `device` (`n`,
+    `batch_size` and `seed` win over a SampleConfig's). `seed` also seeds the reference subset and KID."""
+
+    ref: str = attrs.field(default="fashion_mnist", validator=v.instance_of(str))
+    ref_split: str = attrs.field(default="test", validator=v.in_(("test", "train")))
+    ref_n: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
+    data_dir: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))
+    extractor: str = attrs.field(default="auto", validator=v.instance_of(str))
+    inception_weights: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))
+    cache: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))
+    prc: bool = attrs.field(default=True, validator=v.instance_of(bool))
+    kid_subset_size: int = attrs.field(default=1000, validator=at_least(1))
+    n: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
+    batch_size: int = attrs.field(default=64, validator=at_least(1))
+    seed: int = attrs.field(default=0, validator=at_least(0))
+    device: str = attrs.field(default="auto", validator=v.instance_of(str))
+    weights: str = attrs.field(default="ema", validator=v.in_(("ema", "raw")))
+
+
+def _classes(value: Any) -> tuple[int | str, ...] | None:
+    """One class or several, as ids or names -> a tuple (None or empty: every class in turn)."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, (int, str)) else list(value)
+    out: list[int | str] = []
+    for item in items:
+        if isinstance(item, bool):
+            raise TypeError(f"classes holds {item!r}; give class ids or class names")
+        out.append(item if isinstance(item, str) else operator.index(item))  # numpy / 0-d tensor ids too
+    return tuple(out) or None
+
+
+def _path(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+@attrs.frozen
+class SampleConfig:
+    """What `Pipeline.sample` and `fpdm sample` do: `n` images in batches of `batch_size`, `steps` respaced
+    steps of `sampler`, the fixed-point solve (`solver`, `iters` per step, or a `budget` in block evaluations
+    spread by `allocator`; `reuse` warm-starts each step), guidance and the output form.
+
+    `classes`: ids or the run's class names, cycled over the n images (None: every class in turn).
+    `sampler` / `solver` / `allocator` / `reuse`: a registered name or an instance (`solver` None: the model's
+    configured solver; `iters` None: its solver.max_iter). `seed` gives image k the generator (seed, k), so
+    images do not depend on the batch size. `output_type`: "tensor" (float32 CPU in [-1, 1]), "pil", "numpy"
+    (uint8 (N, H, W, C)) or "latent" (a latent model's raw samples)."""
+
+    n: int = attrs.field(default=64, validator=at_least(1))
+    classes: tuple[int | str, ...] | None = attrs.field(default=None, converter=_classes)
+    steps: int = attrs.field(default=50, validator=at_least(1))
+    budget: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
+    sampler: str | object = "ddpm"
+    solver: str | object | None = None
+    allocator: str | object = "uniform"
+    reuse: str | object = "reuse"
+    iters: int | None = attrs.field(default=None, validator=v.optional(at_least(0)))
+    tol: float = attrs.field(default=0.0, validator=[v.instance_of((int, float)), v.ge(0.0), finite])
+    cfg_scale: float = attrs.field(default=1.0, validator=[v.instance_of((int, float)), finite])
+    cfg_channels: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
+    clip_x0: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    eta: float | None = attrs.field(default=None, validator=v.optional([v.instance_of((int, float)), finite]))
+    batch_size: int = attrs.field(default=64, validator=at_least(1))
+    seed: int = attrs.field(default=0, validator=at_least(0))
+    progress: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    output_type: str = attrs.field(default="tensor", validator=v.in_(("tensor", "pil", "numpy", "latent")))
+
+
+@attrs.frozen
+class ExportConfig:
+    """What `Pipeline.export` and `fpdm export` write: a registered exporter (`format`) run on one denoising
+    step with the solver unrolled `iters` times (None: the model's solver.max_iter), or with `whole_loop` all
+    `steps` sampling steps in one graph, the sampling choices (budget, sampler, allocator, reuse, guidance)
+    baked in. `out` None: RUN/export/<checkpoint>-k<K>.onnx (a packed folder: DIR/export/)."""
+
+    format: str = "onnx"
+    iters: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
+    solver: str | None = None
+    opset: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
+    fp16: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    verify: bool = attrs.field(default=True, validator=v.instance_of(bool))
+    out: str | None = attrs.field(default=None, converter=_path)
+    whole_loop: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    steps: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
+    budget: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
+    sampler: str = "ddpm"
+    eta: float | None = attrs.field(default=None, validator=v.optional([v.instance_of((int, float)), finite]))
+    allocator: str = "uniform"
+    reuse: str = "reuse"
+    cfg_scale: float = attrs.field(default=1.0, validator=[v.instance_of((int, float)), finite])
+    cfg_channels: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
+    clip_x0: bool = attrs.field(default=False, validator=v.instance_of(bool))
+
+    def __attrs_post_init__(self) -> None:
+        if self.whole_loop and self.steps is None:
+            raise ValueError("whole_loop needs steps (the sampling steps the graph runs)")
+        if not self.whole_loop and (self.steps is not None or self.budget is not None):
+            raise ValueError("steps and budget only apply to whole_loop; a step graph runs iters per call")
+
+
+def make_config(cls: type[T], **values: Any) -> T:
+    """`cls(**values)` with a bad value turned into one UsageError line (what the CLI prints, exit 2)."""
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)  # attrs adds more args
+        raise UsageError(text.splitlines()[0] if text else type(exc).__name__) from None
+
+
 def from_dict(cls: type[T], data: Any, *, path: str = "") -> T:
     """Build the attrs class `cls` from plain data, rejecting unknown keys and wrong types."""
     where = f"[{path.rstrip('.')}]" if path else "the config"
     if not isinstance(data, dict):
         raise UsageError(f"{where} must be a table, got {type(data).__name__}")
-    fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in attrs.fields(cls)}  # type: ignore[arg-type]  # cls is an attrs class: a TypeVar mypy cannot narrow
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -166,7 +305,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return value
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if base in (int, float) and isinstance(value, bool) or not isinstance(value, base):
+    if (base in (int, float) and isinstance(value, bool)) or not isinstance(value, base):
         raise UsageError(f"{key} must be {base.__name__}, got {type(value).__name__} ({value!r})")
     return value
 

@@ -12,6 +12,7 @@ what a killed writer leaves behind (hidden `.step-*.tmp-PID`, `.step-*.old-PID`)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,6 +35,9 @@ FORMAT_VERSION = 1
 PREFIX = "step-"
 LOCK_NAME = ".fpdm-run.lock"
 _LEFTOVER = re.compile(r"^\.step-\d+\.(?:tmp|old)-(\d+)$")  # what a save writes before its rename, and after
+# Only `train --resume` reads these: a checkpoint without them (imported weights, or a copy someone trimmed to
+# share) still samples and exports, so verification skips them when absent and checks them when present.
+RESUME_ONLY = ("optimizer.pt", "trainer.pt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +51,10 @@ class Checkpoint:
 
     def training_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(optimizer state dict, trainer state) for resuming; plain tensors and values only."""
-        if not (self.path / "optimizer.pt").is_file():
+        if not all((self.path / name).is_file() for name in RESUME_ONLY):
             raise UsageError(f"{self.path} holds weights without optimizer or trainer state (e.g. imported "
-                             "weights): it samples and exports but cannot resume training")
+                             "weights, or a copy without optimizer.pt / trainer.pt): it samples and exports but "
+                             "cannot resume training")
         return _torch_load(self.path / "optimizer.pt"), _torch_load(self.path / "trainer.pt")
 
 
@@ -67,6 +72,16 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def fsync(path: Path) -> None:
+    """Flush `path` (a file or a folder) to disk (for other writers of atomic folders)."""
+    _fsync(path)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    return _sha256(path)
 
 
 def _weights(module: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
@@ -210,10 +225,8 @@ class RunLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
-        try:
-            os.unlink(self.path)  # unlink while still holding: a waiting taker re-checks the inode and retries
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):  # unlink while still holding: a waiting taker re-checks the inode
+            os.unlink(self.path)
         os.close(fd)
 
 
@@ -265,11 +278,14 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UsageError(f"{ckpt} is not an fpdm checkpoint")
     if not isinstance(meta.get("version"), int) or meta["version"] > FORMAT_VERSION:
-        raise UsageError(f"{ckpt} has checkpoint format {meta.get('version')!r}; this fpdm reads up to {FORMAT_VERSION}")
+        raise UsageError(f"{ckpt} has checkpoint format {meta.get('version')!r}; this fpdm reads up to "
+                         f"{FORMAT_VERSION}")
     if verify:
         for name, digest in meta.get("sha256", {}).items():
             file = ckpt / name
             if not file.is_file():
+                if name in RESUME_ONLY:
+                    continue
                 raise UsageError(f"checkpoint file missing: {file}")
             if _sha256(file) != digest:
                 raise UsageError(f"checkpoint file corrupt (checksum mismatch): {file}")
@@ -299,4 +315,5 @@ def _torch_load(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)  # refuses pickled code
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise UsageError(f"unreadable checkpoint file {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        first = (str(exc).splitlines() or [""])[0]
+        raise UsageError(f"unreadable checkpoint file {path}: {type(exc).__name__}: {first}") from None

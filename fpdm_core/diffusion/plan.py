@@ -1,0 +1,99 @@
+"""Sampling choices -> the parts the sampling loop runs. Names (or instances) of the sampler, allocator and reuse
+policy become objects here, the respaced process is built and the per-step iteration plan is fixed.
+
+Shared by `Pipeline.sample`, `Pipeline.export` (a whole-loop graph bakes the same parts in) and the ONNX Runtime
+step sampler of `fpdm sample MODEL.onnx`. Messages name the options as `SampleConfig` and the flags spell them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fpdm.build import build_schedule
+from fpdm.config import Config, SampleConfig
+from fpdm.diffusion.gaussian import GaussianDiffusion
+from fpdm.diffusion.sampling import StepUpdate, plan_iterations, plan_tolerances
+from fpdm.errors import UsageError
+from fpdm.interfaces import BudgetAllocator, Denoiser, ReusePolicy, Sampler, Schedule
+from fpdm.registry import Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParts:
+    diffusion: GaussianDiffusion  # respaced to the sampling steps
+    timesteps: list[int]  # training timesteps in sampling order (high noise first)
+    sampler: Sampler | StepUpdate  # a registered sampler (an old-style step update is adapted by the loop)
+    allocator: BudgetAllocator
+    reuse: ReusePolicy
+    iterations: list[int]  # per step, in sampling order
+    tolerances: list[float]  # per step: where a sample may stop early (an adaptive allocator's, or `tol`)
+    names: dict[str, Any]  # the choices as plain values, for reports and export metadata
+
+    @property
+    def adaptive(self) -> bool:
+        return self.allocator.tol > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """What a whole-loop export bakes in: the respaced process and the choices `sample` takes by name."""
+
+    diffusion: Any  # GaussianDiffusion, respaced
+    sampler: Any  # Sampler (an old-style StepUpdate is adapted by the loop)
+    iterations: list[int]
+    reuse: Any  # ReusePolicy
+    cfg_scale: float
+    cfg_channels: int | None
+    clip_x0: bool
+    clip_output: bool  # False for latent models
+    names: dict[str, Any]  # sampler / allocator / reuse / budget, for the metadata
+
+
+def base_diffusion(config: Config, registry: Registry) -> GaussianDiffusion:
+    """The training process of a model's config (every training timestep)."""
+    return _diffusion(config, build_schedule(config.diffusion, registry))
+
+
+def _diffusion(config: Config, schedule: Schedule) -> GaussianDiffusion:
+    return GaussianDiffusion(schedule, prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma)
+
+
+def sampling_parts(config: Config, model: Denoiser, options: SampleConfig, *, registry: Registry,
+                   iters: int) -> SamplingParts:
+    """The respaced process, step update, allocator, reuse policy and plan for `options` (`iters` per step
+    without a budget)."""
+    if options.cfg_scale != 1.0 and not model.num_classes:
+        raise UsageError("this model is unconditional: cfg_scale (guidance) does not apply")
+    schedule = build_schedule(config.diffusion, registry)
+    base = _diffusion(config, schedule)
+    if options.steps > base.num_timesteps:
+        raise UsageError(f"steps must be <= {base.num_timesteps}, the training timesteps; got {options.steps}")
+    timesteps = sorted(schedule.sampling_timesteps(options.steps).tolist())
+    chosen, sampler = _build(registry, "sampler", options.sampler,
+                             {} if options.eta is None else {"eta": options.eta}, "eta")
+    allocator, allocator_name = _build(registry, "allocator", options.allocator, {}, "")
+    if options.budget is None and allocator.tol <= 0 and allocator_name != "uniform":
+        raise UsageError(f"allocator {allocator_name!r} spreads a budget over the steps; give a budget "
+                         "(--budget N; without one every step gets iters)")
+    if allocator.tol > 0 and options.tol:  # `tol` tunes an adaptive allocator's own tolerance
+        allocator, _ = _build(registry, "allocator", options.allocator, {"tol": options.tol}, "tol")
+    reuse, reuse_name = _build(registry, "reuse_policy", options.reuse, {}, "")
+    order = timesteps[::-1]
+    iterations = plan_iterations(model, order, budget=options.budget, iters=iters, allocator=allocator)
+    tolerances = plan_tolerances(allocator, iterations, order, tol=options.tol)
+    names = {"steps": options.steps, "budget": options.budget, "sampler": sampler, "eta": options.eta,
+             "allocator": allocator_name, "reuse": reuse_name, "cfg_scale": options.cfg_scale,
+             "cfg_channels": options.cfg_channels, "clip_x0": options.clip_x0}
+    return SamplingParts(base.respace(timesteps), order, chosen, allocator, reuse, iterations, tolerances, names)
+
+
+def _build(registry: Registry, kind: str, value: Any, options: dict[str, Any], option: str) -> tuple[Any, str]:
+    """A registered name built with `options`, or an instance used as it is: (object, name for reports).
+    An instance cannot take `options`: they are set where it was built, so saying them here is an error."""
+    if isinstance(value, str):
+        return registry.create(kind, value, **options), value
+    if options:
+        raise UsageError(f"{option} applies to a {kind.replace('_', ' ')} given by name; set it on the "
+                         f"{type(value).__name__} instance instead")
+    return value, type(value).__name__
