@@ -1,142 +1,108 @@
-"""`fpdm eval SAMPLES_OR_CKPT --ref DATASET`: FID, KID and precision/recall computed by torch-fidelity.
+"""`fpdm eval SAMPLES_OR_MODEL --ref DATASET`: flags -> EvalConfig (+ SampleConfig) -> `fpdm.evaluate` -> report.
 
-Features come from Inception-v3 when its weights are on this machine, or from fpdm's own Fashion-MNIST CNN
-(trained on first use, cached). The report always names the extractor, both sample counts and the reference
-split; a metric on the CNN's features is called "FID (fpdm-fmnist-cnn features)", never Inception FID.
+The metrics, the extractor choice and the sampling all live in `fpdm.eval.evaluation`; this module only reads
+flags and prints. Its top-level imports stay torch-free (`fpdm eval --help` must not load torch).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TextIO
 
+from fpdm.apps.cli import add_device_option, add_json_option, add_weights_option, write_json
+from fpdm.apps.sampling_setup import add_process_arguments, sample_config
 from fpdm.errors import UsageError
-from fpdm.eval.features import default_path, train_extractor
-from fpdm.eval.fidelity import CNN_NAME, INCEPTION, Extractor, cnn_extractor, compute_metrics, inception_extractor, inception_weights
 
-from fpdm.apps.eval_inputs import FASHION_MNIST_NAMES, ImageSet, load_folder, load_reference, sample_checkpoint
-from fpdm.apps.sampling_setup import add_process_arguments
+if TYPE_CHECKING:
+    from fpdm.config import EvalConfig
+
+Handler = Callable[[argparse.Namespace], int]
+COUNTS = ("n", "batch_size", "ref_n", "kid_subset_size")
 
 
-def eval_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-def]
+def eval_command(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("input", nargs="?", help="a folder of PNGs (or an `fpdm sample` output folder), "
-                        "or a run/checkpoint to sample from first")
-    parser.add_argument("--ref", default="fashion_mnist", help="fashion_mnist or a folder of images")
+                        "or a run, checkpoint or packed model folder to sample from first")
+    parser.add_argument("--ref", default="fashion_mnist", metavar="NAME|DIR",
+                        help="fashion_mnist or a folder of images")
     parser.add_argument("--ref-split", default="test", choices=("test", "train"),
-                        help="Fashion-MNIST split to compare against (default: test)")
-    parser.add_argument("--ref-n", type=int, help="use a seeded random subset of this many reference images")
-    parser.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: /usr/share/datasets/fashion-mnist)")
-    parser.add_argument("--extractor", default="auto", help="auto, fpdm-fmnist-cnn, inception-v3, or the path "
-                        "of an fpdm-fmnist-cnn .safetensors file (auto: the CNN for Fashion-MNIST and gray images, "
-                        "Inception-v3 otherwise)")
-    parser.add_argument("--inception-weights", help="local torch-fidelity Inception-v3 weights "
+                        help="Fashion-MNIST split to compare against")
+    parser.add_argument("--ref-n", type=int, metavar="N",
+                        help="use a seeded random subset of this many reference images")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="Fashion-MNIST IDX folder (default: /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--extractor", default="auto", metavar="NAME|FILE",
+                        help="auto, fpdm-fmnist-cnn, inception-v3, or the path of an fpdm-fmnist-cnn .safetensors "
+                        "file (auto: the CNN for Fashion-MNIST and gray images, Inception-v3 otherwise)")
+    parser.add_argument("--inception-weights", metavar="FILE", help="local torch-fidelity Inception-v3 weights "
                         "(weights-inception-2015-12-05-6726825d.pth); never downloaded")
-    parser.add_argument("--cache", help="where the fpdm-fmnist-cnn extractor is cached (default: ~/.cache/fpdm)")
+    parser.add_argument("--cache", metavar="DIR",
+                        help="where the fpdm-fmnist-cnn extractor is cached (default: ~/.cache/fpdm)")
     parser.add_argument("--train-extractor", action="store_true",
                         help="(re)train the fpdm-fmnist-cnn extractor into the cache; without INPUT, only that")
-    parser.add_argument("--json", dest="json_path", help="also write the report as JSON here")
+    add_json_option(parser, help="write the JSON report to PATH; '-': to stdout, instead of the text report")
     parser.add_argument("--no-prc", action="store_true", help="skip precision/recall (k-NN, quadratic in N)")
-    parser.add_argument("--kid-subset-size", type=int, default=1000, help="capped at the smaller set's size")
-    sampling = parser.add_argument_group("sampling (when INPUT is a checkpoint)")
-    sampling.add_argument("--n", type=int, default=1000, help="number of samples to draw")
-    sampling.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--kid-subset-size", type=int, default=1000, metavar="N",
+                        help="capped at the smaller set's size")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
+    sampling = parser.add_argument_group("sampling (when INPUT is a model)")
+    sampling.add_argument("--n", type=int, metavar="N",
+                          help="number of samples to draw; required for a model (FID needs about 1000 or more)")
+    sampling.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples drawn at once")
     add_process_arguments(sampling)
-    sampling.add_argument("--iters", type=int, help="fixed-point iterations per step without --budget")
-    sampling.add_argument("--solver", help="fixed-point solver (default: the config's)")
-    sampling.add_argument("--tol", type=float, default=0.0)
-    sampling.add_argument("--seed", type=int, default=0)
-    sampling.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
-    sampling.add_argument("--device", default="auto")
+    sampling.add_argument("--iters", type=int, metavar="K", help="fixed-point iterations per step without --budget "
+                          "(default: the model's configured solver.max_iter)")
+    sampling.add_argument("--solver", metavar="NAME", help="fixed-point solver (default: the model's configured one)")
+    sampling.add_argument("--tol", type=float, default=0.0, help="stop a sample's solve early below this residual")
+    sampling.add_argument("--seed", type=int, default=0, metavar="N",
+                          help="seeds sampling, the reference subset and KID")
+    add_weights_option(sampling)
+    add_device_option(sampling)
 
     def run(args: argparse.Namespace) -> int:
-        for name in ("n", "batch_size", "ref_n", "kid_subset_size"):
+        for name in COUNTS:  # cheap checks first: nothing is loaded, sampled or trained yet
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        config, sample = _eval_config(args), sample_config(args)
+        to_stdout = args.json == "-"  # then stdout holds the JSON alone; status lines go to stderr
+        status = sys.stderr if to_stdout else sys.stdout
         if args.train_extractor:
-            _train(default_path(args.cache))
+            from fpdm.eval.evaluation import train_fmnist_extractor
+
+            train_fmnist_extractor(args.cache, log=_printer(status, quiet=False))
             if args.input is None:
                 return 0
         if args.input is None:
-            raise UsageError("give a folder of images or a checkpoint to evaluate (or --train-extractor alone)")
-        samples = _samples(args)
-        reference = load_reference(args.ref, split=args.ref_split, data_dir=args.data_dir, limit=args.ref_n,
-                                   seed=args.seed)
-        extractor = _extractor(args, samples, reference)
-        metrics = compute_metrics(samples.images, reference.images, extractor=extractor, seed=args.seed,
-                                  prc=not args.no_prc, kid_subset_size=args.kid_subset_size,
-                                  device=None if args.device == "auto" else args.device)
-        report = _report(samples, reference, extractor, metrics)
-        print("\n".join(report["lines"]))
-        if args.json_path:
-            Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+            raise UsageError("give a folder of images or a model to evaluate (or --train-extractor alone)")
+        from fpdm.eval.evaluation import evaluate
+
+        result = evaluate(args.input, config=config, sample=sample, progress=not args.no_progress,
+                          log=_printer(status, quiet=args.no_progress))
+        if not to_stdout:
+            print("\n".join(result.lines()))
+        if args.json is not None:
+            write_json(result.to_dict(), args.json)
         return 0
 
     return run
 
 
-def _train(path: Path) -> Extractor:
-    print(f"training the {CNN_NAME} feature extractor on Fashion-MNIST train (CPU, a few minutes; cached at {path})",
-          flush=True)
-    train_extractor(path, log=lambda line: print(line, flush=True))
-    return cnn_extractor(path)
+def _printer(stream: TextIO, *, quiet: bool) -> Callable[[str], None]:
+    def say(line: str) -> None:
+        if not quiet:
+            print(line, file=stream, flush=True)
+
+    return say
 
 
-def _samples(args: argparse.Namespace) -> ImageSet:
-    path = Path(args.input).expanduser()
-    if not path.exists():
-        raise UsageError(f"{path} does not exist")
-    if (path / "checkpoints").is_dir() or (path / "meta.json").is_file() or not path.is_dir():
-        return sample_checkpoint(args)  # a run folder (its loss.png is no sample), a checkpoint, or a file
-    return load_folder(path)
+def _eval_config(args: argparse.Namespace) -> EvalConfig:
+    from fpdm.config import EvalConfig, make_config
 
+    return make_config(EvalConfig, ref=args.ref, ref_split=args.ref_split, ref_n=args.ref_n, data_dir=args.data_dir,
+                      extractor=args.extractor, inception_weights=args.inception_weights, cache=args.cache,
+                      prc=not args.no_prc, kid_subset_size=args.kid_subset_size, n=args.n,
+                      batch_size=args.batch_size, seed=args.seed, device=args.device, weights=args.weights)
 
-def _extractor(args: argparse.Namespace, samples: ImageSet, reference: ImageSet) -> Extractor:
-    choice = args.extractor
-    if choice == "auto":
-        fmnist = args.ref.lower() in FASHION_MNIST_NAMES
-        local = None if fmnist else inception_weights(args.inception_weights)
-        if fmnist or (local is None and samples.images.shape[1] == 1):
-            choice = CNN_NAME
-        else:
-            choice = INCEPTION
-    if choice == INCEPTION:
-        weights = inception_weights(args.inception_weights)
-        if weights is None:
-            raise UsageError("Inception-v3 weights are not on this machine and fpdm never downloads them: pass "
-                             "--inception-weights PATH, or use --extractor fpdm-fmnist-cnn for gray 32x32 images")
-        return inception_extractor(weights)
-    if choice == CNN_NAME:
-        path = default_path(args.cache)
-        if not path.is_file():
-            print(f"no {CNN_NAME} extractor at {path}: training it now (first use)", flush=True)
-            return _train(path)
-        return cnn_extractor(path)
-    if Path(choice).expanduser().is_file():
-        return cnn_extractor(choice)
-    raise UsageError(f"--extractor {choice!r}: expected auto, {CNN_NAME}, {INCEPTION} or an extractor file path")
-
-
-def _report(samples: ImageSet, reference: ImageSet, extractor: Extractor, metrics: dict[str, Any]) -> dict[str, Any]:
-    suffix = extractor.metric_suffix
-    n1, n2 = samples.images.shape[0], reference.images.shape[0]
-    lines = [f"samples:   {samples.describe()}", f"reference: {reference.describe()}",
-             f"features:  {extractor.description}, {extractor.features}-d; metrics by torch-fidelity",
-             f"FID ({suffix}): {metrics['fid']:.4f}  [{n1} samples vs {n2} reference images]",
-             f"KID ({suffix}): {metrics['kid_mean']:.5f} +- {metrics['kid_std']:.5f}  "
-             f"[100 subsets of {metrics['kid_subset_size']}]"]
-    if "precision" in metrics:
-        lines.append(f"precision / recall ({suffix}, k=3): {metrics['precision']:.4f} / {metrics['recall']:.4f}")
-    return {
-        "metrics": {f"FID ({suffix})": metrics["fid"], f"KID ({suffix})": metrics["kid_mean"], **metrics},
-        "extractor": {"name": extractor.kind, "description": extractor.description, "features": extractor.features,
-                      "weights": str(extractor.weights),
-                      **({} if extractor.cnn is None else {"test_accuracy": extractor.cnn.test_accuracy,
-                                                           "sha256": extractor.cnn.sha256})},
-        "samples": {"n": n1, "shape": list(samples.images.shape[1:]), "source": samples.source, **samples.details},
-        "reference": {"n": n2, "shape": list(reference.images.shape[1:]), "source": reference.source,
-                      **reference.details},
-        "lines": lines,
-    }

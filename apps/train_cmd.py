@@ -1,19 +1,19 @@
-"""`fpdm train`: config -> build -> train loop -> checkpoints, metrics.jsonl and a loss plot."""
+"""`fpdm train`: flags -> Config -> `fpdm.train` (fpdm.training.loop.train) -> checkpoints, metrics.jsonl and a
+loss plot. Top-level imports stay torch-free (`fpdm train --help` must not load torch)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
-
-from fpdm.config import Config, load_config
-from fpdm.training.distributed import env_rank
-from fpdm.errors import UsageError
-from fpdm.training.loop import train
 
 from fpdm.apps.plots import line_plot
 from fpdm.apps.presets import DEFAULT_PRESET, resolve_config
+from fpdm.config import Config, load_config
+from fpdm.errors import UsageError
 
+Handler = Callable[[argparse.Namespace], int]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,18 +21,28 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
 
-def train_command(parser: argparse.ArgumentParser):  # type: ignore[no-untyped-def]
+def train_command(parser: argparse.ArgumentParser) -> Handler:
     add_config_arguments(parser)
-    parser.add_argument("--plugin", metavar="SOLVER", help="solver of the S-JFB no-grad phase (= --set solver.name=SOLVER)")
-    parser.add_argument("--out", metavar="DIR", help="run folder (= --set train.out_dir=DIR)")
-    parser.add_argument("--steps", type=int, help="= --set train.steps=N")
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (= --set train.device=...)")
+    # --plugin is the spelling the product card documents (`fpdm train --plugin anderson`): a synonym, not deprecated
+    parser.add_argument("--solver", "--plugin", dest="solver", metavar="NAME",
+                        help="solver of the S-JFB no-grad phase (= --set solver.name=NAME; default: the config's)")
+    parser.add_argument("--out", metavar="DIR", help="run folder (= --set train.out_dir=DIR; default: the config's)")
+    parser.add_argument("--steps", type=int, metavar="N", help="= --set train.steps=N (default: the config's)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="global batch, = --set train.batch_size=N "
+                        "(default: the config's, 64 in the preset)")
+    parser.add_argument("--seed", type=int, metavar="N", help="= --set train.seed=N (default: the config's, 0)")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (= --set train.device=...; default: the "
+                        "config's, auto)")
     parser.add_argument("--resume", action="store_true", help="continue the run folder from its newest checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> int:
+        from fpdm.training.distributed import env_rank
+        from fpdm.training.loop import train
+
         overrides = list(args.set)
-        for flag, key in ((args.plugin, "solver.name"), (args.out, "train.out_dir"), (args.steps, "train.steps"),
+        for flag, key in ((args.solver, "solver.name"), (args.out, "train.out_dir"), (args.steps, "train.steps"),
+                          (args.batch_size, "train.batch_size"), (args.seed, "train.seed"),
                           (args.device, "train.device")):
             if flag is not None:
                 overrides.append(f"{key}={json.dumps(flag)}")
@@ -74,5 +84,6 @@ def _report(history: list[dict], out: Path) -> None:
     for rec in picks:
         print(f"  step {rec['step']:>7}  loss {rec['loss']:.4f}  {rec['img_per_s']:.0f} img/s")
     points = [(rec["step"], rec["loss"]) for rec in history]
-    plot = line_plot({"loss": points}, out / "loss.png", title="training loss", xlabel="step", ylabel="loss", log_y=True)
+    plot = line_plot({"loss": points}, out / "loss.png", title="training loss", xlabel="step", ylabel="loss",
+                     log_y=True)
     print(f"loss plot: {plot}")

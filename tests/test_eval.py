@@ -16,8 +16,7 @@ from PIL import Image
 from fpdm.errors import UsageError
 from fpdm.eval.features import load_extractor, train_extractor
 from fpdm.eval.fidelity import check_pair, cnn_extractor, compute_metrics
-
-from conftest import run_cli
+from support import run_cli
 
 FEATURES = 8  # FID needs more samples than feature dimensions: a small dim keeps the fixtures small
 
@@ -33,9 +32,25 @@ def extractor_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def fmnist() -> torch.Tensor:
     """The first 200 Fashion-MNIST test images as uint8 (200, 1, 32, 32)."""
-    from fpdm.apps.eval_inputs import load_reference
+    from fpdm.eval.inputs import load_reference
 
     return load_reference("fashion_mnist", split="test", data_dir=None, limit=None, seed=0).images[:200]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """`fpdm ARGS` in this process: (exit code, stdout, stderr)."""
+    from fpdm.apps.cli import main
+
+    monkeypatch.setenv("FPDM_LOAD_PLUGINS", "")
+
+    def call(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return call
 
 
 def write_pngs(folder: Path, images: torch.Tensor) -> Path:
@@ -46,6 +61,7 @@ def write_pngs(folder: Path, images: torch.Tensor) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_extractor_file_records_accuracy_and_hash(extractor_file: Path) -> None:
     loaded = load_extractor(extractor_file)
     assert 0.0 <= loaded.test_accuracy <= 1.0 and loaded.test_images == 500 and loaded.train_steps == 40
@@ -74,6 +90,7 @@ def test_check_pair_refuses_what_cannot_be_compared(extractor_file: Path, fmnist
         check_pair(fmnist[:FEATURES], fmnist, extractor=extractor)
 
 
+@pytest.mark.slow
 def test_cli_eval_folders_offline(extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path) -> None:
     samples = write_pngs(tmp_path / "samples" / "images", fmnist[:40])  # an `fpdm sample` folder's layout
     (tmp_path / "samples" / "stats.json").write_text("{}")
@@ -90,21 +107,35 @@ def test_cli_eval_folders_offline(extractor_file: Path, fmnist: torch.Tensor, tm
     assert report["metrics"]["kid_subset_size"] == 40 and 0.0 <= report["metrics"]["precision"] <= 1.0
 
 
-def test_cli_eval_samples_a_checkpoint_first(trained: Path, extractor_file: Path, tmp_path: Path) -> None:
-    """A run folder is sampled first (the tiny model makes 8x8 images, so the reference is 8x8 too)."""
+@pytest.mark.slow
+def test_cli_eval_samples_a_checkpoint_first(trained: Path, extractor_file: Path, tmp_path: Path,
+                                             cli) -> None:  # type: ignore[no-untyped-def]
+    """A run folder is sampled first (the tiny model makes 8x8 images, so the reference is 8x8 too), and
+    `fpdm.evaluate` on the loaded pipeline gives the same numbers."""
+    import fpdm
+
     ref = write_pngs(tmp_path / "ref8", (torch.rand(30, 1, 8, 8) * 255).to(torch.uint8))
-    r = run_cli("eval", str(trained), "--n", "12", "--steps", "2", "--ref", str(ref), "--no-prc",
-                "--extractor", str(extractor_file))
-    assert r.returncode == 0, r.stderr
-    assert "12 images gray 8x8" in r.stdout and "30 images" in r.stdout
+    code, out, err = cli("eval", str(trained), "--n", "12", "--steps", "2", "--ref", str(ref), "--no-prc",
+                         "--extractor", str(extractor_file), "--no-progress", "--json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    assert "12 images gray 8x8" in out and "30 images" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["samples"]["step"] == 6 and report["samples"]["steps"] == 2
+    assert report["samples"]["blocks_per_sample"] > 0 and report["samples"]["weights"] == "ema"
+    pipe = fpdm.load(trained, device="cpu")
+    result = fpdm.evaluate(pipe, n=12, ref=str(ref), prc=False, extractor=str(extractor_file),
+                           sample=fpdm.SampleConfig(steps=2), progress=False)
+    assert (result.fid, result.kid_mean) == (report["metrics"]["fid"], report["metrics"]["kid_mean"])
 
 
+@pytest.mark.slow
 def test_cli_eval_fashion_mnist_reference_names_split(extractor_file: Path, fmnist: torch.Tensor,
-                                                      tmp_path: Path) -> None:
+                                                      tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     samples = write_pngs(tmp_path / "s", fmnist[:30])
-    r = run_cli("eval", str(samples), "--ref", "fashion_mnist", "--ref-n", "300", "--extractor", str(extractor_file))
-    assert r.returncode == 0, r.stderr
-    assert "Fashion-MNIST test split" in r.stdout and "300 images" in r.stdout and "30 images" in r.stdout
+    code, out, err = cli("eval", str(samples), "--ref", "fashion_mnist", "--ref-n", "300", "--extractor",
+                         str(extractor_file))
+    assert code == 0, err
+    assert "Fashion-MNIST test split" in out and "300 images" in out and "30 images" in out
 
 
 def _bad_inputs(root: Path, fmnist: torch.Tensor) -> dict[str, tuple[list[str], str]]:
@@ -125,21 +156,24 @@ def _bad_inputs(root: Path, fmnist: torch.Tensor) -> dict[str, tuple[list[str], 
 
 @pytest.mark.parametrize("case", ["empty", "mixed"])
 def test_folder_refusals(case: str, fmnist: torch.Tensor, tmp_path: Path) -> None:
-    from fpdm.apps.eval_inputs import load_folder
+    from fpdm.eval.inputs import load_folder
 
     args, message = _bad_inputs(tmp_path, fmnist)[case]
     with pytest.raises(UsageError, match=message):
         load_folder(args[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["rgb", "few", "inception"])
-def test_cli_eval_bad_input_is_one_line(case: str, extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path) -> None:
+def test_cli_eval_bad_input_is_one_line(case: str, extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch, cli) -> None:  # type: ignore[no-untyped-def]
     args, message = _bad_inputs(tmp_path, fmnist)[case]
     extra = [] if case == "inception" else ["--extractor", str(extractor_file)]
-    r = run_cli("eval", *args, *extra, env={"TORCH_HOME": str(tmp_path / "torch-home")})
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    code, _, err = cli("eval", *args, *extra)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
 
 
 def test_inception_weights_are_found_locally_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,3 +188,100 @@ def test_inception_weights_are_found_locally_or_not_at_all(tmp_path: Path, monke
     assert inception_weights(None) == cached
     with pytest.raises(UsageError, match="does not exist"):
         inception_weights(str(tmp_path / "missing.pth"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fpdm.evaluate: the library call behind `fpdm eval`
+
+
+def test_evaluate_matches_the_cli_on_a_folder_and_on_a_tensor(extractor_file: Path, fmnist: torch.Tensor,
+                                                              tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    import fpdm
+
+    samples = write_pngs(tmp_path / "samples", fmnist[:40])
+    ref = write_pngs(tmp_path / "ref", fmnist[40:100])
+    code, out, err = cli("eval", str(samples), "--ref", str(ref), "--extractor", str(extractor_file),
+                         "--json", str(tmp_path / "report.json"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    from_folder = fpdm.evaluate(samples, ref=str(ref), extractor=str(extractor_file), progress=False)
+    as_floats = fmnist[:40].float() / 127.5 - 1  # what Pipeline.sample returns: float32 in [-1, 1]
+    from_tensor = fpdm.evaluate(as_floats, ref=str(ref), extractor=str(extractor_file), progress=False)
+    for result in (from_folder, from_tensor):
+        assert (result.fid, result.kid_mean, result.kid_std) == (report["metrics"]["fid"],
+                                                                report["metrics"]["kid_mean"],
+                                                                report["metrics"]["kid_std"])
+        assert (result.precision, result.recall) == (report["metrics"]["precision"], report["metrics"]["recall"])
+        assert result.n == 40 and result.reference.n == 60
+        assert result.extractor.name == "fpdm-fmnist-cnn"
+        assert result.extractor.sha256 == load_extractor(extractor_file).sha256
+    assert from_folder.to_dict()["metrics"] == report["metrics"]
+    assert from_folder.lines() == report["lines"] and out.strip().splitlines() == report["lines"]
+
+
+def test_evaluate_options_come_from_a_config_and_keywords(extractor_file: Path, fmnist: torch.Tensor,
+                                                         tmp_path: Path) -> None:
+    import inspect
+
+    import attrs
+
+    from fpdm.config import EvalConfig
+    from fpdm.eval.evaluation import _options, evaluate
+
+    signature = inspect.signature(evaluate).parameters
+    for field in attrs.fields(EvalConfig):  # one default per option, in the signature and in the config
+        assert signature[field.name].default == field.default, field.name
+    config = EvalConfig(ref_n=30, prc=False, seed=3)
+    assert _options(config, kid_subset_size=7) == attrs.evolve(config, kid_subset_size=7)
+    assert _options(None, ref_n=5) == EvalConfig(ref_n=5)
+    with pytest.raises(UsageError, match="ref_n"):
+        _options(None, ref_n=0)
+    ref = write_pngs(tmp_path / "ref", fmnist[40:100])
+    result = evaluate(fmnist[:40], config=config, ref=str(ref), extractor=str(extractor_file), progress=False)
+    assert result.precision is None and result.reference.n == 30 and "seeded random 30 of 60" in result.reference.source
+    assert "precision" not in result.to_dict()["metrics"]
+
+
+def test_evaluate_refuses_cheaply(trained: Path, extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch, cli) -> None:  # type: ignore[no-untyped-def]
+    """Counts, paths and the extractor choice are checked before a model is loaded or an extractor trained."""
+    import fpdm.eval.evaluation as evaluation
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loaded or trained before the cheap checks")
+
+    monkeypatch.setattr(evaluation, "train_extractor", never)
+    monkeypatch.setattr(evaluation, "_load_pipeline", never)
+    with pytest.raises(UsageError, match="give n .*1000"):
+        evaluation.evaluate(trained, ref=str(tmp_path), progress=False)
+    ref = write_pngs(tmp_path / "ref", fmnist[:20])
+    with pytest.raises(UsageError, match="never downloads"):
+        evaluation.evaluate(trained, n=10, ref=str(ref), extractor="inception-v3", inception_weights=None,
+                            progress=False)
+    with pytest.raises(UsageError, match="expected auto"):
+        evaluation.evaluate(trained, n=10, ref=str(ref), extractor=str(tmp_path / "nope.safetensors"),
+                            progress=False)
+    with pytest.raises(UsageError, match="does not exist"):
+        evaluation.evaluate(tmp_path / "missing", ref=str(ref), progress=False)
+    with pytest.raises(UsageError, match="1 or 3 channels"):
+        evaluation.evaluate(torch.zeros(4, 2, 8, 8), ref=str(ref), progress=False)
+    code, _, err = cli("eval", str(trained), "--ref", str(ref))
+    assert code == 2 and "give n (--n)" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("eval", str(trained), "--n", "0")
+    assert code == 2 and "--n must be >= 1" in err
+
+
+def test_cli_eval_json_to_stdout_and_weights_aliases(extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path,
+                                                    cli) -> None:  # type: ignore[no-untyped-def]
+    samples = write_pngs(tmp_path / "s", fmnist[:30])
+    ref = write_pngs(tmp_path / "r", fmnist[30:70])
+    common = ["--ref", str(ref), "--extractor", str(extractor_file), "--no-prc"]
+    code, out, err = cli("eval", str(samples), *common, "--json", "-")
+    assert code == 0, err
+    report = json.loads(out)  # stdout holds only the JSON
+    assert report["samples"]["n"] == 30 and report["metrics"]["kid_subset_size"] == 30
+    code, out, err = cli("eval", str(samples), "--json", *common)  # the old bare flag: stdout too
+    assert code == 0, err
+    assert json.loads(out)["metrics"] == report["metrics"]
+    code, out, err = cli("eval", str(samples), *common, "--no-ema")
+    assert code == 0 and err.strip().splitlines() == ["fpdm: --no-ema is deprecated; use --weights raw"]

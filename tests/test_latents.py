@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REGISTRY, one_line_error, run_cli, tiny_config
-from fpdm.io.checkpoint import load_checkpoint
 from fpdm.build import build_dataset
 from fpdm.config import DataConfig
 from fpdm.data.images import ImageDataset
-from fpdm.errors import UsageError
 from fpdm.data.latents import LatentDataset
-from fpdm.models.vae import AutoencoderKL, VAEConfig
+from fpdm.errors import UsageError
+from fpdm.io.checkpoint import load_checkpoint
 from fpdm.io.vae_weights import save_vae
+from fpdm.models.vae import AutoencoderKL, VAEConfig
+from support import REGISTRY, one_line_error, run_cli, tiny_config
 
 LATENT = ("data.name=latents", "data.channels=4", "data.image_size=8")
 
@@ -159,6 +159,7 @@ def cli(capsys, monkeypatch):  # type: ignore[no-untyped-def]
     return call
 
 
+@pytest.mark.slow
 def test_encode_train_sample_decode(images, vae_dir, tmp_path, cli):
     out = tmp_path / "latents"
     r = run_cli("encode", str(images), str(out), "--vae", str(vae_dir), "--image-size", "16", "--batch-size", "5",
@@ -207,3 +208,28 @@ def test_vae_for_a_pixel_model_and_encode_errors(trained, images, vae_dir, tmp_p
     one_line_error(cli("encode", str(tmp_path / "nothing"), str(tmp_path / "o"), "--vae", str(vae_dir)),
                    "nothing does not exist")
     assert not (tmp_path / "o").exists()
+
+
+def test_encode_folder_is_the_library_call_behind_fpdm_encode(images, vae_dir, tmp_path, cli):
+    from fpdm.io.encode import encode_folder
+    from fpdm.io.vae_weights import load_vae
+
+    r = cli("encode", str(images), str(tmp_path / "cli"), "--vae", str(vae_dir), "--image-size", "16",
+            "--batch-size", "5", "--seed", "3", "--no-progress", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    by_path = encode_folder(images, tmp_path / "api", vae=vae_dir, image_size=16, batch_size=5, seed=3,
+                            progress=False, device="cpu")
+    in_memory = encode_folder(images, tmp_path / "mem", vae=load_vae(vae_dir), image_size=16, batch_size=5, seed=3,
+                              name="shapes", sample=False, progress=False, device="cpu")
+    name = images.name
+    assert by_path.features == tmp_path / "api" / f"{name}_features" and by_path.count == 24
+    assert by_path.latent_shape == (4, 8, 8) and by_path.class_names == ["bright", "dark"]
+    assert in_memory.features.name == "shapes_features"
+    for i in (0, 17):  # the seeded Gaussian draws repeat exactly; the mean differs from a draw
+        drawn = np.load(tmp_path / "cli" / f"{name}_features" / f"{i}.npy")
+        np.testing.assert_array_equal(drawn, np.load(by_path.features / f"{i}.npy"))
+        assert not np.array_equal(drawn, np.load(in_memory.features / f"{i}.npy"))
+    info = json.loads((tmp_path / "mem" / "shapes_info.json").read_text())
+    assert info["sample"] is False and "in memory" in info["vae"]
+    with pytest.raises(UsageError, match="already exists"):  # refused before the VAE is even looked at
+        encode_folder(images, tmp_path / "api", vae=tmp_path / "no-vae", progress=False)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fpdm.errors import UsageError
-from fpdm.models.vae import AutoencoderKL, VAEConfig
 from fpdm.io.vae_weights import convert_state_dict, load_vae, save_vae, vae_config_to_dict
+from fpdm.models.vae import AutoencoderKL, VAEConfig
 
 TINY = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 4}
 
@@ -77,7 +77,8 @@ def test_save_and_load_round_trip(tmp_path, layout):
 def test_state_dict_keys_are_diffusers_names():
     keys = set(tiny_vae().state_dict())
     for key in ("encoder.conv_in.weight", "encoder.down_blocks.0.resnets.0.norm1.weight",
-                "encoder.down_blocks.0.downsamplers.0.conv.weight", "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+                "encoder.down_blocks.0.downsamplers.0.conv.weight",
+                "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
                 "encoder.mid_block.attentions.0.group_norm.weight", "encoder.mid_block.attentions.0.to_out.0.bias",
                 "encoder.mid_block.resnets.1.conv2.weight", "encoder.conv_norm_out.weight", "quant_conv.weight",
                 "post_quant_conv.weight", "decoder.up_blocks.0.upsamplers.0.conv.weight",
@@ -169,7 +170,8 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
         load_vae(tmp_path)
     assert "does not fit its config.json" in _one_line(exc) and "shape" in _one_line(exc)
     (tmp_path / "config.json").write_text(json.dumps({**raw, "layers_per_block": 2}))
-    with pytest.raises(UsageError, match=r"lacks decoder\.up_blocks\.0\.resnets\.2\..* \(32 missing, 0 unexpected keys\)"):
+    missing = r"lacks decoder\.up_blocks\.0\.resnets\.2\..* \(32 missing, 0 unexpected keys\)"
+    with pytest.raises(UsageError, match=missing):
         load_vae(tmp_path)
     (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(UsageError, match="cannot read VAE weights"):

@@ -37,6 +37,8 @@ class FmnistCNN(nn.Module):
     """Three conv stages (3x3 conv, batch norm, ReLU, 2x2 max-pool) -> Linear to `features` (the penultimate layer, used
     for FID/KID) -> ReLU, dropout -> Linear to 10 logits."""
 
+    feature_scale: Tensor  # a registered buffer: nn.Module's __getattr__ alone would type it Tensor | Module
+
     def __init__(self, *, widths: tuple[int, int, int] = DEFAULT_WIDTHS, features: int = DEFAULT_FEATURES) -> None:
         super().__init__()
         self.widths, self.features = tuple(widths), features
@@ -138,7 +140,7 @@ def load_extractor(path: str | Path) -> ExtractorFile:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- a safe_open handle is not iterable
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"{path} is not a safetensors file: {exc}") from None
     if meta.get("format") != NAME:

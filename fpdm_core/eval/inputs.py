@@ -1,4 +1,4 @@
-"""What `fpdm eval` compares: image folders, Fashion-MNIST splits, and samples drawn from a checkpoint.
+"""What an evaluation compares: image folders, Fashion-MNIST splits, image tensors and samples drawn from a model.
 
 Every source becomes uint8 (N, C, H, W), the form torch-fidelity hands its feature extractors, plus a short
 description for the report. Bad input is a one-line `UsageError`.
@@ -6,10 +6,10 @@ description for the report. Bad input is a one-line `UsageError`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,11 @@ from fpdm.config import DataConfig
 from fpdm.data.images import IMAGE_EXTENSIONS, fashion_mnist
 from fpdm.errors import UsageError
 from fpdm.eval.features import to_uint8
+from fpdm.io.packed import is_packed
+
+if TYPE_CHECKING:
+    from fpdm.config import SampleConfig
+    from fpdm.pipeline import Pipeline
 
 FASHION_MNIST_NAMES = ("fashion_mnist", "fashion-mnist", "fmnist")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
@@ -30,9 +35,17 @@ class ImageSet:
     source: str  # for the report: where the images came from
     details: dict[str, Any]
 
-    def describe(self) -> str:
-        n, c, h, w = self.images.shape
-        return f"{n} images {'gray' if c == 1 else 'RGB'} {w}x{h} from {self.source}"
+
+def is_fashion_mnist(name: str) -> bool:
+    return name.lower() in FASHION_MNIST_NAMES
+
+
+def is_model_path(path: Path) -> bool:
+    """A run folder (its loss.png is no sample), a checkpoint folder, a packed model folder, or a file: anything
+    but a plain folder of images is a model to sample from."""
+    if not path.is_dir():
+        return True
+    return (path / "checkpoints").is_dir() or (path / "meta.json").is_file() or is_packed(path)
 
 
 def image_paths(folder: Path) -> list[Path]:
@@ -75,10 +88,24 @@ def load_folder(folder: str | Path) -> ImageSet:
     return ImageSet(images, str(folder), {"kind": "folder", "path": str(folder)})
 
 
+def from_tensor(images: Tensor) -> ImageSet:
+    """Float images (N, C, H, W) in [-1, 1] (what `Pipeline.sample` returns), or uint8 ones, as an ImageSet.
+    Floats map to uint8 exactly as `fpdm sample` writes its PNGs, so a tensor and its PNG folder score alike."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise UsageError(f"sample images must be (N, C, H, W) with 1 or 3 channels, got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        if not images.is_floating_point():
+            raise UsageError(f"sample images must be float in [-1, 1] or uint8, got {images.dtype}")
+        if not bool(torch.isfinite(images).all()):
+            raise UsageError("sample images hold NaN or inf")
+        images = to_uint8(images.detach().float().cpu())
+    return ImageSet(images.cpu().contiguous(), f"a tensor of {images.shape[0]} images", {"kind": "tensor"})
+
+
 def load_reference(name: str, *, split: str, data_dir: str | None, limit: int | None, seed: int) -> ImageSet:
     """`fashion_mnist` (the `split`, padded to 32x32 like fpdm's training data) or a folder of images;
     `limit` keeps a seeded random subset."""
-    if name.lower() in FASHION_MNIST_NAMES:
+    if is_fashion_mnist(name):
         images, _ = fashion_mnist(DataConfig(path=data_dir, split=split, class_conditional=False)).tensors()
         ref = ImageSet(to_uint8(images), f"Fashion-MNIST {split} split (28x28 padded to 32x32)",
                        {"kind": "fashion_mnist", "split": split})
@@ -93,27 +120,18 @@ def load_reference(name: str, *, split: str, data_dir: str | None, limit: int | 
     return ref
 
 
-def sample_checkpoint(args: argparse.Namespace) -> ImageSet:
-    """Draw args.n samples from a checkpoint with `fpdm sample`'s choices (steps, budget, sampler, ...)."""
-    from fpdm.diffusion.sampling import generate
-
-    from fpdm.apps.sampling_setup import load_for_sampling, names
-
-    job = load_for_sampling(args, args.input)
-    if job.config.data.name == "latents":
-        raise UsageError("fpdm eval samples pixel-space models; decode latent samples with fpdm sample --vae, "
-                         "then evaluate the images folder")
-    model, ckpt = job.model, job.ckpt
-    labels = list(range(model.num_classes)) or None  # every class in turn: the reference splits are balanced
-    shape = (model.in_channels, model.input_size, model.input_size)
-    print(f"sampling {args.n} images from {ckpt.path} (step {ckpt.step}) ...", flush=True)
-    result = generate(model, job.parts.diffusion, n=args.n, batch_size=args.batch_size, seed=args.seed,
-                      labels=labels, shape=shape, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
-                      clip_x0=args.clip_x0, device=job.device, **job.generate_options())
-    blocks = result.blocks.double().mean().item()
-    details = {"kind": "checkpoint", "checkpoint": str(ckpt.path), "step": ckpt.step, "ema": args.ema,
-               "solver": job.solver_name, "seed": args.seed, "blocks_per_sample": blocks, **names(args),
-               "sampling_seconds": result.seconds}
-    source = (f"{ckpt.path} (step {ckpt.step}), {args.steps} {args.sampler} steps, "
-              f"{blocks:.1f} blocks/sample, seed {args.seed}")
-    return ImageSet(to_uint8(result.images), source, details)
+def sample_images(pipeline: Pipeline, *, n: int, batch_size: int, seed: int, sample: SampleConfig | None,
+                  progress: bool, log: Callable[[str], None]) -> ImageSet:
+    """Draw `n` images from a pixel-space pipeline with the sampling options of `sample` (the model's defaults
+    where None); without classes there, every class in turn (the reference splits are balanced)."""
+    where = str(pipeline.path) if pipeline.path is not None else repr(pipeline)
+    at = "" if pipeline.step is None else f" (step {pipeline.step})"
+    log(f"sampling {n} images from {where}{at} ...")
+    out = pipeline.sample(sample, n=n, batch_size=batch_size, seed=seed, progress=progress, output_type="tensor")
+    blocks = out.blocks.double().mean().item()
+    plan = {key: value for key, value in out.plan.items() if key not in ("iterations", "tol")}  # per step: long
+    details = {"kind": pipeline.kind, "checkpoint": where, "step": pipeline.step, "weights": pipeline.weights,
+               "seed": seed, "blocks_per_sample": blocks, **plan, "sampling_seconds": out.seconds}
+    source = (f"{where}{at}, {plan.get('steps')} {plan.get('sampler')} steps, {blocks:.1f} blocks/sample, "
+              f"seed {seed}")
+    return ImageSet(to_uint8(out.images), source, details)

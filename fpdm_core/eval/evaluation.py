@@ -1,0 +1,299 @@
+"""`fpdm.evaluate`: FID, KID and precision/recall of samples against a reference, computed by torch-fidelity.
+
+The samples are a folder of images, an image tensor, or a model (a `Pipeline`, or the path of a run, checkpoint
+or packed folder) that is sampled first. Features come from Inception-v3 when its weights are on this machine,
+or from fpdm's own Fashion-MNIST CNN (trained on first use, cached). The result always names the extractor,
+both sample counts and the reference; a metric on the CNN's features is "FID (fpdm-fmnist-cnn features)",
+never Inception FID. Every cheap check (options, paths, the extractor choice, shapes) runs before a model is
+loaded, sampled or an extractor trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from torch import Tensor
+
+from fpdm.config import EvalConfig, make_config
+from fpdm.errors import UsageError
+from fpdm.eval.features import DEFAULT_FEATURES, default_path, load_extractor, train_extractor
+from fpdm.eval.fidelity import (
+    CNN_NAME,
+    INCEPTION,
+    INCEPTION_FEATURES,
+    Extractor,
+    check_pair,
+    cnn_extractor,
+    compute_metrics,
+    inception_extractor,
+    inception_weights,
+)
+from fpdm.eval.inputs import (
+    ImageSet,
+    from_tensor,
+    is_fashion_mnist,
+    is_model_path,
+    load_folder,
+    load_reference,
+    sample_images,
+)
+
+if TYPE_CHECKING:
+    from fpdm.config import SampleConfig
+    from fpdm.pipeline import Pipeline
+
+Log = Callable[[str], None]
+N_HINT = "FID needs about 1000 samples or more"
+NO_INCEPTION = ("Inception-v3 weights are not on this machine and fpdm never downloads them: pass "
+                "--inception-weights PATH, or use --extractor fpdm-fmnist-cnn for gray 32x32 images")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagesInfo:
+    """One side of the comparison, without its pixels."""
+
+    n: int
+    shape: tuple[int, int, int]  # (C, H, W)
+    source: str
+    details: dict[str, Any]
+
+    def describe(self) -> str:
+        c, h, w = self.shape
+        return f"{self.n} images {'gray' if c == 1 else 'RGB'} {w}x{h} from {self.source}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractorInfo:
+    name: str  # "fpdm-fmnist-cnn" or "inception-v3"
+    sha256: str  # of the weights file: names the exact extractor
+    description: str
+    features: int
+    weights: str
+    test_accuracy: float | None  # the CNN's, on Fashion-MNIST test
+
+    @property
+    def metric_suffix(self) -> str:
+        return "Inception-v3 features" if self.name == INCEPTION else f"{self.name} features"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """The metrics and what they were computed on. `precision`/`recall` are None when they were skipped."""
+
+    fid: float
+    kid_mean: float
+    kid_std: float
+    kid_subset_size: int
+    precision: float | None
+    recall: float | None
+    extractor: ExtractorInfo
+    samples: ImagesInfo
+    reference: ImagesInfo
+
+    @property
+    def n(self) -> int:
+        return self.samples.n
+
+    def lines(self) -> list[str]:
+        """The human-readable report."""
+        suffix = self.extractor.metric_suffix
+        lines = [f"samples:   {self.samples.describe()}", f"reference: {self.reference.describe()}",
+                 f"features:  {self.extractor.description}, {self.extractor.features}-d; metrics by torch-fidelity",
+                 f"FID ({suffix}): {self.fid:.4f}  [{self.samples.n} samples vs {self.reference.n} reference images]",
+                 f"KID ({suffix}): {self.kid_mean:.5f} +- {self.kid_std:.5f}  [100 subsets of {self.kid_subset_size}]"]
+        if self.precision is not None:
+            lines.append(f"precision / recall ({suffix}, k=3): {self.precision:.4f} / {self.recall:.4f}")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report: metrics (also under their full names), extractor, both sides, and the text lines."""
+        suffix = self.extractor.metric_suffix
+        metrics: dict[str, Any] = {f"FID ({suffix})": self.fid, f"KID ({suffix})": self.kid_mean, "fid": self.fid,
+                                   "kid_mean": self.kid_mean, "kid_std": self.kid_std,
+                                   "kid_subset_size": self.kid_subset_size}
+        if self.precision is not None:
+            metrics.update(precision=self.precision, recall=self.recall)
+        ex = self.extractor
+        extractor = {"name": ex.name, "description": ex.description, "features": ex.features, "weights": ex.weights,
+                     "sha256": ex.sha256, **({} if ex.test_accuracy is None else {"test_accuracy": ex.test_accuracy})}
+        sides = {key: {"n": side.n, "shape": list(side.shape), "source": side.source, **side.details}
+                 for key, side in (("samples", self.samples), ("reference", self.reference))}
+        return {"metrics": metrics, "extractor": extractor, **sides, "lines": self.lines()}
+
+
+def evaluate(
+    samples: str | Path | Tensor | Pipeline,
+    *,
+    config: EvalConfig | None = None,
+    ref: str = "fashion_mnist",
+    ref_split: str = "test",
+    ref_n: int | None = None,
+    data_dir: str | None = None,
+    extractor: str = "auto",
+    inception_weights: str | None = None,
+    cache: str | None = None,
+    prc: bool = True,
+    kid_subset_size: int = 1000,
+    n: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "auto",
+    weights: str = "ema",
+    sample: SampleConfig | None = None,
+    progress: bool = True,
+    log: Log | None = None,
+) -> EvalResult:
+    """Score `samples` against `ref` with torch-fidelity's FID, KID and (with `prc`) precision/recall.
+
+    `samples`: a folder of images (or an `fpdm sample` output folder), float images (N, C, H, W) in [-1, 1],
+    a `Pipeline`, or the path of a run / checkpoint / packed folder; a model draws `n` samples (required),
+    every class in turn, with the sampling options of `sample` (the model's defaults where None). The options
+    are `EvalConfig`'s fields: `config` gives them all at once, and a keyword that differs from its default
+    overrides the config's value. `log` receives status lines (default: stderr, nothing without `progress`)."""
+    options = _options(config, ref=ref, ref_split=ref_split, ref_n=ref_n, data_dir=data_dir, extractor=extractor,
+                       inception_weights=inception_weights, cache=cache, prc=prc, kid_subset_size=kid_subset_size,
+                       n=n, batch_size=batch_size, seed=seed, device=device, weights=weights)
+    say = log or ((lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None))
+    images = _cheap_samples(samples, options)  # an ImageSet, or the model still to sample
+    reference = load_reference(options.ref, split=options.ref_split, data_dir=options.data_dir,
+                               limit=options.ref_n, seed=options.seed)
+    _check_extractor_choice(options)
+    if not isinstance(images, ImageSet):
+        pipeline = _load_pipeline(images, options)
+        _check_model_against(pipeline, reference, options)
+        images = sample_images(pipeline, n=options.n or 0, batch_size=options.batch_size, seed=options.seed,
+                               sample=sample, progress=progress, log=say)
+    chosen = _extractor(options, images, say)
+    metrics = compute_metrics(images.images, reference.images, extractor=chosen, seed=options.seed, prc=options.prc,
+                              kid_subset_size=options.kid_subset_size,
+                              device=None if options.device == "auto" else options.device)
+    return EvalResult(metrics["fid"], metrics["kid_mean"], metrics["kid_std"], metrics["kid_subset_size"],
+                      metrics.get("precision"), metrics.get("recall"), _extractor_info(chosen), _info(images),
+                      _info(reference))
+
+
+def train_fmnist_extractor(cache: str | None = None, *, log: Log | None = None) -> Extractor:
+    """(Re)train fpdm's Fashion-MNIST CNN extractor into the cache (default ~/.cache/fpdm): a few CPU minutes."""
+    say = log or (lambda line: None)
+    path = default_path(cache)
+    say(f"training the {CNN_NAME} feature extractor on Fashion-MNIST train (CPU, a few minutes; cached at {path})")
+    train_extractor(path, log=say)
+    return cnn_extractor(path)
+
+
+def _options(config: EvalConfig | None, **keywords: Any) -> EvalConfig:
+    """`config` (or the defaults) with every keyword that differs from its default applied on top."""
+    defaults = EvalConfig()
+    changes = {key: value for key, value in keywords.items() if not _same(value, getattr(defaults, key))}
+    return make_config(EvalConfig, **{**attrs.asdict(config or defaults, recurse=False), **changes})
+
+
+def _same(value: Any, default: Any) -> bool:
+    return value is default or (type(value) is type(default) and value == default)
+
+
+def _cheap_samples(samples: Any, options: EvalConfig) -> ImageSet | Any:
+    """Folders and tensors become images now; a model (path or Pipeline) is returned as it is, checked for `n`."""
+    if isinstance(samples, Tensor):
+        return from_tensor(samples)
+    if isinstance(samples, (str, Path)):
+        path = Path(samples).expanduser()
+        if not path.exists():
+            raise UsageError(f"{path} does not exist")
+        if not is_model_path(path):
+            return load_folder(path)
+        samples = path
+    elif not callable(getattr(samples, "sample", None)):
+        raise UsageError(f"samples must be a folder, an image tensor or a Pipeline, got {type(samples).__name__}")
+    if options.n is None:
+        raise UsageError(f"evaluating a model draws samples: give n (--n), e.g. 1000 ({N_HINT})")
+    return samples
+
+
+def _load_pipeline(model: Any, options: EvalConfig) -> Pipeline:
+    if not isinstance(model, Path):
+        return model
+    from fpdm.pipeline import load
+
+    return load(model, device=options.device, weights=options.weights)
+
+
+def _check_model_against(pipeline: Pipeline, reference: ImageSet, options: EvalConfig) -> None:
+    """Shapes and counts a model's samples will have, checked against the reference before any sampling."""
+    if pipeline.is_latent:
+        raise UsageError("fpdm eval samples pixel-space models; decode latent samples with fpdm sample --vae, "
+                         "then evaluate the images folder")
+    denoiser: Any = pipeline.denoiser  # FPDM and DiT carry in_channels / input_size; the interface leaves them out
+    shape = (options.n or 0, denoiser.in_channels, denoiser.input_size, denoiser.input_size)
+    planned = reference.images.new_zeros(1, *shape[1:]).expand(*shape)  # no memory: only its shape counts
+    choice = _resolve_choice(options, channels=shape[1])
+    if choice == INCEPTION:
+        features = INCEPTION_FEATURES
+    elif choice == CNN_NAME:
+        path = default_path(options.cache)
+        features = load_extractor(path).model.features if path.is_file() else DEFAULT_FEATURES
+    else:
+        features = load_extractor(choice).model.features
+    kind = INCEPTION if choice == INCEPTION else CNN_NAME
+    check_pair(planned, reference.images, extractor=Extractor(kind, Path(choice), features, choice))
+
+
+def _check_extractor_choice(options: EvalConfig) -> None:
+    choice = options.extractor
+    if choice == INCEPTION and inception_weights(options.inception_weights) is None:
+        raise UsageError(NO_INCEPTION)
+    if choice not in ("auto", CNN_NAME, INCEPTION) and not Path(choice).expanduser().is_file():
+        raise UsageError(f"--extractor {choice!r}: expected auto, {CNN_NAME}, {INCEPTION} or an extractor file path")
+
+
+def _resolve_choice(options: EvalConfig, *, channels: int) -> str:
+    """auto -> fpdm's CNN for Fashion-MNIST, and for gray images when no Inception weights are here;
+    Inception-v3 otherwise. Other choices stay as they are (already checked)."""
+    if options.extractor != "auto":
+        return options.extractor
+    if is_fashion_mnist(options.ref):
+        return CNN_NAME
+    local = inception_weights(options.inception_weights)
+    return CNN_NAME if local is None and channels == 1 else INCEPTION
+
+
+def _extractor(options: EvalConfig, samples: ImageSet, say: Log) -> Extractor:
+    choice = _resolve_choice(options, channels=samples.images.shape[1])
+    if choice == INCEPTION:
+        weights = inception_weights(options.inception_weights)
+        if weights is None:  # checked up front; auto picks Inception only where its weights are
+            raise UsageError(NO_INCEPTION)
+        return inception_extractor(weights)
+    if choice == CNN_NAME:
+        path = default_path(options.cache)
+        if not path.is_file():
+            say(f"no {CNN_NAME} extractor at {path}: training it now (first use)")
+            return train_fmnist_extractor(options.cache, log=say)
+        return cnn_extractor(path)
+    return cnn_extractor(choice)
+
+
+def _extractor_info(extractor: Extractor) -> ExtractorInfo:
+    cnn = extractor.cnn
+    return ExtractorInfo(extractor.kind, cnn.sha256 if cnn is not None else _sha256(extractor.weights),
+                         extractor.description, extractor.features, str(extractor.weights),
+                         None if cnn is None else cnn.test_accuracy)
+
+
+def _info(images: ImageSet) -> ImagesInfo:
+    n, c, h, w = images.images.shape
+    return ImagesInfo(n, (c, h, w), images.source, dict(images.details))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
