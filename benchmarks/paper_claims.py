@@ -1,6 +1,6 @@
 """The paper's claims on a CPU scale: parameters and training memory, and FID under a sampling budget.
 
-    python benchmarks/paper_claims.py [--quick --out /tmp/claims] [--update-readme]
+    python benchmarks/paper_claims.py [--quick --out /tmp/claims] [--update-docs]
 
 1. Parameters and training peak memory of FPDM vs DiT at equal width and batch (benchmarks/train.py's
    measurement, one process per setting): Fashion-MNIST XS/4 on CPU; XL/2 at batch 64 only when CUDA exists.
@@ -33,9 +33,8 @@ from typing import Any
 
 import torch
 
-from _report import RESULTS, ROOT, update_readme
-
 from _paper_claims_grid import ARCHS, BLOCKS_PER_STEP, BUDGETS, DIT_DEPTH, SEEDS_AT_LOWEST, STEP_BLOCKS, VARIANTS
+from _report import RESULTS, ROOT, update_doc
 
 PRESET = ROOT / "apps" / "presets" / "fashion_mnist.toml"
 
@@ -84,21 +83,40 @@ def memory_cells(store: Store, *, quick: bool) -> None:
     for name, batch, steps, warmup, ckpt in runs:
         key = f"memory|{name}|ckpt={ckpt}"
         if store.get(key) is None:
-            code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from train import run_one; "
-                    f"print(json.dumps(run_one({name!r}, {batch}, {steps}, {warmup}, {ckpt})))")
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-            store.put(key, json.loads(out.stdout.strip().splitlines()[-1]))
+            store.put(key, measure_apart("run_one", name, batch, steps, warmup, ckpt))
     # Device-independent: parameter/optimizer state + the activations a step keeps, at batch 64, checkpointing
     # off, fp32 and bf16 autocast; XL/2 too (minutes on a CPU), since the paper's claim is about that scale.
     for name in ("FPDM-XS/4 Fashion-MNIST", "DiT-XS/4 Fashion-MNIST", "FPDM-XL/2 latent", "DiT-XL/2 latent"):
         for bf16 in (False, True):
             key = f"accounting|{name}|bf16={bf16}"
             if store.get(key) is None and not (quick and "XL" in name):
-                code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                        "from train import account_memory; "
-                        f"print(json.dumps(account_memory({name!r}, 64, False, {bf16})))")
-                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-                store.put(key, json.loads(out.stdout.strip().splitlines()[-1]))
+                store.put(key, measure_apart("account_memory", name, 64, False, bf16))
+
+
+# benchmarks/train.py's measurements this script may run in a process of their own (see `measure_apart`).
+APART = ("run_one", "account_memory")
+
+
+def measure_apart(function: str, *args: Any) -> Any:
+    """benchmarks/train.py's `function(*args)` in a fresh process, so its memory peak is its own: this script
+    reruns itself with the hidden --apart flag. A script's folder is on its own import path, so the sibling
+    `train` module imports as the script's other siblings do, with no path edit."""
+    command = [sys.executable, __file__, "--apart", json.dumps([function, list(args)])]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{function}{tuple(args)} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_apart(spec: str) -> int:
+    """The child side of `measure_apart`: print the measurement as one JSON line."""
+    import train
+
+    function, args = json.loads(spec)
+    if function not in APART:
+        raise SystemExit(f"--apart runs one of {', '.join(APART)}, not {function!r}")
+    print(json.dumps(getattr(train, function)(*args)))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -148,8 +166,8 @@ def compute_plan(store: Store, *, fpdm_steps: int, batch: int) -> dict[str, Any]
 
 def train_cell(store: Store, family: str, *, steps: int, runs: Path, seed: int) -> Path:
     """Train (or resume) the run; the cell records wall-clock seconds of this process's training."""
-    from fpdm.io.checkpoint import list_checkpoints, load_checkpoint
     from fpdm.config import load_config
+    from fpdm.io.checkpoint import list_checkpoints, load_checkpoint
     from fpdm.training.loop import train
 
     run = runs / family
@@ -172,11 +190,11 @@ def train_cell(store: Store, family: str, *, steps: int, runs: Path, seed: int) 
 
 def fid_cell(store: Store, key: str, *, model: Any, base: Any, schedule: Any, variant: str, dit_steps: int,
              seed: int, n: int, reference: Any, extractor: Any, cache: Path) -> None:
+    from fpdm.diffusion.sampling import generate, plan_iterations, plan_tolerances
     from fpdm.eval.features import to_uint8
     from fpdm.eval.fidelity import compute_metrics
-    from fpdm.registry import default_registry
-    from fpdm.diffusion.sampling import generate, plan_iterations, plan_tolerances
     from fpdm.plugins.samplers import DDIM
+    from fpdm.registry import default_registry
 
     if store.get(key) is not None:
         return
@@ -188,7 +206,7 @@ def fid_cell(store: Store, key: str, *, model: Any, base: Any, schedule: Any, va
     allocator = registry.create("allocator", alloc_name)
     plan = plan_iterations(model, ts[::-1], budget=budget, iters=0, allocator=allocator)
     result = generate(model, base.respace(ts), n=n, batch_size=250, seed=seed, labels=list(range(10)),
-                      shape=(1, 32, 32), update=DDIM(), solver=registry.create("solver", solver_name),
+                      shape=(1, 32, 32), sampler=DDIM(), solver=registry.create("solver", solver_name),
                       iterations=plan, reuse=registry.create("reuse_policy", reuse_name),
                       tol=plan_tolerances(allocator, plan, ts[::-1]), adaptive=allocator.tol > 0)
     metrics = compute_metrics(to_uint8(result.images), reference, extractor=extractor, prc=False, seed=0,
@@ -202,9 +220,9 @@ def fid_cell(store: Store, key: str, *, model: Any, base: Any, schedule: Any, va
 
 def fid_cells(store: Store, runs: dict[str, Path], *, n: int, reference: Any, extractor: Any, cache: Path) -> None:
     from fpdm.build import build_schedule, load_denoiser
-    from fpdm.io.checkpoint import load_checkpoint
     from fpdm.config import Config, from_dict
     from fpdm.diffusion.gaussian import GaussianDiffusion
+    from fpdm.io.checkpoint import load_checkpoint
 
     for family, run in runs.items():
         ckpt = load_checkpoint(run)
@@ -233,11 +251,14 @@ def main() -> int:
     parser.add_argument("--fpdm-steps", type=int,
                         help="FPDM training steps (default 2000, the preset's `fpdm train`; --quick 60)")
     parser.add_argument("--extractor", help="fpdm-fmnist-cnn file (default: the cached one, trained if missing)")
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", "--update-readme", action="store_true", help="refresh docs/paper-claims.md")
+    parser.add_argument("--apart", help=argparse.SUPPRESS)  # internal: one measurement of train.py, see measure_apart
     args = parser.parse_args()
-    from fpdm.apps.eval_inputs import load_reference
+    if args.apart:
+        return run_apart(args.apart)
     from fpdm.eval.features import default_path, train_extractor
     from fpdm.eval.fidelity import cnn_extractor
+    from fpdm.eval.inputs import load_reference
 
     n = args.n or (200 if args.quick else 5000)
     fpdm_steps = args.fpdm_steps or (60 if args.quick else 2000)
@@ -265,10 +286,10 @@ def main() -> int:
     table = markdown(store.data)
     (args.out / "paper_claims.md").write_text(table)
     plot(store.data, args.out / "paper_claims.png")
-    if args.update_readme:
+    if args.update_docs:
         if args.quick:
-            raise SystemExit("--update-readme takes the full run's table, not --quick's")
-        update_readme("paper_claims", table)
+            raise SystemExit("--update-docs takes the full run's table, not --quick's")
+        update_doc("paper_claims", table, page="paper-claims.md")
     print(table)
     return 0
 

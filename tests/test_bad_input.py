@@ -9,18 +9,18 @@ import json
 import shutil
 import string
 import tempfile
-import tomllib
 from pathlib import Path
 
 import attrs
 import numpy as np
 import pytest
+import tomllib
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fpdm.io.checkpoint import _sha256, list_checkpoints
 from fpdm.config import Config
+from fpdm.io.checkpoint import _sha256, list_checkpoints
 from reliability_support import assert_one_line_error, cli, flush_counts
 
 SLOW_OK = settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -291,6 +291,7 @@ def broken(trained, scratch):  # type: ignore[no-untyped-def]
     return _corruptions(trained, scratch / "runs")
 
 
+@pytest.mark.slow
 def test_truncated_foreign_and_inconsistent_checkpoints_at_sample_and_export(broken, scratch):
     for name, run in broken.items():
         if name in ("cut-optimizer.pt", "cut-resealed-optimizer.pt", "cut-resealed-trainer.pt"):
@@ -300,6 +301,7 @@ def test_truncated_foreign_and_inconsistent_checkpoints_at_sample_and_export(bro
         expect_error("export", str(run), "--onnx", "--no-verify", "--out", str(scratch / "e.onnx"), codes=(2,))
 
 
+@pytest.mark.slow
 def test_truncated_and_foreign_checkpoints_at_resume(broken):
     for name, run in broken.items():
         if name.startswith("spec-"):
@@ -307,6 +309,7 @@ def test_truncated_and_foreign_checkpoints_at_resume(broken):
         expect_error("train", "--resume", "--out", str(run), "--steps", "50", "--no-progress", codes=(2,))
 
 
+@pytest.mark.slow
 @SLOW_OK
 @given(file=st.sampled_from(["model.safetensors", "ema.safetensors", "meta.json", "config.json", "model.json"]),
        fraction=st.floats(0.0, 0.999), reseal=st.booleans(), flip=st.booleans())
@@ -344,6 +347,7 @@ def test_checkpoint_paths_that_are_not_checkpoints(scratch):
 # ------------------------------------------------------------------------------------------- flags, per command
 
 
+@pytest.mark.slow
 def test_bad_flags_and_combinations(trained, scratch):
     run = str(trained)
     s = ["sample", run, "--no-progress", "--out", str(scratch / "flags")]
@@ -432,6 +436,7 @@ def exported(trained, scratch):  # type: ignore[no-untyped-def]
     return path
 
 
+@pytest.mark.slow
 def test_bad_onnx_files_at_sample(exported, scratch):
     import onnx
 
@@ -484,9 +489,10 @@ def test_non_numbers_for_numeric_flags(trained, flag, value):
 # ------------------------------------------------------------------------------------------- as a user runs it
 
 
+@pytest.mark.slow
 def test_a_handful_in_real_processes(trained, scratch):
     """The in-process cases above, spot-checked end to end: nothing else reaches stderr in a real process."""
-    from conftest import run_cli
+    from support import run_cli
 
     bad = scratch / "real.toml"
     bad.write_text("[train\nsteps = 3\n")

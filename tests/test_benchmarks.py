@@ -1,18 +1,32 @@
-"""The measuring helpers the benchmark scripts share (benchmarks/ is scripts, not a package: put it on the path)."""
+"""The measuring helpers the benchmark scripts share. benchmarks/ holds scripts, not a package: each imports
+its siblings as a script does (its folder first on the path), so the tests import them the same way, with the
+folder on the path for this module's tests only."""
 
 from __future__ import annotations
 
-import sys
+import importlib
+import types
 
 import pytest
 import torch
 
-from conftest import ROOT
 from fpdm.build import build_denoiser
 from fpdm.config import ModelConfig
+from support import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from train import measure_steps, saved_bytes  # noqa: E402
+pytestmark = pytest.mark.slow  # each measures real training steps of a model: seconds apiece
+
+
+@pytest.fixture
+def bench(monkeypatch):  # type: ignore[no-untyped-def]
+    """import a benchmark script by name, as its siblings import it."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module
+
+
+@pytest.fixture
+def train(bench) -> types.ModuleType:  # type: ignore[no-untyped-def]
+    return bench("train")
 
 
 def tiny(arch: str) -> torch.nn.Module:
@@ -21,7 +35,8 @@ def tiny(arch: str) -> torch.nn.Module:
                           num_classes=3)
 
 
-def test_measure_steps_times_each_step_after_warmup_with_seeded_draws():
+def test_measure_steps_times_each_step_after_warmup_with_seeded_draws(train):
+    measure_steps = train.measure_steps
     model = tiny("FPDM-XS/4")
     x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 2])
     first = measure_steps(model, x, y, ranges=([0, 2], [1, 3]), steps=3, warmup=1)
@@ -32,7 +47,8 @@ def test_measure_steps_times_each_step_after_warmup_with_seeded_draws():
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_saved_bytes_is_affine_in_the_batch_and_grows_with_the_grad_phase(bf16):
+def test_saved_bytes_is_affine_in_the_batch_and_grows_with_the_grad_phase(bf16, train):
+    saved_bytes = train.saved_bytes
     model = tiny("FPDM-XS/4")
 
     def kept(batch: int, n_grad: int) -> int:
@@ -45,7 +61,8 @@ def test_saved_bytes_is_affine_in_the_batch_and_grows_with_the_grad_phase(bf16):
     assert kept(2, 2) == saved_bytes(model, 2, 8, 1, 3, n_no_grad=0, n_grad=2, bf16=bf16)  # no-grad keeps nothing
 
 
-def test_bf16_autocast_keeps_fewer_bytes_per_sample_than_fp32():
+def test_bf16_autocast_keeps_fewer_bytes_per_sample_than_fp32(train):
+    saved_bytes = train.saved_bytes
     model = tiny("DiT-XS/4")
 
     def per_sample(bf16: bool) -> int:
@@ -53,3 +70,11 @@ def test_bf16_autocast_keeps_fewer_bytes_per_sample_than_fp32():
                 - saved_bytes(model, 2, 8, 1, 3, n_no_grad=0, n_grad=1, bf16=bf16))
 
     assert per_sample(True) < 0.75 * per_sample(False)
+
+
+def test_paper_claims_measures_apart_without_path_edits(bench, train):
+    claims = bench("paper_claims")
+    apart = claims.measure_apart("account_memory", "FPDM-XS/4 Fashion-MNIST", 2, False, False)
+    assert apart == train.account_memory("FPDM-XS/4 Fashion-MNIST", 2, False, False)  # exact accounting, any process
+    with pytest.raises(SystemExit, match="--apart runs one of run_one, account_memory"):
+        claims.run_apart('["saved_bytes", []]')

@@ -10,10 +10,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import REGISTRY
 from fpdm.errors import UsageError
-from maps import linear, tanh
 from fpdm.plugins.solvers import Anderson, FixedPointIteration, spd_solve
+from fpdm.testing.maps import linear, tanh
+from support import REGISTRY
 
 
 @given(batch=st.integers(1, 4), h=st.integers(1, 8), seed=st.integers(0, 2**31 - 1), lam=st.floats(1e-6, 1.0))
@@ -49,6 +49,7 @@ def test_anderson_with_window_one_is_damped_iteration(beta, seed):
     torch.testing.assert_close(a.z, p.z, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 @given(rate=st.floats(0.9, 0.99), seed=st.integers(0, 2**31 - 1), n=st.integers(16, 48))
 def test_anderson_needs_fewer_iterations_than_plain_on_slow_contractions(rate, seed, n):
     f = linear(4, 2, n, rate, seed, symmetric=True)  # spectral radius = rate: plain needs ~log(tol)/log(rate)
@@ -91,6 +92,7 @@ class _Unrolled(torch.nn.Module):
         return self.solver.unrolled(lambda z: torch.tanh(self.w(z) + x), torch.zeros_like(x), iters=self.iters)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", [FixedPointIteration(), FixedPointIteration(damping=0.3), Anderson(m=3)], ids=repr)
 def test_unrolled_solvers_export_to_onnx_and_match_in_onnxruntime(solver, tmp_path):
     onnx = pytest.importorskip("onnx")

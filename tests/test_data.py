@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fpdm.data import images as data
 from fpdm.build import build_dataset
 from fpdm.config import DataConfig
+from fpdm.data import images as data
 from fpdm.data.images import ImageDataset, fashion_mnist, image_folder, read_idx
 from fpdm.errors import UsageError
 

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from fpdm.diffusion.gaussian import GaussianDiffusion, discretized_gaussian_log_likelihood, normal_kl
-from fpdm.plugins.schedules import CosineSchedule, LinearSchedule
 from fpdm.errors import UsageError
+from fpdm.plugins.schedules import CosineSchedule, LinearSchedule
 from fpdm.registry import Registry
 
 T_SMALL = 50

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REGISTRY, ROOT, tiny_config
+from fpdm.errors import UsageError
 from fpdm.io.checkpoint import load_checkpoint
 from fpdm.training.distributed import DistContext, shard
-from fpdm.errors import UsageError
 from fpdm.training.loop import train
+from support import REGISTRY, ROOT, tiny_config
 
 LAUNCHER = textwrap.dedent('''
     import hashlib, json, os, sys
@@ -82,6 +82,7 @@ def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_and_resume_in_one(images, tmp_path, monkeypatch):
     result = torchrun(tmp_path, images, tmp_path / "ddp", "--set", "train.device='cpu'")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -124,6 +125,7 @@ def test_two_ranks_match_one_process_and_resume_in_one(images, tmp_path, monkeyp
     close(resumed.model, straight.model)
 
 
+@pytest.mark.slow
 def test_config_mismatch_across_ranks_fails_with_one_line(images, tmp_path):
     result = torchrun(tmp_path, images, tmp_path / "skew", "--set", "train.device='cpu'", env={"SKEW_RANK": "1"})
     assert result.returncode != 0

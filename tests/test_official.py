@@ -15,15 +15,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
-from conftest import REGISTRY, ROOT, one_line_error, run_cli
 from fpdm.build import build_schedule, load_denoiser
-from fpdm.io.checkpoint import load_checkpoint
 from fpdm.config import Config, from_dict
 from fpdm.diffusion.gaussian import GaussianDiffusion
-from fpdm.errors import UsageError
-from fpdm.models.transformer import sincos_pos_embed
-from fpdm.io.official import import_official
 from fpdm.diffusion.sampling import generate
+from fpdm.errors import UsageError
+from fpdm.io.checkpoint import load_checkpoint
+from fpdm.io.official import import_official
+from fpdm.models.transformer import sincos_pos_embed
+from support import REGISTRY, ROOT, one_line_error, run_cli
 
 LAYOUT = ROOT.parent / "shared" / "official_state_dict_layout.txt"
 PARITY: dict[str, float] = {}  # max abs error per case, printed with -s
@@ -173,6 +173,7 @@ def test_reference_pos_embed_is_fpdms():
     assert torch.allclose(sincos_pos_embed(32, 4)[None], ref_pos_embed(32, 4), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fpdm_cli_import_matches_the_reference_forward(tmp_path):
     sd_model = official_state_dict(fpdm=True, hidden=32, pre=2, post=1, seed=0)
     sd_ema = official_state_dict(fpdm=True, hidden=32, pre=2, post=1, seed=1)
@@ -234,6 +235,7 @@ def _layout(section: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(int(n) for n in s.split(",") if n.strip()) for k, s in rows}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not LAYOUT.exists(), reason="shared/official_state_dict_layout.txt not present")
 @pytest.mark.parametrize("fpdm", [True, False], ids=["FPDM-S/2", "DiT-S/2"])
 def test_s2_layout_file_imports_with_heads_from_args(tmp_path, fpdm):
@@ -254,6 +256,7 @@ def test_s2_layout_file_imports_with_heads_from_args(tmp_path, fpdm):
 # Bad input: one line, exit 2, nothing written
 
 
+@pytest.mark.slow
 def test_wrong_shape_missing_keys_and_wrong_arch_are_named(tmp_path):
     sd = official_state_dict(fpdm=True, hidden=32, seed=5)
     bad = dict(sd, **{"blocks_post.0.mlp.fc1.weight": torch.zeros(100, 32)})
@@ -280,6 +283,7 @@ class Custom:
     pass
 
 
+@pytest.mark.slow
 def test_files_that_need_code_are_refused(tmp_path):
     sd = official_state_dict(fpdm=True, hidden=32, seed=6)
     torch.save({"model": sd, "extra": Custom()}, tmp_path / "custom.pt")
@@ -294,6 +298,7 @@ def test_files_that_need_code_are_refused(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+@pytest.mark.slow
 def test_foreign_and_missing_files_and_bad_out(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     one_line_error(run_cli("import-official", str(tmp_path / "notes.txt"), str(tmp_path / "o")),
@@ -342,7 +347,7 @@ def test_imported_checkpoint_samples(tmp_path):
                                   learn_sigma=config.model.learn_sigma)
     timesteps = sorted(schedule.sampling_timesteps(3).tolist())
     out = generate(model, diffusion.respace(timesteps), n=2, batch_size=2, seed=0, labels=[0, 4],
-                   shape=(4, 8, 8), update=REGISTRY.create("sampler", "ddpm"),
+                   shape=(4, 8, 8), sampler=REGISTRY.create("sampler", "ddpm"),
                    solver=REGISTRY.create("solver", "fixed_point"), iterations=[2, 2, 2],
                    reuse=REGISTRY.create("reuse_policy", "reuse"), cfg_scale=2.0)
     assert out.images.shape == (2, 4, 8, 8) and torch.isfinite(out.images).all()
@@ -355,6 +360,7 @@ def test_report_parity(capsys):
             print(f"\nparity {case}: max abs error {err:.3e} (float64)")
 
 
+@pytest.mark.slow
 def test_imported_checkpoint_samples_through_a_vae_and_exports(tmp_path):
     """The issue's end to end: an official checkpoint imported, sampled with `fpdm sample --vae` (decoded to
     RGB), exported with `fpdm export --onnx`, and the export sampled with ONNX Runtime through the same VAE."""
@@ -362,8 +368,8 @@ def test_imported_checkpoint_samples_through_a_vae_and_exports(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from fpdm.models.vae import AutoencoderKL, VAEConfig
     from fpdm.io.vae_weights import save_vae
+    from fpdm.models.vae import AutoencoderKL, VAEConfig
 
     vae = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(32, 32), norm_num_groups=8, latent_channels=4)),
                    tmp_path / "vae")

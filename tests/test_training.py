@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from conftest import REGISTRY, run_cli, tiny_config
-from fpdm.io.checkpoint import list_checkpoints, load_checkpoint
 from fpdm.errors import FpdmRuntimeError, UsageError
+from fpdm.io.checkpoint import list_checkpoints, load_checkpoint
 from fpdm.models.transformer import FPDM
 from fpdm.registry import Registry
 from fpdm.training.loop import train
+from reliability_support import cli
+from support import REGISTRY, run_cli, tiny_config
 
 
 def tiny(images, out, *extra: str):  # type: ignore[no-untyped-def]
@@ -55,14 +57,14 @@ def test_anderson_and_dit_train(images, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
 
 
-def test_refuses_to_overwrite_or_resume_an_incompatible_run(images, tmp_path):
-    train(tiny(images, tmp_path / "r", "train.steps=3"), registry=REGISTRY, progress=False)
+def test_refuses_to_overwrite_or_resume_an_incompatible_run(images, trained, tmp_path):
+    shutil.copytree(trained, tmp_path / "r")  # the shared tiny run, 6 steps
     with pytest.raises(UsageError, match="already holds checkpoints"):
         train(tiny(images, tmp_path / "r"), registry=REGISTRY, progress=False)
     with pytest.raises(UsageError, match="trained with model.hidden_size=32, the config says 64"):
         train(tiny(images, tmp_path / "r", "model.hidden_size=64"), resume=True, registry=REGISTRY, progress=False)
-    with pytest.raises(UsageError, match="already at step 3"):
-        train(tiny(images, tmp_path / "r", "train.steps=3"), resume=True, registry=REGISTRY, progress=False)
+    with pytest.raises(UsageError, match="already at step 6"):
+        train(tiny(images, tmp_path / "r"), resume=True, registry=REGISTRY, progress=False)
 
 
 class ExplodingFPDM(FPDM):
@@ -109,8 +111,8 @@ def test_a_failed_save_leaves_the_previous_checkpoint(images, tmp_path, monkeypa
     assert load_checkpoint(root).step == 3
 
 
-def test_corrupt_and_foreign_checkpoints_are_refused(images, tmp_path):
-    train(tiny(images, tmp_path / "c", "train.steps=3"), registry=REGISTRY, progress=False)
+def test_corrupt_and_foreign_checkpoints_are_refused(trained, tmp_path):
+    shutil.copytree(trained, tmp_path / "c")  # the shared tiny run, corrupted in a copy
     ckpt = list_checkpoints(tmp_path / "c" / "checkpoints")[-1]
     data = bytearray((ckpt / "model.safetensors").read_bytes())
     data[-10] ^= 0xFF
@@ -131,6 +133,7 @@ def test_corrupt_and_foreign_checkpoints_are_refused(images, tmp_path):
 fpdm_cli = run_cli
 
 
+@pytest.mark.slow
 def test_cli_trains_resumes_and_plots(images, tmp_path):
     common = ["--set", "model.hidden_size=32", "--set", "model.num_heads=2", "--set", "data.name=image_folder",
               "--set", f"data.path={json.dumps(str(images))}", "--set", "data.image_size=8", "--set", "train.batch_size=8",
@@ -162,10 +165,10 @@ def test_cli_trains_resumes_and_plots(images, tmp_path):
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(args, message, tmp_path):
-    result = fpdm_cli("train", "--out", str(tmp_path / "bad"), "--steps", "1", "--no-progress", *args)
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    code, out, err = cli("train", "--out", str(tmp_path / "bad"), "--steps", "1", "--no-progress", *args)
+    assert code == 2, (out, err)
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.slow

@@ -1,7 +1,13 @@
-"""Fixed-point maps with independently known answers, written here rather than taken from fpdm.problems so
-the tests do not grade the project with its own oracle."""
+"""Fixed-point maps with independently known answers, the solver suite's oracles.
+
+Written here rather than taken from `fpdm.solving.problems` so the suite does not grade the solvers with the
+project's own benchmark maps. Everything is float64 unless asked otherwise and seeded: the same arguments give
+the same map.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -24,7 +30,7 @@ class Linear:
         self.calls += 1
         return z @ self.a.T + self.b
 
-    def restrict(self, rows: Tensor) -> "Linear":
+    def restrict(self, rows: Tensor) -> Linear:
         return Linear(self.a, self.b[rows])
 
     def exact(self) -> Tensor:
@@ -42,7 +48,7 @@ class Tanh:
     def __call__(self, z: Tensor) -> Tensor:
         return torch.tanh(z @ self.w.T + self.inj)
 
-    def restrict(self, rows: Tensor) -> "Tanh":
+    def restrict(self, rows: Tensor) -> Tanh:
         return Tanh(self.w, self.inj[rows])
 
     def reference(self, iters: int = 4000) -> Tensor:
@@ -55,17 +61,34 @@ class Tanh:
         return z
 
 
+class Rowwise:
+    """A batch whose rows are separate problems (a mixed batch of easy and hard ones). Restrictable."""
+
+    def __init__(self, rows: list[Callable[[Tensor], Tensor]], index: list[int] | None = None) -> None:
+        self.rows = rows
+        self.index = list(range(len(rows))) if index is None else index
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return torch.cat([self.rows[i](z[j : j + 1]) for j, i in enumerate(self.index)])
+
+    def restrict(self, rows: Tensor) -> Rowwise:
+        return Rowwise(self.rows, [self.index[r] for r in rows.tolist()])
+
+
 class Plain:
     """Hides `restrict`, so the solver must evaluate the whole batch."""
 
-    def __init__(self, f) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, f: Callable[[Tensor], Tensor]) -> None:
         self.f = f
 
     def __call__(self, z: Tensor) -> Tensor:
         return self.f(z)
 
 
-def linear(batch: int, tokens: int, n: int, rate: float, seed: int, *, symmetric: bool = False, dtype=torch.float64) -> Linear:
+def linear(batch: int, tokens: int, n: int, rate: float, seed: int, *, symmetric: bool = False,
+           dtype: torch.dtype = torch.float64) -> Linear:
+    """A random affine contraction with spectral norm `rate` (symmetric: spectral radius `rate` too, so plain
+    iteration needs about log(tol) / log(rate) steps). b (batch, tokens, n)."""
     gen = torch.Generator().manual_seed(seed)
     m = torch.randn(n, n, generator=gen, dtype=torch.float64)
     if symmetric:
@@ -78,6 +101,7 @@ def linear(batch: int, tokens: int, n: int, rate: float, seed: int, *, symmetric
 
 
 def tanh(batch: int, tokens: int, n: int, rate: float, seed: int) -> Tanh:
+    """A random tanh contraction with Lipschitz constant <= `rate`. inj (batch, tokens, n)."""
     gen = torch.Generator().manual_seed(seed)
     w = scaled_to_norm(torch.randn(n, n, generator=gen, dtype=torch.float64), rate)
     return Tanh(w, torch.randn(batch, tokens, n, generator=gen, dtype=torch.float64))

@@ -1,0 +1,86 @@
+"""The schedule contract (`fpdm.interfaces.Schedule`): valid noise levels and valid sampling timesteps.
+
+Every contract takes `make(**options) -> Schedule`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fpdm.errors import UsageError
+from fpdm.interfaces import Schedule
+from fpdm.testing.suite import Make, given, strategies
+
+
+def _betas(schedule: Schedule) -> torch.Tensor:
+    betas = schedule.betas()
+    assert isinstance(betas, torch.Tensor), f"betas() returned {type(betas).__name__}, not a Tensor"
+    return betas
+
+
+def betas_are_float64_in_the_unit_interval(make: Make) -> None:
+    """betas() is a float64 (T,) tensor, T = num_train_timesteps >= 1, every beta in (0, 1]."""
+    schedule = make()
+    betas = _betas(schedule)
+    assert betas.dtype == torch.float64 and betas.dim() == 1, (betas.dtype, tuple(betas.shape))
+    assert betas.shape[0] == schedule.num_train_timesteps >= 1, (betas.shape, schedule.num_train_timesteps)
+    assert torch.isfinite(betas).all(), "non-finite betas"
+    assert ((betas > 0) & (betas <= 1)).all(), f"betas outside (0, 1]: min {betas.min()}, max {betas.max()}"
+
+
+def alphas_cumprod_is_the_decreasing_product(make: Make) -> None:
+    """alphas_cumprod() is cumprod(1 - betas), float64 (T,), strictly decreasing from below 1 to >= 0."""
+    schedule = make()
+    betas, ac = _betas(schedule), schedule.alphas_cumprod()
+    assert ac.dtype == torch.float64 and ac.shape == betas.shape, (ac.dtype, tuple(ac.shape))
+    torch.testing.assert_close(ac, torch.cumprod(1.0 - betas, dim=0), rtol=1e-9, atol=1e-12)
+    assert 0 < ac[0] < 1 and ac[-1] >= 0, (ac[0].item(), ac[-1].item())
+    assert (ac[1:] < ac[:-1]).all(), "alphas_cumprod must decrease at every step (every beta > 0)"
+
+
+def sampling_timesteps_start_at_the_noisiest_step_and_decrease(make: Make) -> None:
+    """sampling_timesteps(S) for every S in 1..T: int64 (S,), distinct, in 0..T-1, highest first, starting at T-1."""
+    st = strategies()
+    schedule = make()
+    total = schedule.num_train_timesteps
+
+    @given(steps=st.integers(1, total))
+    def prop(steps: int) -> None:
+        ts = schedule.sampling_timesteps(steps)
+        assert isinstance(ts, torch.Tensor) and ts.dtype == torch.int64, f"{steps} steps: {ts!r}"
+        assert ts.shape == (steps,), f"{steps} steps: shape {tuple(ts.shape)}"
+        assert int(ts[0]) == total - 1, f"{steps} steps: starts at {int(ts[0])}, not the noisiest step {total - 1}"
+        assert (ts[1:] < ts[:-1]).all(), f"{steps} steps: not strictly decreasing: {ts.tolist()}"
+        assert int(ts.min()) >= 0, f"{steps} steps: below 0: {ts.tolist()}"
+
+    prop()
+    every = schedule.sampling_timesteps(total)
+    assert every.tolist() == list(range(total - 1, -1, -1)), "T steps must visit every timestep"
+
+
+def impossible_step_counts_are_usage_errors(make: Make) -> None:
+    """sampling_timesteps(0) and sampling_timesteps(T + 1) raise UsageError."""
+    schedule = make()
+    for steps in (0, schedule.num_train_timesteps + 1):
+        try:
+            schedule.sampling_timesteps(steps)
+        except UsageError:
+            continue
+        raise AssertionError(f"sampling_timesteps({steps}) must raise UsageError (T = {schedule.num_train_timesteps})")
+
+
+def deterministic(make: Make) -> None:
+    """Two instances with the same options give identical betas and timesteps."""
+    a, b = make(), make()
+    assert torch.equal(_betas(a), _betas(b)) and torch.equal(_betas(a), _betas(a)), "betas differ between calls"
+    steps = min(10, a.num_train_timesteps)
+    assert torch.equal(a.sampling_timesteps(steps), b.sampling_timesteps(steps)), "timesteps differ between calls"
+
+
+CONTRACTS = (
+    betas_are_float64_in_the_unit_interval,
+    alphas_cumprod_is_the_decreasing_product,
+    sampling_timesteps_start_at_the_noisiest_step_and_decrease,
+    impossible_step_counts_are_usage_errors,
+    deterministic,
+)
