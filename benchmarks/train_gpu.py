@@ -65,7 +65,8 @@ def run_one(arch: str, mode: str, *, smoke: bool, steps: int, warmup: int, backe
     total, cuda = sum(times), device.type == "cuda"
     fpdm = arch.startswith("FPDM")
     return {
-        "arch": f"{arch} (tiny)" if smoke else arch, "mode": mode, "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "arch": f"{arch} (tiny)" if smoke else arch, "mode": mode,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
         "precision": "bf16 autocast" if cuda else "fp32", "batch": batch, "steps": steps, "warmup": warmup,
         "latent": [size["channels"], size["size"], size["size"]], "smoke": smoke,
         "compile": f"per block, backend {backend}" if mode == "fast" else None, "checkpointing": mode == "lean",

@@ -36,7 +36,9 @@ def denoiser_options(config: ModelConfig, *, input_size: int, in_channels: int, 
         "checkpoint": checkpoint,
     }
     if family == "fpdm":
-        options.update(pre_depth=config.pre_depth, post_depth=config.post_depth, prepost_timestep=config.prepost_timestep)
+        options.update(
+            pre_depth=config.pre_depth, post_depth=config.post_depth, prepost_timestep=config.prepost_timestep
+        )
     elif family == "dit":
         options["depth"] = config.depth or depth
     return family, {**options, **config.options}

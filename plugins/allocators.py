@@ -10,6 +10,7 @@ from attrs import validators as v
 
 from fpdm import hookimpl
 from fpdm.errors import UsageError
+from fpdm.hookspecs import Register
 from fpdm.interfaces import BudgetAllocator
 
 
@@ -92,7 +93,7 @@ class Adaptive(BudgetAllocator):
 
 
 @hookimpl
-def register_budget_allocators(register):  # type: ignore[no-untyped-def]
+def register_budget_allocators(register: Register) -> None:
     register("uniform", Uniform, description="the same iterations at every step")
     register("increasing", increasing, description="linear ramp 0.5 -> 1.5: more iterations at low noise (paper)")
     register("decreasing", decreasing, description="linear ramp 1.5 -> 0.5: more iterations at high noise (paper)")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from fpdm import hookimpl
-from fpdm.models.transformer import DiT, FPDM
+from fpdm.hookspecs import Register
+from fpdm.models.transformer import FPDM, DiT
 
 
 @hookimpl
-def register_denoisers(register):  # type: ignore[no-untyped-def]
+def register_denoisers(register: Register) -> None:
     register("fpdm", FPDM, description="pre blocks, one block iterated to a fixed point, post blocks (Bai et al. 2024)")
     register("dit", DiT, description="diffusion transformer baseline, a plain stack of blocks (Peebles & Xie 2023)")

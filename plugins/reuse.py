@@ -9,6 +9,7 @@ from attrs import validators as v
 from torch import Tensor
 
 from fpdm import hookimpl
+from fpdm.hookspecs import Register
 from fpdm.interfaces import ReusePolicy
 
 
@@ -47,7 +48,7 @@ class Extrapolate(ReusePolicy):
 
 
 @hookimpl
-def register_reuse_policies(register):  # type: ignore[no-untyped-def]
+def register_reuse_policies(register: Register) -> None:
     register("cold", Cold, description="start every step from its pre-block output")
     register("reuse", Reuse, description="start from the previous step's solution (paper)")
     register("extrapolate", Extrapolate, description="linear extrapolation from the last two solutions")

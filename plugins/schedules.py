@@ -12,21 +12,21 @@ from torch import Tensor
 
 from fpdm import hookimpl
 from fpdm.errors import UsageError
+from fpdm.hookspecs import Register
 from fpdm.interfaces import Schedule
 
 
-
-def _open_unit(instance: object, attribute: attrs.Attribute, value: float) -> None:  # type: ignore[type-arg]
+def _open_unit(instance: object, attribute: attrs.Attribute, value: float) -> None:
     if not 0.0 < value < 1.0:
         raise UsageError(f"{attribute.name} must be in (0, 1), got {value}")
 
 
-def _beta_end_not_below_start(instance: LinearSchedule, attribute: attrs.Attribute, value: float) -> None:  # type: ignore[type-arg]
+def _beta_end_not_below_start(instance: LinearSchedule, attribute: attrs.Attribute, value: float) -> None:
     if value < instance.beta_start:
         raise UsageError(f"beta_end ({value}) must be >= beta_start ({instance.beta_start})")
 
 
-def _rescale_needs_two_steps(instance: Schedule, attribute: attrs.Attribute, value: bool) -> None:  # type: ignore[type-arg]
+def _rescale_needs_two_steps(instance: Schedule, attribute: attrs.Attribute, value: bool) -> None:
     if value and instance.num_train_timesteps < 2:
         raise UsageError("zero_terminal_snr needs num_train_timesteps >= 2 (the first and last step must differ)")
 
@@ -61,7 +61,8 @@ class LinearSchedule(Schedule):
 
 @attrs.frozen
 class CosineSchedule(Schedule):
-    """alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), betas_i = min(1 - alpha_bar((i+1)/T) / alpha_bar(i/T), max_beta).
+    """Cosine schedule: alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2) and
+    betas_i = min(1 - alpha_bar((i+1)/T) / alpha_bar(i/T), max_beta).
 
     Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", eq. 17. The clip keeps the last
     betas away from 1, where alpha_bar reaches 0.
@@ -81,6 +82,8 @@ class CosineSchedule(Schedule):
 
 
 @hookimpl
-def register_schedules(register):  # type: ignore[no-untyped-def]
-    register("linear", LinearSchedule, description="linear betas (DDPM/DiT default 1e-4..0.02), optional zero terminal SNR")
-    register("cosine", CosineSchedule, description="cosine alpha_bar (Nichol & Dhariwal 2021), optional zero terminal SNR")
+def register_schedules(register: Register) -> None:
+    register("linear", LinearSchedule,
+             description="linear betas (DDPM/DiT default 1e-4..0.02), optional zero terminal SNR")
+    register("cosine", CosineSchedule,
+             description="cosine alpha_bar (Nichol & Dhariwal 2021), optional zero terminal SNR")

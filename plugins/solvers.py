@@ -11,6 +11,7 @@ from attrs import validators as v
 from torch import Tensor
 
 from fpdm import hookimpl
+from fpdm.hookspecs import Register
 from fpdm.solving.iterative import IterativeSolver
 
 
@@ -70,16 +71,21 @@ class Anderson(IterativeSolver):
     def init_state(self, z0: Tensor) -> AndersonState:
         return (), (), None
 
-    def step(self, state: AndersonState, z: Tensor, fz: Tensor, *, exportable: bool = False) -> tuple[Tensor, AndersonState]:
+    def step(
+        self, state: AndersonState, z: Tensor, fz: Tensor, *, exportable: bool = False
+    ) -> tuple[Tensor, AndersonState]:
         fs, gs, gram = state
         dtype = torch.promote_types(z.dtype, torch.float32)  # at least fp32, whatever f runs in
         f_new = fz.flatten(1).to(dtype)  # (B, n)
         g_new = f_new - z.flatten(1).to(dtype)  # (B, n)
-        if len(fs) == self.m:  # window full: forget the oldest
-            fs, gs, gram = fs[1:], gs[1:], gram[:, 1:, 1:]  # type: ignore[index]
+        if gram is not None and len(fs) == self.m:  # window full (gram exists once fs does): forget the oldest
+            fs, gs, gram = fs[1:], gs[1:], gram[:, 1:, 1:]
         fs, gs = (*fs, f_new), (*gs, g_new)
         dots = torch.stack([torch.linalg.vecdot(g, g_new) for g in gs], 1)  # (B, h) new Gram row
-        gram = dots[:, :, None] if gram is None else torch.cat([torch.cat([gram, dots[:, :-1, None]], 2), dots[:, None, :]], 1)
+        if gram is None:
+            gram = dots[:, :, None]  # (B, 1, 1)
+        else:  # border the old Gram matrix with the new row and column
+            gram = torch.cat([torch.cat([gram, dots[:, :-1, None]], 2), dots[:, None, :]], 1)  # (B, h, h)
         h = len(gs)
         eye = torch.eye(h, dtype=dtype, device=z.device)
         scale = torch.diagonal(gram, dim1=1, dim2=2).mean(1).clamp_min(1e-30)  # (B,)
@@ -105,6 +111,6 @@ class Anderson(IterativeSolver):
 
 
 @hookimpl
-def register_solvers(register):  # type: ignore[no-untyped-def]
+def register_solvers(register: Register) -> None:
     register("fixed_point", FixedPointIteration, description="plain fixed-point iteration, optional damping")
     register("anderson", Anderson, description="Anderson acceleration (window m, mixing beta)")

@@ -179,7 +179,7 @@ def fashion_mnist(config: DataConfig) -> ImageDataset:
     else:
         try:
             images, labels = _download_fashion_mnist(train=config.split == "train")
-        except Exception:  # noqa: BLE001 -- any download failure (offline, mirror down) leads to the same advice
+        except Exception:  # any download failure (offline, mirror down) leads to the same advice
             raise UsageError(
                 f"Fashion-MNIST folder {folder} is missing and downloading it failed; install the Debian package "
                 "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass data.path=FOLDER"

@@ -8,6 +8,7 @@ moved once per device and cast to the data's dtype on use. The process holds no 
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -32,7 +33,9 @@ def mean_flat(x: Tensor) -> Tensor:
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats (closed form for two Gaussians)."""
-    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2).square() * torch.exp(-logvar2) - 1.0)
+    return 0.5 * (
+        logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2).square() * torch.exp(-logvar2) - 1.0
+    )
 
 
 def discretized_gaussian_log_likelihood(x: Tensor, *, mean: Tensor, log_scale: Tensor) -> Tensor:
@@ -88,7 +91,9 @@ class GaussianDiffusion:
             raise UsageError("every beta must be in (0, 1]")
         self.prediction, self.learn_sigma = prediction, bool(learn_sigma)
         T = betas.numel()
-        self.timestep_map = torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map, dtype=torch.int64).cpu()
+        self.timestep_map = (
+            torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map, dtype=torch.int64).cpu()
+        )
         if self.timestep_map.shape != (T,):
             raise UsageError(f"timestep_map must have shape ({T},), got {tuple(self.timestep_map.shape)}")
 
@@ -131,7 +136,8 @@ class GaussianDiffusion:
         return tables[name]
 
     def extract(self, name: str, t: Tensor, x: Tensor) -> Tensor:
-        """Table `name` (T,) at indices t (B,), shaped (B, 1, ..., 1) to broadcast against x, in x's dtype and device."""
+        """Table `name` (T,) at indices t (B,), shaped (B, 1, ..., 1) to broadcast against x, in x's dtype and
+        device."""
         if t.dim() != 1 or t.shape[0] != x.shape[0]:
             raise UsageError(f"t must have shape ({x.shape[0]},) to match the batch, got {tuple(t.shape)}")
         values = self._table(name, x.device)[t.to(x.device)].to(x.dtype)  # (B,)
@@ -144,26 +150,39 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------------------------------------- forward
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = sqrt(ac_t) x0 + sqrt(1 - ac_t) noise (Ho et al. 2020, eq. 4)."""
-        return self.extract("sqrt_alphas_cumprod", t, x0) * x0 + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        return (
+            self.extract("sqrt_alphas_cumprod", t, x0) * x0
+            + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        )
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """The regression target: noise for eps; v = sqrt(ac) noise - sqrt(1 - ac) x0 (Salimans & Ho 2022, sec. 4)."""
         if self.prediction == "eps":
             return noise
-        return self.extract("sqrt_alphas_cumprod", t, x0) * noise - self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+        return (
+            self.extract("sqrt_alphas_cumprod", t, x0) * noise
+            - self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+        )
 
     def predict_x0(self, model_pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """x0 from the model's prediction (C channels): inverts q_sample for eps, x0 = sqrt(ac) x_t - sqrt(1 - ac) v for v."""
+        """x0 from the model's prediction (C channels): inverts q_sample for eps;
+        x0 = sqrt(ac) x_t - sqrt(1 - ac) v for v."""
         if self.prediction == "eps":
             return (self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
                     - self.extract("sqrt_recipm1_alphas_cumprod", t, x_t) * model_pred)
-        return self.extract("sqrt_alphas_cumprod", t, x_t) * x_t - self.extract("sqrt_one_minus_alphas_cumprod", t, x_t) * model_pred
+        return (
+            self.extract("sqrt_alphas_cumprod", t, x_t) * x_t
+            - self.extract("sqrt_one_minus_alphas_cumprod", t, x_t) * model_pred
+        )
 
     def predict_eps(self, model_pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The noise from the model's prediction: itself for eps, eps = sqrt(1 - ac) x_t + sqrt(ac) v for v."""
         if self.prediction == "eps":
             return model_pred
-        return self.extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t + self.extract("sqrt_alphas_cumprod", t, x_t) * model_pred
+        return (
+            self.extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
+            + self.extract("sqrt_alphas_cumprod", t, x_t) * model_pred
+        )
 
     # ---------------------------------------------------------------------------------------------- reverse
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -179,7 +198,8 @@ class GaussianDiffusion:
         expected = 2 * channels if self.learn_sigma else channels
         if model_output.shape != (x_t.shape[0], expected, *x_t.shape[2:]):
             raise UsageError(
-                f"model output has shape {tuple(model_output.shape)}, expected {(x_t.shape[0], expected, *x_t.shape[2:])}: "
+                f"model output has shape {tuple(model_output.shape)}, "
+                f"expected {(x_t.shape[0], expected, *x_t.shape[2:])}: "
                 f"{expected} channels for {channels}-channel data with learn_sigma={self.learn_sigma}"
             )
         if not self.learn_sigma:
@@ -187,7 +207,9 @@ class GaussianDiffusion:
         pred, var_values = model_output.split(channels, dim=1)
         return pred, var_values
 
-    def p_mean_variance(self, model_output: Tensor, x_t: Tensor, t: Tensor, *, clip_x0: bool = False) -> dict[str, Tensor]:
+    def p_mean_variance(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor, *, clip_x0: bool = False
+    ) -> dict[str, Tensor]:
         """The model's Gaussian p(x_{t-1} | x_t): {"mean", "variance", "log_variance", "pred_x0"}, each x_t's shape.
 
         The mean is the posterior mean at the predicted x0 (clamped to [-1, 1] with `clip_x0`), as DiT computes it.
@@ -269,6 +291,6 @@ class GaussianDiffusion:
             raise UsageError("timesteps must not be empty")
         if not all(0 <= step < self.num_timesteps for step in steps):
             raise UsageError(f"timesteps must be in 0..{self.num_timesteps - 1}, got {min(steps)}..{max(steps)}")
-        if any(b <= a for a, b in zip(steps, steps[1:])):
+        if any(b <= a for a, b in itertools.pairwise(steps)):
             raise UsageError("timesteps must be strictly increasing (sorted, no duplicates)")
         return torch.tensor(steps, dtype=torch.int64)

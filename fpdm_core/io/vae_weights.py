@@ -135,7 +135,7 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)  # no code from a pickle
-    except Exception as exc:  # noqa: BLE001 -- corrupt or foreign files fail in many ways; all mean the same
+    except Exception as exc:  # corrupt or foreign files fail in many ways; all mean the same
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"cannot read VAE weights {path}: {reason}") from None
     if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from fpdm.errors import UsageError
-from fpdm.interfaces import RestrictableMap, Solver, SolverResult, SolverStats
-from fpdm.models.transformer import FixedPointMap
+from fpdm.interfaces import FixedPointMap, RestrictableMap, Solver, SolverResult, SolverStats
 
 RESIDUAL_EPS = 1e-8
 
@@ -91,7 +90,7 @@ class IterativeSolver(Solver):
         f: FixedPointMap,
         z0: Tensor,
         *,
-        max_iter: int,
+        max_iter: int | Tensor,
         tol: float,
         check_every: int = 1,
         trace: bool = False,
@@ -115,13 +114,13 @@ class IterativeSolver(Solver):
         out_a, best_a, iters_a, trc_a = z0.clone(), best.clone(), iters.clone(), None if trc is None else trc.clone()
         live = torch.ones(batch, dtype=torch.bool, device=device) if limits_a is None else limits_a > 0
         z, fa, state = z0, f, self.init_state(z0)
-        can_restrict = isinstance(f, RestrictableMap)
+        restrictable = f if isinstance(f, RestrictableMap) else None
 
         def write_back() -> None:
             out.index_copy_(0, rows, out_a)
             best.index_copy_(0, rows, best_a)
             iters.index_copy_(0, rows, iters_a)
-            if trc is not None:
+            if trc is not None and trc_a is not None:  # both or neither: trc_a is trc's active rows
                 trc.index_copy_(0, rows, trc_a)
 
         dims, norm_dtype = tuple(range(1, z0.dim())), torch.promote_types(z0.dtype, torch.float32)
@@ -156,13 +155,13 @@ class IterativeSolver(Solver):
                 n_live = int(live.sum())  # the one host sync per check
                 if n_live == 0:
                     break
-                if can_restrict and n_live < live.shape[0]:
+                if restrictable is not None and n_live < live.shape[0]:
                     write_back()
                     keep = live.nonzero().squeeze(1)
                     rows, z, state, live = rows[keep], z[keep], self.select_state(state, keep), live[keep]
                     out_a, best_a, iters_a = out_a[keep], best_a[keep], iters_a[keep]
                     limits_a = None if limits_a is None else limits_a[keep]
                     trc_a = None if trc_a is None else trc_a[keep]
-                    fa = f.restrict(rows)  # type: ignore[union-attr]
+                    fa = restrictable.restrict(rows)
         write_back()
         return SolverResult(out, SolverStats(iters, best, best <= tol, trc))

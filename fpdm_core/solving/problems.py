@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 
 
-def symmetric_contraction(n: int, rate: float, *, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
+def symmetric_contraction(
+    n: int, rate: float, *, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """A symmetric (n, n) matrix with eigenvalues spread over [-rate, rate], one of them exactly rate,
     so its spectral norm (the contraction rate) is `rate`."""
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
@@ -26,7 +28,9 @@ class LinearContraction:
         self.a, self.b = a, b
 
     @classmethod
-    def random(cls, batch: int, tokens: int, n: int, rate: float, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> LinearContraction:
+    def random(
+        cls, batch: int, tokens: int, n: int, rate: float, *, seed: int = 0, dtype: torch.dtype = torch.float32
+    ) -> LinearContraction:
         gen = torch.Generator().manual_seed(seed)
         a = symmetric_contraction(n, rate, generator=gen, dtype=dtype)
         return cls(a, torch.randn(batch, tokens, n, generator=gen, dtype=dtype))
@@ -56,7 +60,9 @@ class TanhContraction:
         self._inj = x @ u.T + c  # (B, T, n) computed once, like the model's input injection
 
     @classmethod
-    def random(cls, batch: int, tokens: int, n: int, rate: float, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> TanhContraction:
+    def random(
+        cls, batch: int, tokens: int, n: int, rate: float, *, seed: int = 0, dtype: torch.dtype = torch.float32
+    ) -> TanhContraction:
         gen = torch.Generator().manual_seed(seed)
         w = symmetric_contraction(n, rate, generator=gen, dtype=dtype)
         u = torch.randn(n, n, generator=gen, dtype=dtype) / n**0.5
