@@ -1,6 +1,6 @@
 """Export benchmark: one denoising step in PyTorch eager against the exported ONNX graph in ONNX Runtime.
 
-    python benchmarks/export.py [--checkpoint runs/demo] [--update-readme] [--repeats 50]
+    python benchmarks/export.py [--checkpoint runs/demo] [--update-docs] [--repeats 50]
 
 CPU (always): the Fashion-MNIST model of `make demo` at K = 3 and 26 unrolled iterations, batch 1 and 16,
 PyTorch eager (fp32, no_grad, the denoiser with its solver at tol 0) against ORT CPU (fp32 graph) on the same
@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 
+from _report import RESULTS, ROOT, publish
 from fpdm.build import load_denoiser
-from fpdm.io.checkpoint import load_checkpoint
 from fpdm.export.exporter import OnnxExporter
 from fpdm.export.onnx import example_inputs
 from fpdm.export.ort import OrtDenoiser, OrtSession
+from fpdm.io.checkpoint import load_checkpoint
 from fpdm.registry import default_registry
-
-from _report import RESULTS, ROOT, publish
 
 
 def median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
@@ -164,7 +163,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=str(ROOT / "runs" / "demo"))
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", "--update-readme", action="store_true", help="refresh docs/benchmarks.md")
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +171,7 @@ def main() -> None:
                    "onnxruntime": onnxruntime.__version__, "cpu": cpu_rows(args.checkpoint, args.repeats, Path(tmp)),
                    "cuda": cuda_rows(args.repeats, Path(tmp))}
     text = table(results)
-    publish(args.out, "export", results, text, readme="export" if args.update_readme else None)
+    publish(args.out, "export", results, text, doc="export" if args.update_docs else None)
 
 
 if __name__ == "__main__":

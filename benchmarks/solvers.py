@@ -1,8 +1,8 @@
 """Solver benchmark: iterations and time to a relative residual, mixed-batch work, per-iteration overhead.
 
-    python benchmarks/solvers.py [--quick] [--update-readme]
+    python benchmarks/solvers.py [--quick] [--update-docs]
 
-Writes benchmarks/results/solvers.json and solvers.md; --update-readme replaces the table in README.md.
+Writes benchmarks/results/solvers.json and solvers.md; --update-docs replaces the table in docs/benchmarks.md.
 Targets (issue 2, CPU): overhead per iteration <= 10% of a bare loop for a transformer-block-sized f;
 Anderson <= 20 iterations at rate 0.9 and <= 55 at 0.99; a mixed batch spends <= 1.1x the per-sample sum.
 """
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fpdm.solving.problems import LinearContraction, symmetric_contraction
-from fpdm.registry import Registry
-
 from _report import RESULTS, publish
+from fpdm.registry import Registry
+from fpdm.solving.problems import LinearContraction, symmetric_contraction
+
 TOL = 1e-3
 BATCH, TOKENS, WIDTH = 16, 32, 128
 
@@ -122,8 +122,8 @@ def mixed_batch(registry: Registry) -> list[dict]:
 
 def overhead(registry: Registry, repeats: int, iters: int) -> list[dict]:
     """Per-iteration cost of each solver against `for _ in range(iters): z = f(z)`, for a transformer-block f
-    and for a near-free f without a fixed point (the bookkeeping cost alone; no solver can stop early). Timings are interleaved and the minimum
-    over repeats is kept, the usual guard against other load on a shared machine."""
+    and for a near-free f without a fixed point (the bookkeeping cost alone; no solver can stop early). Timings
+    are interleaved and the minimum over repeats is kept, the usual guard against other load on a shared machine."""
     torch.manual_seed(0)
     block = Block().eval()
     inj = torch.randn(BATCH, TOKENS, WIDTH)
@@ -156,7 +156,8 @@ def overhead(registry: Registry, repeats: int, iters: int) -> list[dict]:
                     continue
                 name, mode = key
                 rows.append({"map": map_name, "solver": name, "mode": mode,
-                             "bare_ms_per_iter": best["bare"] / iters * 1e3, "solver_ms_per_iter": seconds / iters * 1e3,
+                             "bare_ms_per_iter": best["bare"] / iters * 1e3,
+                             "solver_ms_per_iter": seconds / iters * 1e3,
                              "extra_us_per_iter": (seconds - best["bare"]) / iters * 1e6,
                              "overhead": seconds / best["bare"] - 1})
     return rows
@@ -165,18 +166,21 @@ def overhead(registry: Registry, repeats: int, iters: int) -> list[dict]:
 def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']} (`{results['command']}`).", "",
-             f"Iterations to relative residual {TOL:g}, linear contractions, batch {BATCH}, state {TOKENS}x{WIDTH}:", "",
+             f"Iterations to relative residual {TOL:g}, linear contractions, batch {BATCH}, "
+             f"state {TOKENS}x{WIDTH}:", "",
              "| rate | solver | iterations (max / mean) | converged | wall ms |", "|---|---|---|---|---|"]
     for r in results["rates"]:
         lines.append(f"| {r['rate']} | {r['solver']} | {r['iterations_max']} / {r['iterations_mean']:.1f} | "
                      f"{'yes' if r['converged'] else 'no'} | {r['ms']:.1f} |")
-    lines += ["", "Mixed batch (half rate 0.5, half 0.99): rows evaluated vs the sum of per-sample iterations solved alone:", "",
+    lines += ["", "Mixed batch (half rate 0.5, half 0.99): rows evaluated vs the sum of per-sample iterations "
+              "solved alone:", "",
               "| solver | mode | rows evaluated | sum alone | ratio |", "|---|---|---|---|---|"]
     for r in results["mixed"]:
         lines.append(f"| {r['solver']} | {r['mode']} | {r['work_rows']} | {r['sum_alone']} | {r['ratio']:.2f}x |")
     lines += ["", f"Per-iteration cost against a bare Python loop `z = f(z)` (state {TOKENS}x{WIDTH}, batch {BATCH}, "
               f"{results['overhead_iters']} iterations, best of {results['repeats'] + 1} interleaved runs):", "",
-              "| f | solver | mode | bare ms/iter | solver ms/iter | extra us/iter | overhead |", "|---|---|---|---|---|---|---|"]
+              "| f | solver | mode | bare ms/iter | solver ms/iter | extra us/iter | overhead |",
+              "|---|---|---|---|---|---|---|"]
     for r in results["overhead"]:
         lines.append(f"| {r['map']} | {r['solver']} | {r['mode']} | {r['bare_ms_per_iter']:.3f} | "
                      f"{r['solver_ms_per_iter']:.3f} | {r['extra_us_per_iter']:.0f} | {r['overhead']:+.1%} |")
@@ -186,7 +190,7 @@ def markdown(results: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", "--update-readme", action="store_true", help="refresh docs/benchmarks.md")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     repeats = 1 if args.quick else 15
@@ -203,7 +207,7 @@ def main() -> int:
         "overhead": overhead(registry, repeats, 20),
     }
     table = markdown(results)
-    publish(args.out, "solvers", results, table, readme="solvers" if args.update_readme else None)
+    publish(args.out, "solvers", results, table, doc="solvers" if args.update_docs else None)
     return 0
 
 

@@ -1,13 +1,13 @@
 """Training-step benchmark: images/s and peak memory of FPDM vs DiT at equal width and batch.
 
-    python benchmarks/train.py [--quick] [--update-readme] [--only NAME]
+    python benchmarks/train.py [--quick] [--update-docs] [--only NAME]
 
 Each setting runs in its own process so peak memory is its own (CUDA: max_memory_allocated; CPU: peak RSS
 growth over the process after building the model). Settings: the default Fashion-MNIST sizes, and XL/2 on
 a 4x32x32 latent (batch 64 with bf16 on CUDA, the reference table's setting; a small batch on CPU, where
 batch 64 does not fit the time or memory). S-JFB iteration counts are drawn per step from the configured
 ranges with a fixed seed, so FPDM and DiT see the same sequence of steps. Writes
-benchmarks/results/train.json and train.md; --update-readme refreshes the table in README.md.
+benchmarks/results/train.json and train.md; --update-docs refreshes the table in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -188,15 +188,15 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['setting']} | {r['device']} | {r['precision']} | {r['batch']} | "
                      f"{'on' if r['checkpointing'] else 'off'} | {r['params_m']:.1f}M | {r['img_per_s']:.3g} | "
                      f"{r['s_per_step']:.3f} | {r['peak_mem_gib']:.2f} GiB ({r['peak_kind']}) |")
-    lines += ["", "FPDM rows draw S-JFB iteration counts per step (Fashion-MNIST preset 0-3 / 1-3, official 0-10 / 1-12 "
-              "for XL/2); DiT rows run their full depth."]
+    lines += ["", "FPDM rows draw S-JFB iteration counts per step (Fashion-MNIST preset 0-3 / 1-3, "
+              "official 0-10 / 1-12 for XL/2); DiT rows run their full depth."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", "--update-readme", action="store_true", help="refresh docs/benchmarks.md")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one setting, print JSON
     args = parser.parse_args()
@@ -217,7 +217,7 @@ def main() -> int:
                "machine": f"{machine}, torch {torch.__version__}", "runs": runs}
     table = markdown(results)
     publish(args.out, "train_cuda" if torch.cuda.is_available() else "train", results, table,
-            readme="train" if args.update_readme else None)
+            doc="train" if args.update_docs else None)
     return 0
 
 
