@@ -8,7 +8,9 @@ factories below), and each command imports torch only inside its `run`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fpdm.apps.cli import Handler, add_json_option, deprecated_alias, write_json
@@ -117,56 +119,24 @@ def _solve_once(solver: Any, name: str, problem: Any, config: dict[str, Any]) ->
 
 
 # The other commands' modules load only when their command is parsed or asked for --help.
-def _train(parser: argparse.ArgumentParser) -> Handler:
-    from fpdm.apps.train_cmd import train_command
+def _lazy(module: str, factory: str) -> Callable[[argparse.ArgumentParser], Handler]:
+    """The command factory `fpdm.apps.MODULE.FACTORY`, imported the first time the command's parser is built."""
 
-    return train_command(parser)
+    def build(parser: argparse.ArgumentParser) -> Handler:
+        built: Handler = getattr(importlib.import_module(f"fpdm.apps.{module}"), factory)(parser)
+        return built
 
-
-def _export(parser: argparse.ArgumentParser) -> Handler:
-    from fpdm.apps.export_cmd import export_command
-
-    return export_command(parser)
-
-
-def _sample(parser: argparse.ArgumentParser) -> Handler:
-    from fpdm.apps.sample_cmd import sample_command
-
-    return sample_command(parser)
-
-
-def _pack(parser: argparse.ArgumentParser) -> Handler:
-    from fpdm.apps.pack_cmd import pack_command
-
-    return pack_command(parser)
-
-
-def _encode(parser: argparse.ArgumentParser) -> Handler:
-    from fpdm.apps.encode_cmd import encode_command
-
-    return encode_command(parser)
-
-
-def _import_official(parser: argparse.ArgumentParser) -> Handler:
-    from fpdm.apps.import_cmd import import_official_command
-
-    return import_official_command(parser)
-
-
-def _eval(parser: argparse.ArgumentParser) -> Handler:
-    from fpdm.apps.eval_cmd import eval_command
-
-    return eval_command(parser)
+    return build
 
 
 @hookimpl
 def register_commands(register: Register) -> None:
     register("plugins", plugins_command, description="list plugins, where they came from and what they registered")
     register("solve", solve_command, description="run solvers on a synthetic contraction and print their stats")
-    register("train", _train, description="train an FPDM or DiT (S-JFB), with checkpoints and a loss log")
-    register("export", _export, description="export a denoising step (or the whole loop) to ONNX, solver unrolled")
-    register("sample", _sample, description="sample images under a block budget, with per-step stats")
-    register("pack", _pack, description="pack a run into a shareable model folder (weights, config.toml, model card)")
-    register("encode", _encode, description="encode an image folder to SD-VAE latents (official feature format)")
-    register("import-official", _import_official, description="map an official FPDM/DiT checkpoint to an fpdm run")
-    register("eval", _eval, description="FID / KID / precision-recall (torch-fidelity) of samples vs a reference")
+    register("train", _lazy("train_cmd", "train_command"), description="train an FPDM or DiT (S-JFB), with checkpoints and a loss log")
+    register("export", _lazy("export_cmd", "export_command"), description="export a denoising step (or the whole loop) to ONNX, solver unrolled")
+    register("sample", _lazy("sample_cmd", "sample_command"), description="sample images under a block budget, with per-step stats")
+    register("pack", _lazy("pack_cmd", "pack_command"), description="pack a run into a shareable model folder (weights, config.toml, model card)")
+    register("encode", _lazy("encode_cmd", "encode_command"), description="encode an image folder to SD-VAE latents (official feature format)")
+    register("import-official", _lazy("import_cmd", "import_official_command"), description="map an official FPDM/DiT checkpoint to an fpdm run")
+    register("eval", _lazy("eval_cmd", "eval_command"), description="FID / KID / precision-recall (torch-fidelity) of samples vs a reference")

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fpdm.config import Config
-from fpdm.io.checkpoint import _sha256, list_checkpoints
+from fpdm.io.checkpoint import list_checkpoints, sha256_file
 from reliability_support import assert_one_line_error, cli, flush_counts
 
 SLOW_OK = settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -48,7 +48,7 @@ def scratch(tmp_path_factory):  # type: ignore[no-untyped-def]
 
 def _reseal(ckpt: Path) -> None:
     meta = json.loads((ckpt / "meta.json").read_text())
-    meta["sha256"] = {name: _sha256(ckpt / name) for name in meta["sha256"] if (ckpt / name).is_file()}
+    meta["sha256"] = {name: sha256_file(ckpt / name) for name in meta["sha256"] if (ckpt / name).is_file()}
     (ckpt / "meta.json").write_text(json.dumps(meta))
 
 

@@ -25,7 +25,7 @@ from fpdm.errors import UsageError
 from fpdm.io.checkpoint import list_checkpoints, load_checkpoint
 from fpdm.io.packed import dumps_toml
 from fpdm.pipeline import Pipeline, to_uint8
-from support import REGISTRY, tiny_config
+from support import REGISTRY, one_line_error, tiny_config
 
 FAST = {"steps": 3, "iters": 2}  # a few cheap steps: these tests are about plumbing, not image quality
 
@@ -51,13 +51,6 @@ def cli(capsys, monkeypatch):  # type: ignore[no-untyped-def]
     return call
 
 
-def _error(result: subprocess.CompletedProcess, *needles: str) -> str:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _one_line(info: pytest.ExceptionInfo) -> str:
@@ -299,8 +292,8 @@ def test_export_through_the_pipeline_and_the_cli(pipe, trained, tmp_path, cli):
     done = cli("export", packed, "--onnx", "--iters", "1", "--no-verify", "--json", "-")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["path"] == str(tmp_path / "p-export" / "k1.onnx")  # the packed folder stays as is
-    _error(cli("export", trained, "--onnx", "--steps", "3"), "steps and budget only apply to whole_loop")
-    _error(cli("export", trained, "--onnx", "--iters", "0"), "iters must be >= 1")
+    one_line_error(cli("export", trained, "--onnx", "--steps", "3"), "steps and budget only apply to whole_loop")
+    one_line_error(cli("export", trained, "--onnx", "--iters", "0"), "iters must be >= 1")
 
 
 # ------------------------------------------------------------------------------------------- latent models
@@ -386,11 +379,11 @@ def test_fpdm_sample_flags(trained, tmp_path, cli):
     assert done.returncode == 0 and done.stderr.strip() == "fpdm: --no-ema is deprecated; use --weights raw"
     report = json.loads(done.stdout)
     assert report["weights"] == "raw" and report == json.loads((out / "stats.json").read_text())
-    _error(cli(*common, "--class", "Sneaker"), "invalid class 'Sneaker'")
-    _error(cli(*common, "--n", "0"), "n must be >= 1")
-    _error(cli(*common, "--tol", "nan"), "'tol' must be")
-    _error(cli(*common, "--cfg-scale", "inf"), "'cfg_scale' must be a finite number")
-    _error(cli("sample", tmp_path / "nowhere", "--no-progress"), "model not found")
+    one_line_error(cli(*common, "--class", "Sneaker"), "invalid class 'Sneaker'")
+    one_line_error(cli(*common, "--n", "0"), "n must be >= 1")
+    one_line_error(cli(*common, "--tol", "nan"), "'tol' must be")
+    one_line_error(cli(*common, "--cfg-scale", "inf"), "'cfg_scale' must be a finite number")
+    one_line_error(cli("sample", tmp_path / "nowhere", "--no-progress"), "model not found")
 
 
 def test_registry_create_checks_options_against_the_factory():

@@ -78,13 +78,13 @@ if stage == "torn":  # the first weights file is written, then cut in half, then
         pause()
     ck.save_file = torn
 elif stage.startswith("fsync:"):  # stall after the N-th fsync of this process (inside a checkpoint write)
-    target, calls, real_fsync = int(stage[6:]), [0], ck._fsync
+    target, calls, real_fsync = int(stage[6:]), [0], ck.fsync
     def counted(path):
         real_fsync(path)
         calls[0] += 1
         if calls[0] == target:
             pause()
-    ck._fsync = counted
+    ck.fsync = counted
 elif stage == "prune":  # the new checkpoint is renamed in; stall before the oldest is pruned
     ck._discard = lambda path: pause()
 
@@ -256,10 +256,10 @@ def _plant(path: Path, marker: Path) -> None:
 
 def _reseal(ckpt: Path) -> None:
     """Recompute meta.json's checksums, as an attacker who hands over a whole folder would."""
-    from fpdm.io.checkpoint import _sha256
+    from fpdm.io.checkpoint import sha256_file
 
     meta = json.loads((ckpt / "meta.json").read_text())
-    meta["sha256"] = {name: _sha256(ckpt / name) for name in meta["sha256"]}
+    meta["sha256"] = {name: sha256_file(ckpt / name) for name in meta["sha256"]}
     (ckpt / "meta.json").write_text(json.dumps(meta))
 
 

@@ -11,7 +11,6 @@ loaded, sampled or an extractor trained.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +42,7 @@ from fpdm.eval.inputs import (
     load_reference,
     sample_images,
 )
+from fpdm.io.checkpoint import sha256_file
 
 if TYPE_CHECKING:
     from fpdm.config import SampleConfig
@@ -281,7 +281,7 @@ def _extractor(options: EvalConfig, samples: ImageSet, say: Log) -> Extractor:
 
 def _extractor_info(extractor: Extractor) -> ExtractorInfo:
     cnn = extractor.cnn
-    return ExtractorInfo(extractor.kind, cnn.sha256 if cnn is not None else _sha256(extractor.weights),
+    return ExtractorInfo(extractor.kind, cnn.sha256 if cnn is not None else sha256_file(extractor.weights),
                          extractor.description, extractor.features, str(extractor.weights),
                          None if cnn is None else cnn.test_accuracy)
 
@@ -291,9 +291,3 @@ def _info(images: ImageSet) -> ImagesInfo:
     return ImagesInfo(n, (c, h, w), images.source, dict(images.details))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

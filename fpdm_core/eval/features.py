@@ -14,7 +14,6 @@ size is padded (28) or resized. Inside, pixels map to [-1, 1] exactly as fpdm's 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fpdm.errors import UsageError
+from fpdm.io.checkpoint import sha256_file
 
 NAME = "fpdm-fmnist-cnn"
 DEFAULT_CACHE = "~/.cache/fpdm"
@@ -108,14 +108,6 @@ def default_path(cache: str | Path | None = None) -> Path:
     return Path(cache or DEFAULT_CACHE).expanduser() / FILE_NAME
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_extractor(model: FmnistCNN, path: Path, *, test_accuracy: float, test_images: int, train_steps: int) -> str:
     """Write weights + metadata atomically; returns the file's sha256."""
     from safetensors.torch import save_file
@@ -126,7 +118,7 @@ def save_extractor(model: FmnistCNN, path: Path, *, test_accuracy: float, test_i
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
     tmp.replace(path)
-    return _sha256(path)
+    return sha256_file(path)
 
 
 def load_extractor(path: str | Path) -> ExtractorFile:
@@ -153,7 +145,7 @@ def load_extractor(path: str | Path) -> ExtractorFile:
         raise UsageError(f"{path}: weights do not match the recorded architecture ({first})") from None
     model.eval().requires_grad_(False)
     return ExtractorFile(model, path, float(meta["test_accuracy"]), int(meta["test_images"]), int(meta["train_steps"]),
-                         _sha256(path))
+                         sha256_file(path))
 
 
 @dataclasses.dataclass(frozen=True)

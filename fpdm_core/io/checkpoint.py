@@ -58,7 +58,8 @@ class Checkpoint:
         return _torch_load(self.path / "optimizer.pt"), _torch_load(self.path / "trainer.pt")
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush `path` (a file or a folder) to disk, for writers of atomic folders."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -66,22 +67,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (checkpoints, packed folders, extractor weights)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def fsync(path: Path) -> None:
-    """Flush `path` (a file or a folder) to disk (for other writers of atomic folders)."""
-    _fsync(path)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    return _sha256(path)
 
 
 def _weights(module: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
@@ -112,15 +104,15 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, Tenso
         (tmp / "model.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
         files = sorted(p.name for p in tmp.iterdir())
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "fpdm_version": fpdm_version, "step": step,
-                "sha256": {f: _sha256(tmp / f) for f in files}}
+                "sha256": {f: sha256_file(tmp / f) for f in files}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))  # written last: marks complete
         for f in (*files, "meta.json"):
-            _fsync(tmp / f)
+            fsync(tmp / f)
         final = root / name
         if final.exists():  # the same step saved again: move the old one aside first, so a crash keeps one whole
             _discard(final)
         os.rename(tmp, final)
-        _fsync(root)
+        fsync(root)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, (OSError, SafetensorError)):  # disk full, quota, I/O: a run-time failure, said in one line
@@ -242,7 +234,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so that a kill at any moment leaves the old content or the new, whole."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_text(text)
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, path)
 
 
@@ -287,7 +279,7 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
                 if name in RESUME_ONLY:
                     continue
                 raise UsageError(f"checkpoint file missing: {file}")
-            if _sha256(file) != digest:
+            if sha256_file(file) != digest:
                 raise UsageError(f"checkpoint file corrupt (checksum mismatch): {file}")
     config, spec = _json(ckpt / "config.json"), _json(ckpt / "model.json")
     return Checkpoint(ckpt, int(meta["step"]), config, spec, _safetensors(ckpt / "model.safetensors"),
