@@ -57,8 +57,9 @@ def unexplained_ignores(paths: list[str]) -> list[str]:
         for tok in tokenize.generate_tokens(io.StringIO(text).readline):
             match = IGNORE.search(tok.string) if tok.type == tokenize.COMMENT else None
             if match and not REASON.match(match["rest"]):
-                found.append(f"{name}:{tok.start[0]}: error: type: ignore without a reason: "
-                             "write `# type: ignore[code]  # why`")
+                found.append(
+                    f"{name}:{tok.start[0]}: error: type: ignore without a reason: write `# type: ignore[code]  # why`"
+                )
     return found
 
 
@@ -75,8 +76,11 @@ def main(argv: list[str]) -> int:
     for line in messages:
         print(line)
     errors = sum(": error:" in line for line in messages)
-    print(f"mypy: {errors} errors in {len(sources)} source files" if errors
-          else f"mypy: no issues in {len(sources)} source files")
+    print(
+        f"mypy: {errors} errors in {len(sources)} source files"
+        if errors
+        else f"mypy: no issues in {len(sources)} source files"
+    )
     return 1 if errors else 0
 
 

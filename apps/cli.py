@@ -32,14 +32,18 @@ _NO_CONST = object()
 class _DeprecatedAlias(argparse.Action):
     """A hidden old spelling: stores into the new option's dest and says, in one stderr line, what to use."""
 
-    def __init__(self, option_strings: list[str], dest: str, *, new: str, append: bool = False,
-                 **kwargs: Any) -> None:
+    def __init__(self, option_strings: list[str], dest: str, *, new: str, append: bool = False, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
         self.new = new
         self.append = append
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         sys.stderr.write(f"fpdm: {option_string} is deprecated; use {self.new}\n")
         value = self.const if self.nargs == 0 else values
         if self.append:  # the alias of a repeatable option adds to the same list
@@ -47,9 +51,17 @@ class _DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, value)
 
 
-def deprecated_alias(parser: argparse.ArgumentParser | argparse._ArgumentGroup, old: str, *, dest: str, new: str,
-                     type: Callable[[str], Any] | None = None, const: Any = _NO_CONST,
-                     choices: Sequence[Any] | None = None, append: bool = False) -> argparse.Action:
+def deprecated_alias(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    old: str,
+    *,
+    dest: str,
+    new: str,
+    type: Callable[[str], Any] | None = None,
+    const: Any = _NO_CONST,
+    choices: Sequence[Any] | None = None,
+    append: bool = False,
+) -> argparse.Action:
     """Add `old` as a hidden alias of the option that stores into `dest` (add that option first or after; its
     default stays in charge because the alias has none). Using it prints exactly one line to stderr,
     `fpdm: OLD is deprecated; use NEW`, and stores the value the new option would store.
@@ -60,14 +72,17 @@ def deprecated_alias(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
     alias of an `action="append"` option. The new option must not be `required=True` (argparse would not
     count the alias as having supplied it)."""
     if const is _NO_CONST:
-        return parser.add_argument(old, action=_DeprecatedAlias, dest=dest, new=new, type=type or str,
-                                   choices=choices, append=append)
-    return parser.add_argument(old, action=_DeprecatedAlias, dest=dest, new=new, nargs=0, const=const,
-                               append=append)
+        return parser.add_argument(
+            old, action=_DeprecatedAlias, dest=dest, new=new, type=type or str, choices=choices, append=append
+        )
+    return parser.add_argument(old, action=_DeprecatedAlias, dest=dest, new=new, nargs=0, const=const, append=append)
 
 
-def add_json_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
-                    help: str = "write the JSON report to PATH; '-' or a bare --json: stdout") -> argparse.Action:
+def add_json_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    help: str = "write the JSON report to PATH; '-' or a bare --json: stdout",
+) -> argparse.Action:
     """`--json [PATH]` into `args.json` (None when absent, "-" for stdout). A bare `--json` is the old flag form
     and keeps meaning stdout. Mind nargs="?": a positional right after a bare --json would be taken as PATH,
     so a command with positionals should document `--json -`."""
@@ -87,8 +102,11 @@ def write_json(payload: Any, target: str) -> None:
     path.write_text(text + "\n")
 
 
-def add_weights_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
-                       help: str = "which weights to use: the EMA or the raw (trained) ones") -> argparse.Action:
+def add_weights_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    help: str = "which weights to use: the EMA or the raw (trained) ones",
+) -> argparse.Action:
     """`--weights ema|raw` (default ema) into `args.weights`; the old `--ema` / `--no-ema` stay as hidden aliases."""
     action = parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help=help)
     deprecated_alias(parser, "--ema", dest="weights", new="--weights ema", const="ema")
@@ -96,8 +114,9 @@ def add_weights_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     return action
 
 
-def add_device_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
-                      help: str = "auto, cpu, cuda or cuda:N") -> argparse.Action:
+def add_device_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, help: str = "auto, cpu, cuda or cuda:N"
+) -> argparse.Action:
     """`--device` (default auto) into `args.device`."""
     return parser.add_argument("--device", default="auto", metavar="DEVICE", help=help)
 
@@ -110,8 +129,9 @@ class HelpFormatter(argparse.HelpFormatter):
     store_true flag that is on by default, one of a pair, says "(default)"), and help that already states a
     default. An option written without help still shows its default."""
 
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 32,
-                 width: int | None = None) -> None:
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 32, width: int | None = None
+    ) -> None:
         super().__init__(prog, indent_increment, max_help_position, width)
 
     def _format_action(self, action: argparse.Action) -> str:
@@ -154,8 +174,9 @@ class _Parser(argparse.ArgumentParser):
 class _CommandParser(_Parser):
     """A subcommand's parser, filled in by its factory the first time it is parsed or printed."""
 
-    def __init__(self, *args: Any, fill: Callable[[argparse.ArgumentParser], None] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, fill: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._fill = fill
 
@@ -183,8 +204,9 @@ def _filler(name: str) -> Callable[[argparse.ArgumentParser], None]:
         try:
             run = entry.factory(parser)
         except Exception as exc:  # a broken command plugin is one line, not a traceback; the others still work
-            sys.stderr.write(f"fpdm: error: command {name!r} from plugin {entry.plugin!r} is unusable: "
-                             f"{type(exc).__name__}: {exc}\n")
+            sys.stderr.write(
+                f"fpdm: error: command {name!r} from plugin {entry.plugin!r} is unusable: {type(exc).__name__}: {exc}\n"
+            )
             raise SystemExit(1) from exc
         parser.set_defaults(_run=run)
 
@@ -193,8 +215,11 @@ def _filler(name: str) -> Callable[[argparse.ArgumentParser], None]:
 
 def build_parser(*, fill_all: bool = False) -> argparse.ArgumentParser:
     """The `fpdm` parser; commands are filled in lazily (all at once with `fill_all`, for tests and docs)."""
-    parser = _Parser(prog="fpdm", description="Fixed Point Diffusion Models: train, sample, study, deploy.",
-                     formatter_class=HelpFormatter)
+    parser = _Parser(
+        prog="fpdm",
+        description="Fixed Point Diffusion Models: train, sample, study, deploy.",
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"fpdm {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     debug = _CommandParser(add_help=False)
@@ -203,8 +228,14 @@ def build_parser(*, fill_all: bool = False) -> argparse.ArgumentParser:
     registry = default_registry()
     for name in registry.names("command"):
         entry = registry.entry("command", name)
-        command = sub.add_parser(name, help=entry.description, description=entry.description, parents=[debug],
-                                 formatter_class=HelpFormatter, fill=_filler(name))
+        command = sub.add_parser(
+            name,
+            help=entry.description,
+            description=entry.description,
+            parents=[debug],
+            formatter_class=HelpFormatter,
+            fill=_filler(name),
+        )
         if fill_all:
             command._ensure_filled()
     return parser
@@ -250,8 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = (str(exc).strip().splitlines() or [""])[0]
         owner = default_registry().blame(exc)  # a third-party plugin's code raised: name it, it is not fpdm's bug
         where = f" in plugin {owner}" if owner else ""
-        sys.stderr.write(f"fpdm {args.command}: internal error{where}: {type(exc).__name__}: {first} "
-                         "(rerun with --debug)\n")
+        sys.stderr.write(
+            f"fpdm {args.command}: internal error{where}: {type(exc).__name__}: {first} (rerun with --debug)\n"
+        )
         return 1
 
 

@@ -71,13 +71,17 @@ def solve_command(parser: argparse.ArgumentParser) -> Handler:
             write_json(reports, args.json)
             if args.json == "-":
                 return 0
-        print(f"{args.problem} contraction, rate {args.rate}, batch {args.batch_size} x {args.tokens} x {args.dim}, "
-              f"tol {config.tol}, max_iter {config.max_iter}")
+        print(
+            f"{args.problem} contraction, rate {args.rate}, batch {args.batch_size} x {args.tokens} x {args.dim}, "
+            f"tol {config.tol}, max_iter {config.max_iter}"
+        )
         for r in reports:
             err = "" if r["error_vs_exact"] is None else f"  error vs exact {r['error_vs_exact']:.2e}"
-            print(f"  {r['solver']:<14} iterations mean {r['iterations_mean']:.1f} max {r['iterations_max']:.0f}  "
-                  f"residual max {r['residual_max']:.2e}  converged {r['converged_fraction']:.0%}  "
-                  f"{r['seconds'] * 1e3:.1f} ms{err}")
+            print(
+                f"  {r['solver']:<14} iterations mean {r['iterations_mean']:.1f} max {r['iterations_max']:.0f}  "
+                f"residual max {r['residual_max']:.2e}  converged {r['converged_fraction']:.0%}  "
+                f"{r['seconds'] * 1e3:.1f} ms{err}"
+            )
         return 0
 
     return run
@@ -95,7 +99,9 @@ def _solve_all(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]]]:
     overrides = [*args.set, *([f"solver.name={args.solver}"] if args.solver else [])]
     config = load_config(args.config, overrides, defaults=SOLVE_DEFAULTS).solver
     names = default_registry().names("solver") if args.all else [config.name]
-    problem = (LinearContraction if args.problem == "linear" else TanhContraction).random(args.batch_size, args.tokens, args.dim, args.rate, seed=args.seed)
+    problem = (LinearContraction if args.problem == "linear" else TanhContraction).random(
+        args.batch_size, args.tokens, args.dim, args.rate, seed=args.seed
+    )
     reports = []
     for name in names:
         cfg = config if name == config.name else attrs.evolve(config, name=name, options={})
@@ -108,8 +114,9 @@ def _solve_once(solver: Any, name: str, problem: Any, config: dict[str, Any]) ->
 
     z0 = problem.initial()
     start = time.perf_counter()
-    result = solver.solve(problem, z0, max_iter=config["max_iter"], tol=config["tol"],
-                          check_every=config["check_every"])
+    result = solver.solve(
+        problem, z0, max_iter=config["max_iter"], tol=config["tol"], check_every=config["check_every"]
+    )
     seconds = time.perf_counter() - start
     error = None
     if isinstance(problem, LinearContraction):
@@ -133,10 +140,38 @@ def _lazy(module: str, factory: str) -> Callable[[argparse.ArgumentParser], Hand
 def register_commands(register: Register) -> None:
     register("plugins", plugins_command, description="list plugins, where they came from and what they registered")
     register("solve", solve_command, description="run solvers on a synthetic contraction and print their stats")
-    register("train", _lazy("train_cmd", "train_command"), description="train an FPDM or DiT (S-JFB), with checkpoints and a loss log")
-    register("export", _lazy("export_cmd", "export_command"), description="export a denoising step (or the whole loop) to ONNX, solver unrolled")
-    register("sample", _lazy("sample_cmd", "sample_command"), description="sample images under a block budget, with per-step stats")
-    register("pack", _lazy("pack_cmd", "pack_command"), description="pack a run into a shareable model folder (weights, config.toml, model card)")
-    register("encode", _lazy("encode_cmd", "encode_command"), description="encode an image folder to SD-VAE latents (official feature format)")
-    register("import-official", _lazy("import_cmd", "import_official_command"), description="map an official FPDM/DiT checkpoint to an fpdm run")
-    register("eval", _lazy("eval_cmd", "eval_command"), description="FID / KID / precision-recall (torch-fidelity) of samples vs a reference")
+    register(
+        "train",
+        _lazy("train_cmd", "train_command"),
+        description="train an FPDM or DiT (S-JFB), with checkpoints and a loss log",
+    )
+    register(
+        "export",
+        _lazy("export_cmd", "export_command"),
+        description="export a denoising step (or the whole loop) to ONNX, solver unrolled",
+    )
+    register(
+        "sample",
+        _lazy("sample_cmd", "sample_command"),
+        description="sample images under a block budget, with per-step stats",
+    )
+    register(
+        "pack",
+        _lazy("pack_cmd", "pack_command"),
+        description="pack a run into a shareable model folder (weights, config.toml, model card)",
+    )
+    register(
+        "encode",
+        _lazy("encode_cmd", "encode_command"),
+        description="encode an image folder to SD-VAE latents (official feature format)",
+    )
+    register(
+        "import-official",
+        _lazy("import_cmd", "import_official_command"),
+        description="map an official FPDM/DiT checkpoint to an fpdm run",
+    )
+    register(
+        "eval",
+        _lazy("eval_cmd", "eval_command"),
+        description="FID / KID / precision-recall (torch-fidelity) of samples vs a reference",
+    )

@@ -23,41 +23,70 @@ COUNTS = ("n", "batch_size", "ref_n", "kid_subset_size")
 
 
 def eval_command(parser: argparse.ArgumentParser) -> Handler:
-    parser.add_argument("input", nargs="?", help="a folder of PNGs (or an `fpdm sample` output folder), "
-                        "or a run, checkpoint or packed model folder to sample from first")
-    parser.add_argument("--ref", default="fashion_mnist", metavar="NAME|DIR",
-                        help="fashion_mnist or a folder of images")
-    parser.add_argument("--ref-split", default="test", choices=("test", "train"),
-                        help="Fashion-MNIST split to compare against")
-    parser.add_argument("--ref-n", type=int, metavar="N",
-                        help="use a seeded random subset of this many reference images")
-    parser.add_argument("--data-dir", metavar="DIR",
-                        help="Fashion-MNIST IDX folder (default: /usr/share/datasets/fashion-mnist)")
-    parser.add_argument("--extractor", default="auto", metavar="NAME|FILE",
-                        help="auto, fpdm-fmnist-cnn, inception-v3, or the path of an fpdm-fmnist-cnn .safetensors "
-                        "file (auto: the CNN for Fashion-MNIST and gray images, Inception-v3 otherwise)")
-    parser.add_argument("--inception-weights", metavar="FILE", help="local torch-fidelity Inception-v3 weights "
-                        "(weights-inception-2015-12-05-6726825d.pth); never downloaded")
-    parser.add_argument("--cache", metavar="DIR",
-                        help="where the fpdm-fmnist-cnn extractor is cached (default: ~/.cache/fpdm)")
-    parser.add_argument("--train-extractor", action="store_true",
-                        help="(re)train the fpdm-fmnist-cnn extractor into the cache; without INPUT, only that")
+    parser.add_argument(
+        "input",
+        nargs="?",
+        help="a folder of PNGs (or an `fpdm sample` output folder), "
+        "or a run, checkpoint or packed model folder to sample from first",
+    )
+    parser.add_argument(
+        "--ref", default="fashion_mnist", metavar="NAME|DIR", help="fashion_mnist or a folder of images"
+    )
+    parser.add_argument(
+        "--ref-split", default="test", choices=("test", "train"), help="Fashion-MNIST split to compare against"
+    )
+    parser.add_argument(
+        "--ref-n", type=int, metavar="N", help="use a seeded random subset of this many reference images"
+    )
+    parser.add_argument(
+        "--data-dir", metavar="DIR", help="Fashion-MNIST IDX folder (default: /usr/share/datasets/fashion-mnist)"
+    )
+    parser.add_argument(
+        "--extractor",
+        default="auto",
+        metavar="NAME|FILE",
+        help="auto, fpdm-fmnist-cnn, inception-v3, or the path of an fpdm-fmnist-cnn .safetensors "
+        "file (auto: the CNN for Fashion-MNIST and gray images, Inception-v3 otherwise)",
+    )
+    parser.add_argument(
+        "--inception-weights",
+        metavar="FILE",
+        help="local torch-fidelity Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth); never downloaded",
+    )
+    parser.add_argument(
+        "--cache", metavar="DIR", help="where the fpdm-fmnist-cnn extractor is cached (default: ~/.cache/fpdm)"
+    )
+    parser.add_argument(
+        "--train-extractor",
+        action="store_true",
+        help="(re)train the fpdm-fmnist-cnn extractor into the cache; without INPUT, only that",
+    )
     add_json_option(parser, help="write the JSON report to PATH; '-': to stdout, instead of the text report")
     parser.add_argument("--no-prc", action="store_true", help="skip precision/recall (k-NN, quadratic in N)")
-    parser.add_argument("--kid-subset-size", type=int, default=1000, metavar="N",
-                        help="capped at the smaller set's size")
+    parser.add_argument(
+        "--kid-subset-size", type=int, default=1000, metavar="N", help="capped at the smaller set's size"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
     sampling = parser.add_argument_group("sampling (when INPUT is a model)")
-    sampling.add_argument("--n", type=int, metavar="N",
-                          help="number of samples to draw; required for a model (FID needs about 1000 or more)")
+    sampling.add_argument(
+        "--n",
+        type=int,
+        metavar="N",
+        help="number of samples to draw; required for a model (FID needs about 1000 or more)",
+    )
     sampling.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples drawn at once")
     add_process_arguments(sampling)
-    sampling.add_argument("--iters", type=int, metavar="K", help="fixed-point iterations per step without --budget "
-                          "(default: the model's configured solver.max_iter)")
+    sampling.add_argument(
+        "--iters",
+        type=int,
+        metavar="K",
+        help="fixed-point iterations per step without --budget (default: the model's configured solver.max_iter)",
+    )
     sampling.add_argument("--solver", metavar="NAME", help="fixed-point solver (default: the model's configured one)")
     sampling.add_argument("--tol", type=float, default=0.0, help="stop a sample's solve early below this residual")
-    sampling.add_argument("--seed", type=int, default=0, metavar="N",
-                          help="seeds sampling, the reference subset and KID")
+    sampling.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="seeds sampling, the reference subset and KID"
+    )
     add_weights_option(sampling)
     add_device_option(sampling)
 
@@ -79,8 +108,13 @@ def eval_command(parser: argparse.ArgumentParser) -> Handler:
             raise UsageError("give a folder of images or a model to evaluate (or --train-extractor alone)")
         from fpdm.eval.evaluation import evaluate
 
-        result = evaluate(args.input, config=config, sample=sample, progress=not args.no_progress,
-                          log=_printer(status, quiet=args.no_progress))
+        result = evaluate(
+            args.input,
+            config=config,
+            sample=sample,
+            progress=not args.no_progress,
+            log=_printer(status, quiet=args.no_progress),
+        )
         if not to_stdout:
             print("\n".join(result.lines()))
         if args.json is not None:
@@ -101,8 +135,20 @@ def _printer(stream: TextIO, *, quiet: bool) -> Callable[[str], None]:
 def _eval_config(args: argparse.Namespace) -> EvalConfig:
     from fpdm.config import EvalConfig, make_config
 
-    return make_config(EvalConfig, ref=args.ref, ref_split=args.ref_split, ref_n=args.ref_n, data_dir=args.data_dir,
-                      extractor=args.extractor, inception_weights=args.inception_weights, cache=args.cache,
-                      prc=not args.no_prc, kid_subset_size=args.kid_subset_size, n=args.n,
-                      batch_size=args.batch_size, seed=args.seed, device=args.device, weights=args.weights)
-
+    return make_config(
+        EvalConfig,
+        ref=args.ref,
+        ref_split=args.ref_split,
+        ref_n=args.ref_n,
+        data_dir=args.data_dir,
+        extractor=args.extractor,
+        inception_weights=args.inception_weights,
+        cache=args.cache,
+        prc=not args.no_prc,
+        kid_subset_size=args.kid_subset_size,
+        n=args.n,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        weights=args.weights,
+    )

@@ -18,15 +18,26 @@ def _weights(value: str) -> str:
 
 def import_official_command(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("checkpoint", help="a .pt file of the official code: a state dict or {model, ema, args, ...}")
-    parser.add_argument("out", nargs="?", help="the fpdm run folder to write (new, empty, or an fpdm run to replace); "
-                                               "or give it as --out")
+    parser.add_argument(
+        "out",
+        nargs="?",
+        help="the fpdm run folder to write (new, empty, or an fpdm run to replace); or give it as --out",
+    )
     parser.add_argument("--out", dest="out_option", metavar="PATH", help="the same as OUT")
-    parser.add_argument("--weights", type=_weights, choices=("ema", "raw"),
-                        help="write this set as both the raw and the EMA weights (default: keep both when present, "
-                             "else ema, else raw)")
+    parser.add_argument(
+        "--weights",
+        type=_weights,
+        choices=("ema", "raw"),
+        help="write this set as both the raw and the EMA weights (default: keep both when present, else ema, else raw)",
+    )
     parser.add_argument("--arch", help="FAMILY-SIZE/PATCH such as FPDM-XL/2, when the file does not tell the heads")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the written config, e.g. model.prepost_timestep=true")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the written config, e.g. model.prepost_timestep=true",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from fpdm.errors import UsageError
@@ -39,14 +50,17 @@ def import_official_command(parser: argparse.ArgumentParser) -> Handler:
         if out is None:
             raise UsageError("no output folder: give OUT (or --out PATH)")
         weights = {"raw": "model"}.get(args.weights, args.weights)  # the official files call the raw set "model"
-        result = import_official(args.checkpoint, out, weights=weights, arch=args.arch,
-                                 overrides=args.set, registry=default_registry())
+        result = import_official(
+            args.checkpoint, out, weights=weights, arch=args.arch, overrides=args.set, registry=default_registry()
+        )
         options = result.spec["options"]
         shape = f"{options['in_channels']}x{options['input_size']}x{options['input_size']}"
         classes = options["num_classes"] or "no"
-        print(f"imported {result.arch} (hidden {options['hidden_size']}, {options['num_heads']} heads, "
-              f"{result.parameters / 1e6:.2f}M parameters, {classes} classes, latents {shape}), "
-              f"weights {result.weights}")
+        print(
+            f"imported {result.arch} (hidden {options['hidden_size']}, {options['num_heads']} heads, "
+            f"{result.parameters / 1e6:.2f}M parameters, {classes} classes, latents {shape}), "
+            f"weights {result.weights}"
+        )
         print(f"checkpoint: {result.checkpoint}")
         return 0
 

@@ -11,11 +11,16 @@ from fpdm.apps.cli import Handler, add_json_option, add_weights_option, write_js
 
 
 def pack_command(parser: argparse.ArgumentParser) -> Handler:
-    parser.add_argument("model", nargs="?", metavar="MODEL",
-                        help="a run or checkpoint folder (default: the run `fpdm train` writes)")
+    parser.add_argument(
+        "model", nargs="?", metavar="MODEL", help="a run or checkpoint folder (default: the run `fpdm train` writes)"
+    )
     parser.add_argument("--out", required=True, help="the packed folder to write (replaced if it is one already)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="dtype the weights are stored in (loading computes in fp32 unless asked otherwise)")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="dtype the weights are stored in (loading computes in fp32 unless asked otherwise)",
+    )
     add_weights_option(parser, help="which weights to pack: the EMA or the raw (trained) ones")
     add_json_option(parser, help="also write what was packed to PATH; '-': stdout, instead of the summary")
 
@@ -25,12 +30,19 @@ def pack_command(parser: argparse.ArgumentParser) -> Handler:
 
         model = default_run(args.model)
         pipe = load(model, device="cpu", weights=args.weights)
-        command = shlex.join(["fpdm", "pack", model, "--out", args.out, "--dtype", args.dtype,
-                              "--weights", args.weights])
+        command = shlex.join(
+            ["fpdm", "pack", model, "--out", args.out, "--dtype", args.dtype, "--weights", args.weights]
+        )
         out = pipe.save_pretrained(args.out, dtype=args.dtype, weights=args.weights, command=command)
         files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
-        report = {"path": str(out), "source": str(pipe.path), "step": pipe.step, "weights": args.weights,
-                  "dtype": args.dtype, "files": files}
+        report = {
+            "path": str(out),
+            "source": str(pipe.path),
+            "step": pipe.step,
+            "weights": args.weights,
+            "dtype": args.dtype,
+            "files": files,
+        }
         if args.json is not None:
             write_json(report, args.json)
         if args.json != "-":

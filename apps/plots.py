@@ -41,8 +41,15 @@ def stack_images(images: Sequence[Image.Image]) -> Image.Image:
     return out
 
 
-def draw_plot(series: dict[str, Sequence[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
-              log_y: bool = False, size: tuple[int, int] = (720, 440)) -> Image.Image:
+def draw_plot(
+    series: dict[str, Sequence[tuple[float, float]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    log_y: bool = False,
+    size: tuple[int, int] = (720, 440),
+) -> Image.Image:
     """Each named series of (x, y) points as a line; non-finite (and, on a log axis, non-positive) y skipped."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -67,10 +74,10 @@ def draw_plot(series: dict[str, Sequence[tuple[float, float]]], *, title: str, x
     for i in range(5):  # ticks
         xv = x_lo + (x_hi - x_lo) * i / 4
         yv = y_lo + (y_hi - y_lo) * i / 4
-        px, _ = to_px(xv, 10 ** y_lo if log_y else y_lo)
+        px, _ = to_px(xv, 10**y_lo if log_y else y_lo)
         py = top + (1 - i / 4) * (height - top - bottom)
         draw.text((px - 12, height - bottom + 6), f"{xv:.4g}", fill="black", font=font)
-        draw.text((4, py - 6), f"{10 ** yv if log_y else yv:.3g}", fill="black", font=font)
+        draw.text((4, py - 6), f"{10**yv if log_y else yv:.3g}", fill="black", font=font)
     for n, (name, pts) in enumerate(series.items()):
         color = COLORS[n % len(COLORS)]
         xy = [to_px(x, y) for x, y in pts if math.isfinite(y) and (y > 0 or not log_y)]

@@ -34,6 +34,8 @@ def default_run(checkpoint: str | None) -> str:
 
     out = load_config(resolve_config(DEFAULT_PRESET)).train.out_dir
     if not (Path(out) / "checkpoints").is_dir():
-        raise UsageError(f"no checkpoint given and the default run {out} has none: train one with `fpdm train` "
-                         "or name a run, checkpoint or .onnx file")
+        raise UsageError(
+            f"no checkpoint given and the default run {out} has none: train one with `fpdm train` "
+            "or name a run, checkpoint or .onnx file"
+        )
     return out

@@ -10,8 +10,12 @@ if TYPE_CHECKING:
     from fpdm.config import SampleConfig
 
 
-def add_process_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
-                          steps: int | None = 50, steps_help: str = "sampling steps (respaced)") -> None:
+def add_process_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    steps: int | None = 50,
+    steps_help: str = "sampling steps (respaced)",
+) -> None:
     """--steps, --budget, --sampler, --eta, --allocator, --reuse, --cfg-scale, --cfg-channels, --clip-x0."""
     parser.add_argument("--steps", type=int, default=steps, help=steps_help)
     parser.add_argument("--budget", type=int, help="transformer-block evaluations per sample (the paper's unit)")

@@ -24,15 +24,25 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def train_command(parser: argparse.ArgumentParser) -> Handler:
     add_config_arguments(parser)
     # --plugin is the spelling the product card documents (`fpdm train --plugin anderson`): a synonym, not deprecated
-    parser.add_argument("--solver", "--plugin", dest="solver", metavar="NAME",
-                        help="solver of the S-JFB no-grad phase (= --set solver.name=NAME; default: the config's)")
+    parser.add_argument(
+        "--solver",
+        "--plugin",
+        dest="solver",
+        metavar="NAME",
+        help="solver of the S-JFB no-grad phase (= --set solver.name=NAME; default: the config's)",
+    )
     parser.add_argument("--out", metavar="DIR", help="run folder (= --set train.out_dir=DIR; default: the config's)")
     parser.add_argument("--steps", type=int, metavar="N", help="= --set train.steps=N (default: the config's)")
-    parser.add_argument("--batch-size", type=int, metavar="N", help="global batch, = --set train.batch_size=N "
-                        "(default: the config's, 64 in the preset)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="global batch, = --set train.batch_size=N (default: the config's, 64 in the preset)",
+    )
     parser.add_argument("--seed", type=int, metavar="N", help="= --set train.seed=N (default: the config's, 0)")
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (= --set train.device=...; default: the "
-                        "config's, auto)")
+    parser.add_argument(
+        "--device", help="auto, cpu, cuda or cuda:N (= --set train.device=...; default: the config's, auto)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run folder from its newest checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -41,9 +51,14 @@ def train_command(parser: argparse.ArgumentParser) -> Handler:
         from fpdm.training.loop import train
 
         overrides = list(args.set)
-        for flag, key in ((args.solver, "solver.name"), (args.out, "train.out_dir"), (args.steps, "train.steps"),
-                          (args.batch_size, "train.batch_size"), (args.seed, "train.seed"),
-                          (args.device, "train.device")):
+        for flag, key in (
+            (args.solver, "solver.name"),
+            (args.out, "train.out_dir"),
+            (args.steps, "train.steps"),
+            (args.batch_size, "train.batch_size"),
+            (args.seed, "train.seed"),
+            (args.device, "train.device"),
+        ):
             if flag is not None:
                 overrides.append(f"{key}={json.dumps(flag)}")
         config = _config(args, overrides)
@@ -51,8 +66,10 @@ def train_command(parser: argparse.ArgumentParser) -> Handler:
         if env_rank() != 0:  # under torchrun only rank 0 talks; the others train silently
             train(config, resume=args.resume, progress=False)
             return 0
-        print(f"fpdm train: {config.model.arch} on {config.data.name}, solver {config.solver.name}, "
-              f"{config.train.steps} steps -> {out}")
+        print(
+            f"fpdm train: {config.model.arch} on {config.data.name}, solver {config.solver.name}, "
+            f"{config.train.steps} steps -> {out}"
+        )
         result = train(config, resume=args.resume, progress=not args.no_progress)
         _report(result.history, out)
         print(f"checkpoint: {result.checkpoint}")
@@ -84,6 +101,7 @@ def _report(history: list[dict], out: Path) -> None:
     for rec in picks:
         print(f"  step {rec['step']:>7}  loss {rec['loss']:.4f}  {rec['img_per_s']:.0f} img/s")
     points = [(rec["step"], rec["loss"]) for rec in history]
-    plot = line_plot({"loss": points}, out / "loss.png", title="training loss", xlabel="step", ylabel="loss",
-                     log_y=True)
+    plot = line_plot(
+        {"loss": points}, out / "loss.png", title="training loss", xlabel="step", ylabel="loss", log_y=True
+    )
     print(f"loss plot: {plot}")

@@ -26,50 +26,71 @@ def _cell(rows: list[dict[str, Any]]) -> str:
 
 def markdown(data: dict[str, Any]) -> str:
     cells, s = data["cells"], data["settings"]
-    lines = [f"Machine: {data['machine']} (`python benchmarks/paper_claims.py"
-             f"{' --quick' if s['quick'] else ''}`).", "",
-             "**Parameters and training peak memory, equal width and batch** (S-JFB draws for FPDM; CPU peak is "
-             "RSS growth, CUDA max_memory_allocated):", "",
-             "| model | device | precision | batch | checkpointing | params | peak memory | s/step |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {data['machine']} (`python benchmarks/paper_claims.py{' --quick' if s['quick'] else ''}`).",
+        "",
+        "**Parameters and training peak memory, equal width and batch** (S-JFB draws for FPDM; CPU peak is "
+        "RSS growth, CUDA max_memory_allocated):",
+        "",
+        "| model | device | precision | batch | checkpointing | params | peak memory | s/step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, r in cells.items():
         if key.startswith("memory|"):
-            lines.append(f"| {r['arch']} | {r['device']} | {r['precision']} | {r['batch']} | "
-                         f"{'on' if r['checkpointing'] else 'off'} | {r['params_m']:.2f}M | "
-                         f"{r['peak_mem_gib']:.2f} GiB | {r['s_per_step']:.3f} |")
+            lines.append(
+                f"| {r['arch']} | {r['device']} | {r['precision']} | {r['batch']} | "
+                f"{'on' if r['checkpointing'] else 'off'} | {r['params_m']:.2f}M | "
+                f"{r['peak_mem_gib']:.2f} GiB | {r['s_per_step']:.3f} |"
+            )
     accounted = [r for k, r in cells.items() if k.startswith("accounting|")]
     if accounted:
-        lines += ["", "**Training memory by accounting** (`benchmarks/train.py`'s `account_memory`: parameters, "
-                  "gradients and AdamW moments + the activations a step keeps for backward, counted on the CPU; "
-                  "batch 64, checkpointing off; FPDM at its largest S-JFB grad draw, the step that sets the peak):",
-                  "", "| model | precision | grad iters | params | state | activations | total | FPDM / DiT |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "**Training memory by accounting** (`benchmarks/train.py`'s `account_memory`: parameters, "
+            "gradients and AdamW moments + the activations a step keeps for backward, counted on the CPU; "
+            "batch 64, checkpointing off; FPDM at its largest S-JFB grad draw, the step that sets the peak):",
+            "",
+            "| model | precision | grad iters | params | state | activations | total | FPDM / DiT |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         totals = {(r["arch"], r["precision"]): r["total_gib"] for r in accounted}
         for r in accounted:
             dit = totals.get((r["arch"].replace("FPDM", "DiT"), r["precision"]))
             ratio = f"{r['total_gib'] / dit:.0%}" if r["arch"].startswith("FPDM") and dit else ""
-            lines.append(f"| {r['arch']} | {r['precision']} | {r['grad_iters'] or '-'} | {r['params_m']:.1f}M | "
-                         f"{r['state_gib']:.2f} GiB | {r['activations_gib']:.2f} GiB | {r['total_gib']:.2f} GiB | "
-                         f"{ratio} |")
+            lines.append(
+                f"| {r['arch']} | {r['precision']} | {r['grad_iters'] or '-'} | {r['params_m']:.1f}M | "
+                f"{r['state_gib']:.2f} GiB | {r['activations_gib']:.2f} GiB | {r['total_gib']:.2f} GiB | "
+                f"{ratio} |"
+            )
     plan = next(v for k, v in cells.items() if k.startswith("plan|"))
     trained = {v["arch"]: v for k, v in cells.items() if k.startswith("train|")}
-    wall = ", ".join(f"{arch} {v['seconds']:.0f} s" + (" (the part after a resume)" if v["resumed"] else "")
-                     for arch, v in trained.items())
-    lines += ["", f"**Equal training compute.** FPDM-XS/4 {plan['fpdm_steps']} steps x "
-              f"{plan['fpdm_gflop_per_step']:.2f} GFLOP (expected over S-JFB draws {plan['sjfb_ranges']}) = DiT-XS/4 "
-              f"{plan['dit_steps']} steps x {plan['dit_gflop_per_step']:.2f} GFLOP, batch {plan['batch']}, "
-              f"FLOPs counted by torch.utils.flop_counter (forward + backward). Wall-clock: {wall}.", "",
-              f"**FID (fpdm-fmnist-cnn features), lower is better; KID in parentheses.** "
-              f"{s['n']} samples per cell vs {s['reference_n']} Fashion-MNIST test images, DDIM, classes "
-              f"cycled; mean ± std over seeds {list(SEEDS_AT_LOWEST)} at the lowest budget. Budget = DiT-step "
-              f"equivalents ({DIT_DEPTH} block evaluations each); FPDM spends it as budget // 6 steps (pre + 4 "
-              f"iterations + post each), \"2x steps\" as budget // 3 steps of 1 iteration.", "",
-              "| variant | " + " | ".join(f"{b} ({b * DIT_DEPTH} blocks)" for b in BUDGETS) + " |",
-              "|---|" + "---|" * len(BUDGETS)]
+    wall = ", ".join(
+        f"{arch} {v['seconds']:.0f} s" + (" (the part after a resume)" if v["resumed"] else "")
+        for arch, v in trained.items()
+    )
+    lines += [
+        "",
+        f"**Equal training compute.** FPDM-XS/4 {plan['fpdm_steps']} steps x "
+        f"{plan['fpdm_gflop_per_step']:.2f} GFLOP (expected over S-JFB draws {plan['sjfb_ranges']}) = DiT-XS/4 "
+        f"{plan['dit_steps']} steps x {plan['dit_gflop_per_step']:.2f} GFLOP, batch {plan['batch']}, "
+        f"FLOPs counted by torch.utils.flop_counter (forward + backward). Wall-clock: {wall}.",
+        "",
+        f"**FID (fpdm-fmnist-cnn features), lower is better; KID in parentheses.** "
+        f"{s['n']} samples per cell vs {s['reference_n']} Fashion-MNIST test images, DDIM, classes "
+        f"cycled; mean ± std over seeds {list(SEEDS_AT_LOWEST)} at the lowest budget. Budget = DiT-step "
+        f"equivalents ({DIT_DEPTH} block evaluations each); FPDM spends it as budget // 6 steps (pre + 4 "
+        f'iterations + post each), "2x steps" as budget // 3 steps of 1 iteration.',
+        "",
+        "| variant | " + " | ".join(f"{b} ({b * DIT_DEPTH} blocks)" for b in BUDGETS) + " |",
+        "|---|" + "---|" * len(BUDGETS),
+    ]
     for variant in VARIANTS:
         lines.append(f"| {variant} | " + " | ".join(_cell(fid_at(cells, variant, b)) for b in BUDGETS) + " |")
-    lines += ["", f"Extractor: {data.get('extractor', '?')}. FID here is not Inception FID and is not comparable "
-              "to published numbers; it ranks the rows of this table."]
+    lines += [
+        "",
+        f"Extractor: {data.get('extractor', '?')}. FID here is not Inception FID and is not comparable "
+        "to published numbers; it ranks the rows of this table.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -79,15 +100,24 @@ def plot(data: dict[str, Any], path: Path) -> None:
 
     series = {}
     for variant in VARIANTS:
-        points = [(float(b), statistics.fmean(r["fid"] for r in rows))
-                  for b in BUDGETS if (rows := fid_at(data["cells"], variant, b))]
+        points = [
+            (float(b), statistics.fmean(r["fid"] for r in rows))
+            for b in BUDGETS
+            if (rows := fid_at(data["cells"], variant, b))
+        ]
         if points:
             series[variant] = points
     names = list(VARIANTS)
     groups = [[names[0], names[1], names[6], names[7], names[8]], [names[1], *names[2:6], names[8]]]
-    panels = [draw_plot(shown, title=title, log_y=True,
-                        xlabel="budget (DiT-step equivalents)", ylabel="FID (fpdm-fmnist-cnn features)")
-              for group, title in zip(groups, ("FID vs budget: initial iterate, steps",
-                                               "FID vs budget: allocation, solver"))
-              if (shown := {k: series[k] for k in group if k in series})]
+    panels = [
+        draw_plot(
+            shown,
+            title=title,
+            log_y=True,
+            xlabel="budget (DiT-step equivalents)",
+            ylabel="FID (fpdm-fmnist-cnn features)",
+        )
+        for group, title in zip(groups, ("FID vs budget: initial iterate, steps", "FID vs budget: allocation, solver"))
+        if (shown := {k: series[k] for k in group if k in series})
+    ]
     save_png(stack_images(panels), path)

@@ -38,8 +38,9 @@ def update_doc(marker: str, table: str, *, page: str = "benchmarks.md", docs: Pa
     tmp.replace(path)
 
 
-def publish(out: Path, name: str, results: dict, table: str, *, doc: str | None = None,
-            page: str = "benchmarks.md") -> None:
+def publish(
+    out: Path, name: str, results: dict, table: str, *, doc: str | None = None, page: str = "benchmarks.md"
+) -> None:
     """write_results, then the table between the `doc` markers of docs/PAGE when given, then the table to stdout."""
     write_results(out, name, results, table)
     if doc:

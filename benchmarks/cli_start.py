@@ -39,13 +39,18 @@ def lines_to_time() -> list[tuple[str, list[str]]]:
     """(label, argv) for every start path: the top level, then each built-in command's --help."""
     fpdm = fpdm_command()
     commands = Registry.load(only=[]).names("command")  # the built-ins: a plugin's command is not fpdm's time
-    return [("fpdm --help", [*fpdm, "--help"]), ("fpdm --version", [*fpdm, "--version"]),
-            *((f"fpdm {name} --help", [*fpdm, name, "--help"]) for name in commands)]
+    return [
+        ("fpdm --help", [*fpdm, "--help"]),
+        ("fpdm --version", [*fpdm, "--version"]),
+        *((f"fpdm {name} --help", [*fpdm, name, "--help"]) for name in commands),
+    ]
 
 
 def reference_lines() -> list[tuple[str, list[str]]]:
-    return [("python -c pass", [sys.executable, "-c", "pass"]),
-            ('python -c "import torch"', [sys.executable, "-c", "import torch"])]
+    return [
+        ("python -c pass", [sys.executable, "-c", "pass"]),
+        ('python -c "import torch"', [sys.executable, "-c", "import torch"]),
+    ]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -64,33 +69,47 @@ def time_once(argv: list[str]) -> float:
 def heavy_imports(argv: list[str]) -> list[str]:
     """The heavy top-level packages (torch, onnx, ...) that `argv` imports, from Python's import-time log."""
     done = subprocess.run(argv, capture_output=True, text=True, env=_env(PYTHONPROFILEIMPORTTIME="1"), timeout=300)
-    names = {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines()
-             if line.startswith("import time:")}
+    names = {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     return sorted(names & set(HEAVY))
 
 
 def measure(label: str, argv: list[str], runs: int) -> dict:
     time_once(argv)  # warm the file cache so every line starts alike
     times = [time_once(argv) for _ in range(runs)]
-    return {"line": label, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "heavy_imports": heavy_imports(argv)}
+    return {
+        "line": label,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "heavy_imports": heavy_imports(argv),
+    }
 
 
 def markdown(results: dict) -> str:
     rows = ["| start path | median (s) | fastest (s) | imports | under 1 s |", "|---|---:|---:|---|:---:|"]
     for r in results["lines"]:
         ok = "yes" if r["median_s"] < results["target_s"] else "**no**"
-        rows.append(f"| `{r['line']}` | {r['median_s']:.2f} | {r['min_s']:.2f} | "
-                    f"{', '.join(r['heavy_imports']) or 'no torch'} | {ok} |")
+        rows.append(
+            f"| `{r['line']}` | {r['median_s']:.2f} | {r['min_s']:.2f} | "
+            f"{', '.join(r['heavy_imports']) or 'no torch'} | {ok} |"
+        )
     for r in results["reference"]:
-        rows.append(f"| reference: `{r['line']}` | {r['median_s']:.2f} | {r['min_s']:.2f} | "
-                    f"{', '.join(r['heavy_imports']) or '-'} | |")
+        rows.append(
+            f"| reference: `{r['line']}` | {r['median_s']:.2f} | {r['min_s']:.2f} | "
+            f"{', '.join(r['heavy_imports']) or '-'} | |"
+        )
     machine = results["machine"]
     rows.append("")
     cache = "" if machine["bytecode_cache"] else ", no bytecode cache (PYTHONDONTWRITEBYTECODE)"
-    rows.append(f"Median of {results['runs']} fresh subprocesses per line, third-party plugins off; "
-                f"{machine['cores']} cores, Python {machine['python']}, torch {machine['torch']}{cache}. "
-                f"`{results['command']}`")
+    rows.append(
+        f"Median of {results['runs']} fresh subprocesses per line, third-party plugins off; "
+        f"{machine['cores']} cores, Python {machine['python']}, torch {machine['torch']}{cache}. "
+        f"`{results['command']}`"
+    )
     return "\n".join(rows) + "\n"
 
 
@@ -108,10 +127,14 @@ def main() -> int:
     reference = [measure(label, argv, runs) for label, argv in reference_lines()]
     results = {
         "command": "python benchmarks/cli_start.py" + (" --quick" if args.quick else f" --runs {runs}"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": sys.version.split()[0], "torch": metadata.version("torch"),
-                    # with PYTHONDONTWRITEBYTECODE set, fpdm's own modules are compiled on every start
-                    "bytecode_cache": not os.environ.get("PYTHONDONTWRITEBYTECODE")},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "torch": metadata.version("torch"),
+            # with PYTHONDONTWRITEBYTECODE set, fpdm's own modules are compiled on every start
+            "bytecode_cache": not os.environ.get("PYTHONDONTWRITEBYTECODE"),
+        },
         "runs": runs,
         "target_s": TARGET_S,
         "lines": lines,

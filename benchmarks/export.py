@@ -35,8 +35,9 @@ def median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None] =
     return paired_median_ms([fn], repeats, sync)[0]
 
 
-def paired_median_ms(fns: list[Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None,
-                     block: int = 10) -> list[float]:
+def paired_median_ms(
+    fns: list[Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None, block: int = 10
+) -> list[float]:
     """Median ms of each function over `repeats` calls, timed in alternating blocks of `block` calls, so that a
     change in the machine's load or clock during the run falls on all of them alike. Blocks rather than single
     calls: ORT's threads spin for a while after a run and would slow a torch call that follows at once."""
@@ -55,13 +56,20 @@ def paired_median_ms(fns: list[Callable[[], object]], repeats: int, sync: Callab
     return [1e3 * statistics.median(seen) for seen in times]
 
 
-def export_step(model: torch.nn.Module, solver_name: str, iters: int, out: Path, *, options: dict,
-                fp16: bool = False) -> None:
+def export_step(
+    model: torch.nn.Module, solver_name: str, iters: int, out: Path, *, options: dict, fp16: bool = False
+) -> None:
     """Export without a checkpoint (random weights): the metadata carries the factory options the ORT side reads."""
     registry = default_registry()
     OnnxExporter(iters=iters, fp16=fp16, verify=False).export(
-        model, solver=registry.create("solver", solver_name), solver_info={"name": solver_name, "options": {}},
-        config={}, spec={"denoiser": "fpdm", "options": options}, source={"benchmark": True}, out=out)
+        model,
+        solver=registry.create("solver", solver_name),
+        solver_info={"name": solver_name, "options": {}},
+        config={},
+        spec={"denoiser": "fpdm", "options": options},
+        source={"benchmark": True},
+        out=out,
+    )
 
 
 def cpu_rows(checkpoint: str, repeats: int, workdir: Path) -> list[dict]:
@@ -72,8 +80,15 @@ def cpu_rows(checkpoint: str, repeats: int, workdir: Path) -> list[dict]:
     for k in (3, 26):
         path = workdir / f"k{k}.onnx"
         ckpt = load_checkpoint(checkpoint)
-        OnnxExporter(iters=k).export(model, solver=solver, solver_info={"name": "fixed_point", "options": {}},
-                                     config=ckpt.config, spec=ckpt.spec, source={}, out=path)
+        OnnxExporter(iters=k).export(
+            model,
+            solver=solver,
+            solver_info={"name": "fixed_point", "options": {}},
+            config=ckpt.config,
+            spec=ckpt.spec,
+            source={},
+            out=path,
+        )
         ort_model = OrtDenoiser(OrtSession(path, provider="cpu"))
         for batch in (1, 16):
             x = example_inputs(model, batch)
@@ -87,8 +102,17 @@ def cpu_rows(checkpoint: str, repeats: int, workdir: Path) -> list[dict]:
                 return ort_model(x["x_t"], x["t"], x["y"], z0=z0, iters=k)
 
             t_eager, t_ort = paired_median_ms([eager, ort], repeats)
-            rows.append({"device": "cpu", "model": "FPDM-XS/4 (demo)", "iters": k, "batch": batch,
-                         "torch_eager_fp32_ms": t_eager, "ort_cpu_fp32_ms": t_ort, "speedup": t_eager / t_ort})
+            rows.append(
+                {
+                    "device": "cpu",
+                    "model": "FPDM-XS/4 (demo)",
+                    "iters": k,
+                    "batch": batch,
+                    "torch_eager_fp32_ms": t_eager,
+                    "ort_cpu_fp32_ms": t_ort,
+                    "speedup": t_eager / t_ort,
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -97,8 +121,15 @@ def cuda_rows(repeats: int, workdir: Path) -> list[dict]:
     if not torch.cuda.is_available():
         return []
     registry = default_registry()
-    options = {"input_size": 32, "in_channels": 4, "patch_size": 2, "hidden_size": 1152, "num_heads": 16,
-               "num_classes": 1000, "learn_sigma": True}
+    options = {
+        "input_size": 32,
+        "in_channels": 4,
+        "patch_size": 2,
+        "hidden_size": 1152,
+        "num_heads": 16,
+        "num_classes": 1000,
+        "learn_sigma": True,
+    }
     model = registry.create("denoiser", "fpdm", **options).eval()
     solver = registry.create("solver", "fixed_point")
     sync = torch.cuda.synchronize
@@ -111,8 +142,13 @@ def cuda_rows(repeats: int, workdir: Path) -> list[dict]:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 return cuda_model(x["x_t"], x["t"], x["y"], z0=x["z0"], iters=k, solver=solver)
 
-        row = {"device": torch.cuda.get_device_name(), "model": "FPDM-XL/2", "iters": k, "batch": 64,
-               "torch_eager_bf16_ms": median_ms(eager, repeats, sync)}
+        row = {
+            "device": torch.cuda.get_device_name(),
+            "model": "FPDM-XL/2",
+            "iters": k,
+            "batch": 64,
+            "torch_eager_bf16_ms": median_ms(eager, repeats, sync),
+        }
         compiled = torch.compile(cuda_model)
 
         def compiled_call() -> object:
@@ -126,7 +162,8 @@ def cuda_rows(repeats: int, workdir: Path) -> list[dict]:
             try:
                 ort_model = OrtDenoiser(OrtSession(path, provider="cuda", cuda_graph=graphs))
                 row[f"ort_cuda_fp16{'_graphs' if graphs else ''}_ms"] = median_ms(
-                    lambda: ort_model(x["x_t"], x["t"], x["y"], z0=x["z0"], iters=k), repeats, sync)
+                    lambda: ort_model(x["x_t"], x["t"], x["y"], z0=x["z0"], iters=k), repeats, sync
+                )
             except Exception as exc:  # a provider that does not load is a result to report, not a crash
                 row[f"ort_cuda_fp16{'_graphs' if graphs else ''}_error"] = f"{type(exc).__name__}: {exc}"[:200]
         best = min(v for key, v in row.items() if key.startswith("ort_cuda") and key.endswith("_ms"))
@@ -137,22 +174,31 @@ def cuda_rows(repeats: int, workdir: Path) -> list[dict]:
 
 
 def table(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}; torch {results['torch']}, onnxruntime {results['onnxruntime']}. "
-             f"Command: `python benchmarks/export.py`. Median ms per denoising step.", "",
-             "| device | model | K | batch | torch eager | ONNX Runtime | speed-up |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {results['machine']}; torch {results['torch']}, onnxruntime {results['onnxruntime']}. "
+        f"Command: `python benchmarks/export.py`. Median ms per denoising step.",
+        "",
+        "| device | model | K | batch | torch eager | ONNX Runtime | speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results["cpu"]:
-        lines.append(f"| CPU | {r['model']} | {r['iters']} | {r['batch']} | {r['torch_eager_fp32_ms']:.2f} (fp32) "
-                     f"| {r['ort_cpu_fp32_ms']:.2f} (fp32) | {r['speedup']:.2f}x |")
+        lines.append(
+            f"| CPU | {r['model']} | {r['iters']} | {r['batch']} | {r['torch_eager_fp32_ms']:.2f} (fp32) "
+            f"| {r['ort_cpu_fp32_ms']:.2f} (fp32) | {r['speedup']:.2f}x |"
+        )
     for r in results["cuda"]:
         ms, key = min((v, k) for k, v in r.items() if k.startswith("ort_cuda") and k.endswith("_ms"))
         graphs = ", CUDA graphs" if "graphs" in key else ""
-        lines.append(f"| {r['device']} | {r['model']} | {r['iters']} | {r['batch']} | {r['torch_eager_bf16_ms']:.1f} "
-                     f"(bf16), compile {r['torch_compile_bf16_ms']:.1f} | {ms:.1f} (fp16{graphs}) "
-                     f"| {r['ort_vs_compile']:.2f}x of compile |")
+        lines.append(
+            f"| {r['device']} | {r['model']} | {r['iters']} | {r['batch']} | {r['torch_eager_bf16_ms']:.1f} "
+            f"(bf16), compile {r['torch_compile_bf16_ms']:.1f} | {ms:.1f} (fp16{graphs}) "
+            f"| {r['ort_vs_compile']:.2f}x of compile |"
+        )
     if not results["cuda"]:
         lines.append("")
-        lines.append("No GPU on the machine that produced this table: the CUDA rows (FPDM-XL/2, batch 64) "
-                     "were not measured.")
+        lines.append(
+            "No GPU on the machine that produced this table: the CUDA rows (FPDM-XL/2, batch 64) were not measured."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -167,9 +213,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads", "torch": torch.__version__,
-                   "onnxruntime": onnxruntime.__version__, "cpu": cpu_rows(args.checkpoint, args.repeats, Path(tmp)),
-                   "cuda": cuda_rows(args.repeats, Path(tmp))}
+        results = {
+            "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "cpu": cpu_rows(args.checkpoint, args.repeats, Path(tmp)),
+            "cuda": cuda_rows(args.repeats, Path(tmp)),
+        }
     text = table(results)
     publish(args.out, "export", results, text, doc="export" if args.update_docs else None)
 

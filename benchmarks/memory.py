@@ -44,8 +44,13 @@ def model_and_config(checkpoint: str | None, registry: Registry) -> tuple[torch.
         ckpt = load_checkpoint(checkpoint)
         return load_denoiser(ckpt, registry=registry), from_dict(Config, ckpt.config), str(ckpt.path)
     config = load_config(PRESET)
-    model = build_denoiser(config.model, input_size=config.data.image_size, in_channels=config.data.channels,
-                           num_classes=10, registry=registry).eval()
+    model = build_denoiser(
+        config.model,
+        input_size=config.data.image_size,
+        in_channels=config.data.channels,
+        num_classes=10,
+        registry=registry,
+    ).eval()
     return model, config, "random weights (fashion_mnist preset)"
 
 
@@ -74,24 +79,46 @@ def main() -> int:
 
     start_kib = status_kib("VmRSS")
     start = time.perf_counter()
-    generate(model, diffusion, n=args.batches * args.batch_size, batch_size=args.batch_size, seed=0,
-             labels=list(range(model.num_classes)) or None, progress=after_batch,
-             shape=(model.in_channels, model.input_size, model.input_size), sampler=DDPM(),
-             solver=registry.create("solver", "fixed_point"), iterations=[args.iters] * args.steps,
-             reuse=registry.create("reuse_policy", "reuse"))
+    generate(
+        model,
+        diffusion,
+        n=args.batches * args.batch_size,
+        batch_size=args.batch_size,
+        seed=0,
+        labels=list(range(model.num_classes)) or None,
+        progress=after_batch,
+        shape=(model.in_channels, model.input_size, model.input_size),
+        sampler=DDPM(),
+        solver=registry.create("solver", "fixed_point"),
+        iterations=[args.iters] * args.steps,
+        reuse=registry.create("reuse_policy", "reuse"),
+    )
     seconds = time.perf_counter() - start
     settled = rss[min(4, len(rss) - 1)]
     results = {
-        "machine": platform.platform(), "torch": torch.__version__, "model": source, "batches": args.batches,
-        "batch_size": args.batch_size, "steps": args.steps, "iters": args.iters, "reuse": "reuse",
-        "rss_before_kib": start_kib, "rss_after_batch_kib": rss, "rss_batch5_kib": settled, "rss_last_kib": rss[-1],
-        "growth_batch5_to_last_kib": rss[-1] - settled, "peak_rss_kib": status_kib("VmHWM"), "seconds": seconds,
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "model": source,
+        "batches": args.batches,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "iters": args.iters,
+        "reuse": "reuse",
+        "rss_before_kib": start_kib,
+        "rss_after_batch_kib": rss,
+        "rss_batch5_kib": settled,
+        "rss_last_kib": rss[-1],
+        "growth_batch5_to_last_kib": rss[-1] - settled,
+        "peak_rss_kib": status_kib("VmHWM"),
+        "seconds": seconds,
     }
-    table = ("| batches x size | steps x iters | RSS after batch 5 | RSS after last | growth | peak RSS |\n"
-             "|---|---|---|---|---|---|\n"
-             f"| {args.batches} x {args.batch_size} | {args.steps} x {args.iters} | {settled / 1024:.1f} MiB | "
-             f"{rss[-1] / 1024:.1f} MiB | {(rss[-1] - settled) / 1024:+.1f} MiB | "
-             f"{results['peak_rss_kib'] / 1024:.1f} MiB |\n")
+    table = (
+        "| batches x size | steps x iters | RSS after batch 5 | RSS after last | growth | peak RSS |\n"
+        "|---|---|---|---|---|---|\n"
+        f"| {args.batches} x {args.batch_size} | {args.steps} x {args.iters} | {settled / 1024:.1f} MiB | "
+        f"{rss[-1] / 1024:.1f} MiB | {(rss[-1] - settled) / 1024:+.1f} MiB | "
+        f"{results['peak_rss_kib'] / 1024:.1f} MiB |\n"
+    )
     write_results(args.out, "memory", results, table)
     print(table, end="")
     return 0

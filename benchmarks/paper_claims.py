@@ -46,8 +46,9 @@ class Store:
         self.path = path
         self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
         if self.data and self.data.get("settings") != settings:
-            raise SystemExit(f"{path} was made with other settings {self.data.get('settings')}; "
-                             "use another --out or delete it")
+            raise SystemExit(
+                f"{path} was made with other settings {self.data.get('settings')}; use another --out or delete it"
+            )
         self.data.update(settings=settings, machine=machine())
         self.data.setdefault("cells", {})
 
@@ -78,8 +79,11 @@ def memory_cells(store: Store, *, quick: bool) -> None:
     cuda = torch.cuda.is_available()
     runs = [(name, 64, 2 if quick else 10, 1, False) for name in ("FPDM-XS/4 Fashion-MNIST", "DiT-XS/4 Fashion-MNIST")]
     if cuda:
-        runs += [(name, 64, 3 if quick else 10, 2, ckpt) for name in ("FPDM-XL/2 latent", "DiT-XL/2 latent")
-                 for ckpt in (True, False)]
+        runs += [
+            (name, 64, 3 if quick else 10, 2, ckpt)
+            for name in ("FPDM-XL/2 latent", "DiT-XL/2 latent")
+            for ckpt in (True, False)
+        ]
     for name, batch, steps, warmup, ckpt in runs:
         key = f"memory|{name}|ckpt={ckpt}"
         if store.get(key) is None:
@@ -138,8 +142,17 @@ def step_flops(arch: str, *, n_no_grad: int, n_grad: int, batch: int) -> int:
     x, y = torch.randn(batch, 1, 32, 32), torch.randint(0, 10, (batch,))
     t = torch.randint(0, 1000, (batch,))
     with FlopCounterMode(display=False) as counter:
-        losses, _ = sjfb_losses(model, GaussianDiffusion(LinearSchedule(), learn_sigma=True), FixedPointIteration(),
-                                x, t, y, torch.randn_like(x), n_no_grad=n_no_grad, n_grad=n_grad)
+        losses, _ = sjfb_losses(
+            model,
+            GaussianDiffusion(LinearSchedule(), learn_sigma=True),
+            FixedPointIteration(),
+            x,
+            t,
+            y,
+            torch.randn_like(x),
+            n_no_grad=n_no_grad,
+            n_grad=n_grad,
+        )
         losses["loss"].mean().backward()
     return int(counter.get_total_flops())
 
@@ -158,9 +171,17 @@ def compute_plan(store: Store, *, fpdm_steps: int, batch: int) -> dict[str, Any]
         c2 = step_flops(ARCHS["fpdm"], n_no_grad=0, n_grad=2, batch=batch) - base
         fpdm = base + c1 * (a_lo + a_hi) / 2 + c2 * ((b_lo + b_hi) / 2 - 1)
         dit = step_flops(ARCHS["dit"], n_no_grad=0, n_grad=1, batch=batch)
-        store.put(key, {"fpdm_steps": fpdm_steps, "dit_steps": max(1, round(fpdm_steps * fpdm / dit)),
-                        "fpdm_gflop_per_step": fpdm / 1e9, "dit_gflop_per_step": dit / 1e9, "batch": batch,
-                        "sjfb_ranges": [[a_lo, a_hi], [b_lo, b_hi]]})
+        store.put(
+            key,
+            {
+                "fpdm_steps": fpdm_steps,
+                "dit_steps": max(1, round(fpdm_steps * fpdm / dit)),
+                "fpdm_gflop_per_step": fpdm / 1e9,
+                "dit_gflop_per_step": dit / 1e9,
+                "batch": batch,
+                "sjfb_ranges": [[a_lo, a_hi], [b_lo, b_hi]],
+            },
+        )
     return store.get(key)
 
 
@@ -173,23 +194,44 @@ def train_cell(store: Store, family: str, *, steps: int, runs: Path, seed: int) 
     run = runs / family
     key = f"train|{family}|steps={steps}"
     if store.get(key) is None:
-        config = load_config(PRESET, [f"model.arch={ARCHS[family]}", f"train.steps={steps}", f"train.seed={seed}",
-                                      f"train.out_dir={json.dumps(str(run))}",
-                                      f"train.ckpt_every={max(50, steps // 10)}"])
+        config = load_config(
+            PRESET,
+            [
+                f"model.arch={ARCHS[family]}",
+                f"train.steps={steps}",
+                f"train.seed={seed}",
+                f"train.out_dir={json.dumps(str(run))}",
+                f"train.ckpt_every={max(50, steps // 10)}",
+            ],
+        )
         done = list_checkpoints(run / "checkpoints")
         start = time.perf_counter()
         if not done or load_checkpoint(run, verify=False).step < steps:
             train(config, resume=bool(done), progress=False)
-        store.put(key, {"arch": ARCHS[family], "steps": steps, "seconds": time.perf_counter() - start,
-                        "resumed": bool(done)})
+        store.put(
+            key, {"arch": ARCHS[family], "steps": steps, "seconds": time.perf_counter() - start, "resumed": bool(done)}
+        )
     return run
 
 
 # ---------------------------------------------------------------------------------------------------- FID
 
 
-def fid_cell(store: Store, key: str, *, model: Any, base: Any, schedule: Any, variant: str, dit_steps: int,
-             seed: int, n: int, reference: Any, extractor: Any, cache: Path) -> None:
+def fid_cell(
+    store: Store,
+    key: str,
+    *,
+    model: Any,
+    base: Any,
+    schedule: Any,
+    variant: str,
+    dit_steps: int,
+    seed: int,
+    n: int,
+    reference: Any,
+    extractor: Any,
+    cache: Path,
+) -> None:
     from fpdm.diffusion.sampling import generate, plan_iterations, plan_tolerances
     from fpdm.eval.features import to_uint8
     from fpdm.eval.fidelity import compute_metrics
@@ -205,17 +247,46 @@ def fid_cell(store: Store, key: str, *, model: Any, base: Any, schedule: Any, va
     ts = sorted(schedule.sampling_timesteps(steps).tolist())
     allocator = registry.create("allocator", alloc_name)
     plan = plan_iterations(model, ts[::-1], budget=budget, iters=0, allocator=allocator)
-    result = generate(model, base.respace(ts), n=n, batch_size=250, seed=seed, labels=list(range(10)),
-                      shape=(1, 32, 32), sampler=DDIM(), solver=registry.create("solver", solver_name),
-                      iterations=plan, reuse=registry.create("reuse_policy", reuse_name),
-                      tol=plan_tolerances(allocator, plan, ts[::-1]), adaptive=allocator.tol > 0)
-    metrics = compute_metrics(to_uint8(result.images), reference, extractor=extractor, prc=False, seed=0,
-                              reference_key=f"fmnist-test-{reference.shape[0]}-{extractor.cnn.sha256[:16]}",
-                              cache_dir=cache)
-    store.put(key, {"variant": variant, "dit_steps": dit_steps, "budget_blocks": budget, "steps": steps,
-                    "seed": seed, "n": n, "fid": metrics["fid"], "kid": metrics["kid_mean"],
-                    "blocks_mean": result.blocks.double().mean().item(), "blocks_max": int(result.blocks.max()),
-                    "sampling_seconds": result.seconds})
+    result = generate(
+        model,
+        base.respace(ts),
+        n=n,
+        batch_size=250,
+        seed=seed,
+        labels=list(range(10)),
+        shape=(1, 32, 32),
+        sampler=DDIM(),
+        solver=registry.create("solver", solver_name),
+        iterations=plan,
+        reuse=registry.create("reuse_policy", reuse_name),
+        tol=plan_tolerances(allocator, plan, ts[::-1]),
+        adaptive=allocator.tol > 0,
+    )
+    metrics = compute_metrics(
+        to_uint8(result.images),
+        reference,
+        extractor=extractor,
+        prc=False,
+        seed=0,
+        reference_key=f"fmnist-test-{reference.shape[0]}-{extractor.cnn.sha256[:16]}",
+        cache_dir=cache,
+    )
+    store.put(
+        key,
+        {
+            "variant": variant,
+            "dit_steps": dit_steps,
+            "budget_blocks": budget,
+            "steps": steps,
+            "seed": seed,
+            "n": n,
+            "fid": metrics["fid"],
+            "kid": metrics["kid_mean"],
+            "blocks_mean": result.blocks.double().mean().item(),
+            "blocks_max": int(result.blocks.max()),
+            "sampling_seconds": result.seconds,
+        },
+    )
 
 
 def fid_cells(store: Store, runs: dict[str, Path], *, n: int, reference: Any, extractor: Any, cache: Path) -> None:
@@ -235,9 +306,20 @@ def fid_cells(store: Store, runs: dict[str, Path], *, n: int, reference: Any, ex
                 continue
             for dit_steps in BUDGETS:
                 for seed in SEEDS_AT_LOWEST if dit_steps == BUDGETS[0] else SEEDS_AT_LOWEST[:1]:
-                    fid_cell(store, f"fid|{variant}|{dit_steps}|seed={seed}", model=model, base=base,
-                             schedule=schedule, variant=variant, dit_steps=dit_steps, seed=seed, n=n,
-                             reference=reference, extractor=extractor, cache=cache)
+                    fid_cell(
+                        store,
+                        f"fid|{variant}|{dit_steps}|seed={seed}",
+                        model=model,
+                        base=base,
+                        schedule=schedule,
+                        variant=variant,
+                        dit_steps=dit_steps,
+                        seed=seed,
+                        n=n,
+                        reference=reference,
+                        extractor=extractor,
+                        cache=cache,
+                    )
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -248,8 +330,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: short training, few samples, ~minutes")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     parser.add_argument("--n", type=int, help="samples per FID cell (default 5000; --quick 200)")
-    parser.add_argument("--fpdm-steps", type=int,
-                        help="FPDM training steps (default 2000, the preset's `fpdm train`; --quick 60)")
+    parser.add_argument(
+        "--fpdm-steps", type=int, help="FPDM training steps (default 2000, the preset's `fpdm train`; --quick 60)"
+    )
     parser.add_argument("--extractor", help="fpdm-fmnist-cnn file (default: the cached one, trained if missing)")
     parser.add_argument("--update-docs", "--update-readme", action="store_true", help="refresh docs/paper-claims.md")
     parser.add_argument("--apart", help=argparse.SUPPRESS)  # internal: one measurement of train.py, see measure_apart
@@ -263,15 +346,24 @@ def main() -> int:
     n = args.n or (200 if args.quick else 5000)
     fpdm_steps = args.fpdm_steps or (60 if args.quick else 2000)
     ref_n = 2000 if args.quick else None
-    settings = {"quick": args.quick, "n": n, "fpdm_steps": fpdm_steps, "reference_n": ref_n or 10000,
-                "budgets": list(BUDGETS), "seeds_at_lowest": list(SEEDS_AT_LOWEST), "sampler": "ddim"}
+    settings = {
+        "quick": args.quick,
+        "n": n,
+        "fpdm_steps": fpdm_steps,
+        "reference_n": ref_n or 10000,
+        "budgets": list(BUDGETS),
+        "seeds_at_lowest": list(SEEDS_AT_LOWEST),
+        "sampler": "ddim",
+    }
     store = Store(args.out / "paper_claims.json", settings)
     started = time.perf_counter()
     memory_cells(store, quick=args.quick)
     plan = compute_plan(store, fpdm_steps=fpdm_steps, batch=64)
     runs_dir = args.out / "paper_claims_runs"
-    runs = {"fpdm": train_cell(store, "fpdm", steps=plan["fpdm_steps"], runs=runs_dir, seed=0),
-            "dit": train_cell(store, "dit", steps=plan["dit_steps"], runs=runs_dir, seed=0)}
+    runs = {
+        "fpdm": train_cell(store, "fpdm", steps=plan["fpdm_steps"], runs=runs_dir, seed=0),
+        "dit": train_cell(store, "dit", steps=plan["dit_steps"], runs=runs_dir, seed=0),
+    }
     path = Path(args.extractor) if args.extractor else default_path()
     if not path.is_file():
         print(f"training the fpdm-fmnist-cnn feature extractor into {path}", flush=True)

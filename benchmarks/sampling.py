@@ -38,8 +38,13 @@ from fpdm.registry import Registry
 DIT_DEPTH = 6  # DiT-XS, the equal-width baseline
 BLOCKS_PER_STEP = 6  # pre + post + ~4 iterations
 # --allocation: (label, allocator, options); adaptive's default tol and a looser and a tighter one
-ALLOCATION = [("uniform", "uniform", {}), ("increasing", "increasing", {}), ("adaptive", "adaptive", {}),
-              ("adaptive tol=0.1", "adaptive", {"tol": 0.1}), ("adaptive tol=0.4", "adaptive", {"tol": 0.4})]
+ALLOCATION = [
+    ("uniform", "uniform", {}),
+    ("increasing", "increasing", {}),
+    ("adaptive", "adaptive", {}),
+    ("adaptive tol=0.1", "adaptive", {"tol": 0.1}),
+    ("adaptive tol=0.4", "adaptive", {"tol": 0.4}),
+]
 
 
 def respaced(schedule, base: GaussianDiffusion, steps: int) -> tuple[GaussianDiffusion, list[int]]:  # type: ignore[no-untyped-def]
@@ -93,8 +98,9 @@ def cuda_xl_step() -> dict | None:
     return results
 
 
-def residual_row(model, schedule, base, labels, n: int, dit_steps: int, solver_name: str, alloc: tuple,
-                 reuse_name: str, registry) -> dict:  # type: ignore[no-untyped-def]
+def residual_row(
+    model, schedule, base, labels, n: int, dit_steps: int, solver_name: str, alloc: tuple, reuse_name: str, registry
+) -> dict:  # type: ignore[no-untyped-def]
     """One sampling run under a budget of `dit_steps` DiT-step equivalents: residual, blocks, img/s."""
     label, alloc_name, options = alloc
     budget = dit_steps * DIT_DEPTH
@@ -102,19 +108,39 @@ def residual_row(model, schedule, base, labels, n: int, dit_steps: int, solver_n
     diffusion, ts = respaced(schedule, base, steps)
     allocator = registry.create("allocator", alloc_name, **options)
     plan = plan_iterations(model, ts[::-1], budget=budget, iters=0, allocator=allocator)
-    result = generate(model, diffusion, n=n, batch_size=n, seed=0, labels=labels,
-                      shape=(model.in_channels, model.input_size, model.input_size), sampler=DDIM(),
-                      solver=registry.create("solver", solver_name), iterations=plan,
-                      reuse=registry.create("reuse_policy", reuse_name), tol=plan_tolerances(allocator, plan, ts[::-1]),
-                      adaptive=allocator.tol > 0)
+    result = generate(
+        model,
+        diffusion,
+        n=n,
+        batch_size=n,
+        seed=0,
+        labels=labels,
+        shape=(model.in_channels, model.input_size, model.input_size),
+        sampler=DDIM(),
+        solver=registry.create("solver", solver_name),
+        iterations=plan,
+        reuse=registry.create("reuse_policy", reuse_name),
+        tol=plan_tolerances(allocator, plan, ts[::-1]),
+        adaptive=allocator.tol > 0,
+    )
     if int(result.blocks.max()) > budget:
         raise SystemExit(f"{label} spent {int(result.blocks.max())} blocks on a sample, over the budget {budget}")
     residuals = [s["residual_mean"] for s in result.steps]
-    return {"dit_steps": dit_steps, "budget": budget, "steps": steps, "solver": solver_name, "allocator": label,
-            "reuse": reuse_name, "residual_mean": sum(residuals) / len(residuals), "residual_last": residuals[-1],
-            "residual_per_step": residuals, "iterations_per_step": [s["iterations_mean"] for s in result.steps],
-            "blocks_mean": result.blocks.double().mean().item(), "blocks_max": int(result.blocks.max()),
-            "img_per_s": n / result.seconds}
+    return {
+        "dit_steps": dit_steps,
+        "budget": budget,
+        "steps": steps,
+        "solver": solver_name,
+        "allocator": label,
+        "reuse": reuse_name,
+        "residual_mean": sum(residuals) / len(residuals),
+        "residual_last": residuals[-1],
+        "residual_per_step": residuals,
+        "iterations_per_step": [s["iterations_mean"] for s in result.steps],
+        "blocks_mean": result.blocks.double().mean().item(),
+        "blocks_max": int(result.blocks.max()),
+        "img_per_s": n / result.seconds,
+    }
 
 
 def main() -> int:
@@ -139,16 +165,21 @@ def main() -> int:
     if args.allocation:
         allocators = ALLOCATION[:3] if args.quick else ALLOCATION
     else:  # the adaptive allocator has its own table (--allocation)
-        allocators = [(a, a, {}) for a in (["uniform", "increasing"] if args.quick else
-                                           ["uniform", "increasing", "decreasing"])]
+        allocators = [
+            (a, a, {}) for a in (["uniform", "increasing"] if args.quick else ["uniform", "increasing", "decreasing"])
+        ]
     rows = []
     for dit_steps in budgets:
         for solver_name, alloc, reuse_name in itertools.product(solvers, allocators, reuses):
-            rows.append(residual_row(model, schedule, base, labels, args.n, dit_steps, solver_name, alloc, reuse_name,
-                                     registry))
+            rows.append(
+                residual_row(model, schedule, base, labels, args.n, dit_steps, solver_name, alloc, reuse_name, registry)
+            )
             print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("per_step")}), flush=True)
-    command = ("python benchmarks/sampling.py" + (" --quick" if args.quick else "")
-               + (" --allocation" if args.allocation else ""))
+    command = (
+        "python benchmarks/sampling.py"
+        + (" --quick" if args.quick else "")
+        + (" --allocation" if args.allocation else "")
+    )
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     path = ckpt.path.resolve()
     checkpoint = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)  # no home dirs in tables
@@ -156,8 +187,9 @@ def main() -> int:
         rows = [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
         results = {"command": command, "machine": machine, "checkpoint": checkpoint, "n": args.n, "rows": rows}
         table = allocation_markdown(results)
-        publish(args.out, "sampling_allocation", results, table,
-                doc="sampling-allocation" if args.update_docs else None)
+        publish(
+            args.out, "sampling_allocation", results, table, doc="sampling-allocation" if args.update_docs else None
+        )
         return 0
 
     # framework overhead: generate() vs a hand-written loop of the same calls (DDIM, reuse, uniform plan)
@@ -167,13 +199,31 @@ def main() -> int:
     ours, theirs = [], []
     for _ in range(3):
         theirs.append(hand_written(model, diffusion, args.n, plan, solver, labels or [0]))
-        ours.append(generate(model, diffusion, n=args.n, batch_size=args.n, seed=0, labels=labels,
-                             shape=(1, 32, 32), sampler=DDIM(), solver=solver, iterations=plan,
-                             reuse=registry.create("reuse_policy", "reuse")).seconds)
+        ours.append(
+            generate(
+                model,
+                diffusion,
+                n=args.n,
+                batch_size=args.n,
+                seed=0,
+                labels=labels,
+                shape=(1, 32, 32),
+                sampler=DDIM(),
+                solver=solver,
+                iterations=plan,
+                reuse=registry.create("reuse_policy", "reuse"),
+            ).seconds
+        )
     overhead = {"fpdm_s": min(ours), "hand_written_s": min(theirs), "overhead": min(ours) / min(theirs) - 1}
-    results = {"command": command, "machine": machine, "checkpoint": checkpoint, "n": args.n, "rows": rows,
-               "overhead": overhead,
-               "cuda_xl_step": cuda_xl_step()}
+    results = {
+        "command": command,
+        "machine": machine,
+        "checkpoint": checkpoint,
+        "n": args.n,
+        "rows": rows,
+        "overhead": overhead,
+        "cuda_xl_step": cuda_xl_step(),
+    }
     table = markdown(results)
     publish(args.out, "sampling", results, table, doc="sampling" if args.update_docs else None)
     return 0
@@ -182,12 +232,16 @@ def main() -> int:
 def markdown(results: dict) -> str:
     rows = results["rows"]
     budgets = sorted({r["dit_steps"] for r in rows})
-    lines = [f"Machine: {results['machine']}; checkpoint `{results['checkpoint']}`, {results['n']} samples, DDIM "
-             f"(`{results['command']}`). Mean final relative residual of the fixed-point solves over all steps "
-             "(lower = closer to the fixed point the model was trained for); img/s in parentheses.", "",
-             "| solver | allocator | reuse | "
-             + " | ".join(f"{b} DiT steps ({b * DIT_DEPTH} blocks)" for b in budgets) + " |",
-             "|---|---|---|" + "---|" * len(budgets)]
+    lines = [
+        f"Machine: {results['machine']}; checkpoint `{results['checkpoint']}`, {results['n']} samples, DDIM "
+        f"(`{results['command']}`). Mean final relative residual of the fixed-point solves over all steps "
+        "(lower = closer to the fixed point the model was trained for); img/s in parentheses.",
+        "",
+        "| solver | allocator | reuse | "
+        + " | ".join(f"{b} DiT steps ({b * DIT_DEPTH} blocks)" for b in budgets)
+        + " |",
+        "|---|---|---|" + "---|" * len(budgets),
+    ]
     keys = sorted({(r["solver"], r["allocator"], r["reuse"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
     for key in keys:
         cells = []
@@ -196,11 +250,18 @@ def markdown(results: dict) -> str:
             cells.append(f"{r['residual_mean']:.3g} ({r['img_per_s']:.0f})")
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     o = results["overhead"]
-    lines += ["", f"Framework overhead (20 DDIM steps x 4 iterations with reuse, {results['n']} samples): fpdm "
-              f"{o['fpdm_s']:.2f} s vs a hand-written loop {o['hand_written_s']:.2f} s ({o['overhead']:+.1%})."]
+    lines += [
+        "",
+        f"Framework overhead (20 DDIM steps x 4 iterations with reuse, {results['n']} samples): fpdm "
+        f"{o['fpdm_s']:.2f} s vs a hand-written loop {o['hand_written_s']:.2f} s ({o['overhead']:+.1%}).",
+    ]
     xl = results.get("cuda_xl_step")
-    lines.append("" if xl is None else f"\nFPDM-XL/2 step, batch 64, 26 iterations, bf16 on {xl['device']}: "
-                 f"eager {xl['eager_ms']:.1f} ms, torch.compile {xl['compile_ms']:.1f} ms.")
+    lines.append(
+        ""
+        if xl is None
+        else f"\nFPDM-XL/2 step, batch 64, 26 iterations, bf16 on {xl['device']}: "
+        f"eager {xl['eager_ms']:.1f} ms, torch.compile {xl['compile_ms']:.1f} ms."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -209,14 +270,22 @@ def allocation_markdown(results: dict) -> str:
     rows = results["rows"]
     budgets = sorted({r["dit_steps"] for r in rows})
     order = [label for label, _, _ in ALLOCATION]
-    spent = ("every sample spent exactly its budget" if all(r["blocks_max"] == r["blocks_mean"] == r["budget"]
-                                                             for r in rows) else "no sample exceeded its budget")
-    lines = [f"Machine: {results['machine']}; checkpoint `{results['checkpoint']}`, {results['n']} samples, DDIM "
-             f"(`{results['command']}`). Mean over the steps of the final relative residual of the fixed-point "
-             f"solves at equal budget ({spent}); bold: the lowest of the allocators for that solver, reuse and "
-             "budget. Residuals only, no timing.", "",
-             "| solver | reuse | allocator | " + " | ".join(f"{b} DiT steps ({b * DIT_DEPTH} blocks)" for b in budgets)
-             + " |", "|---|---|---|" + "---|" * len(budgets)]
+    spent = (
+        "every sample spent exactly its budget"
+        if all(r["blocks_max"] == r["blocks_mean"] == r["budget"] for r in rows)
+        else "no sample exceeded its budget"
+    )
+    lines = [
+        f"Machine: {results['machine']}; checkpoint `{results['checkpoint']}`, {results['n']} samples, DDIM "
+        f"(`{results['command']}`). Mean over the steps of the final relative residual of the fixed-point "
+        f"solves at equal budget ({spent}); bold: the lowest of the allocators for that solver, reuse and "
+        "budget. Residuals only, no timing.",
+        "",
+        "| solver | reuse | allocator | "
+        + " | ".join(f"{b} DiT steps ({b * DIT_DEPTH} blocks)" for b in budgets)
+        + " |",
+        "|---|---|---|" + "---|" * len(budgets),
+    ]
     groups = sorted({(r["solver"], r["reuse"]) for r in rows})
     for solver, reuse in groups:
         mine = [r for r in rows if (r["solver"], r["reuse"]) == (solver, reuse)]

@@ -93,9 +93,16 @@ def rates_table(registry: Registry, repeats: int) -> list[dict]:
             z0 = problem.initial()
             seconds, result = timed(lambda: solver.solve(problem, z0, max_iter=5000, tol=TOL), repeats)
             stats = result.stats  # type: ignore[attr-defined]
-            rows.append({"rate": rate, "solver": name, "iterations_max": int(stats.iterations.max()),
-                         "iterations_mean": stats.iterations.double().mean().item(),
-                         "converged": bool(stats.converged.all()), "ms": seconds * 1e3})
+            rows.append(
+                {
+                    "rate": rate,
+                    "solver": name,
+                    "iterations_max": int(stats.iterations.max()),
+                    "iterations_mean": stats.iterations.double().mean().item(),
+                    "converged": bool(stats.converged.all()),
+                    "ms": seconds * 1e3,
+                }
+            )
     return rows
 
 
@@ -108,15 +115,30 @@ def mixed_batch(registry: Registry) -> list[dict]:
     rows = []
     for name in registry.names("solver"):
         solver = registry.create("solver", name)
-        alone = sum(int(solver.solve(problem.restrict(torch.tensor([i])), z0[i : i + 1], max_iter=5000, tol=TOL)
-                        .stats.iterations) for i in range(BATCH))
-        for mode, restrictable, check_every in (("per-sample, compacting", True, 1),
-                                                ("per-sample, check every 4", True, 4),
-                                                ("whole batch (plain callable)", False, 1)):
+        alone = sum(
+            int(
+                solver.solve(
+                    problem.restrict(torch.tensor([i])), z0[i : i + 1], max_iter=5000, tol=TOL
+                ).stats.iterations
+            )
+            for i in range(BATCH)
+        )
+        for mode, restrictable, check_every in (
+            ("per-sample, compacting", True, 1),
+            ("per-sample, check every 4", True, 4),
+            ("whole batch (plain callable)", False, 1),
+        ):
             f = Counted(problem, restrictable=restrictable)
             solver.solve(f, z0, max_iter=5000, tol=TOL, check_every=check_every)
-            rows.append({"solver": name, "mode": mode, "work_rows": f.counter[0], "sum_alone": alone,
-                         "ratio": f.counter[0] / alone})
+            rows.append(
+                {
+                    "solver": name,
+                    "mode": mode,
+                    "work_rows": f.counter[0],
+                    "sum_alone": alone,
+                    "ratio": f.counter[0] / alone,
+                }
+            )
     return rows
 
 
@@ -133,6 +155,7 @@ def overhead(registry: Registry, repeats: int, iters: int) -> list[dict]:
     rows = []
     with torch.no_grad():
         for map_name, f in maps.items():
+
             def bare(f=f) -> None:  # type: ignore[no-untyped-def]
                 z = z0
                 for _ in range(iters):
@@ -155,35 +178,57 @@ def overhead(registry: Registry, repeats: int, iters: int) -> list[dict]:
                 if key == "bare":
                     continue
                 name, mode = key
-                rows.append({"map": map_name, "solver": name, "mode": mode,
-                             "bare_ms_per_iter": best["bare"] / iters * 1e3,
-                             "solver_ms_per_iter": seconds / iters * 1e3,
-                             "extra_us_per_iter": (seconds - best["bare"]) / iters * 1e6,
-                             "overhead": seconds / best["bare"] - 1})
+                rows.append(
+                    {
+                        "map": map_name,
+                        "solver": name,
+                        "mode": mode,
+                        "bare_ms_per_iter": best["bare"] / iters * 1e3,
+                        "solver_ms_per_iter": seconds / iters * 1e3,
+                        "extra_us_per_iter": (seconds - best["bare"]) / iters * 1e6,
+                        "overhead": seconds / best["bare"] - 1,
+                    }
+                )
     return rows
 
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']} (`{results['command']}`).", "",
-             f"Iterations to relative residual {TOL:g}, linear contractions, batch {BATCH}, "
-             f"state {TOKENS}x{WIDTH}:", "",
-             "| rate | solver | iterations (max / mean) | converged | wall ms |", "|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']} (`{results['command']}`).",
+        "",
+        f"Iterations to relative residual {TOL:g}, linear contractions, batch {BATCH}, state {TOKENS}x{WIDTH}:",
+        "",
+        "| rate | solver | iterations (max / mean) | converged | wall ms |",
+        "|---|---|---|---|---|",
+    ]
     for r in results["rates"]:
-        lines.append(f"| {r['rate']} | {r['solver']} | {r['iterations_max']} / {r['iterations_mean']:.1f} | "
-                     f"{'yes' if r['converged'] else 'no'} | {r['ms']:.1f} |")
-    lines += ["", "Mixed batch (half rate 0.5, half 0.99): rows evaluated vs the sum of per-sample iterations "
-              "solved alone:", "",
-              "| solver | mode | rows evaluated | sum alone | ratio |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['rate']} | {r['solver']} | {r['iterations_max']} / {r['iterations_mean']:.1f} | "
+            f"{'yes' if r['converged'] else 'no'} | {r['ms']:.1f} |"
+        )
+    lines += [
+        "",
+        "Mixed batch (half rate 0.5, half 0.99): rows evaluated vs the sum of per-sample iterations solved alone:",
+        "",
+        "| solver | mode | rows evaluated | sum alone | ratio |",
+        "|---|---|---|---|---|",
+    ]
     for r in results["mixed"]:
         lines.append(f"| {r['solver']} | {r['mode']} | {r['work_rows']} | {r['sum_alone']} | {r['ratio']:.2f}x |")
-    lines += ["", f"Per-iteration cost against a bare Python loop `z = f(z)` (state {TOKENS}x{WIDTH}, batch {BATCH}, "
-              f"{results['overhead_iters']} iterations, best of {results['repeats'] + 1} interleaved runs):", "",
-              "| f | solver | mode | bare ms/iter | solver ms/iter | extra us/iter | overhead |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Per-iteration cost against a bare Python loop `z = f(z)` (state {TOKENS}x{WIDTH}, batch {BATCH}, "
+        f"{results['overhead_iters']} iterations, best of {results['repeats'] + 1} interleaved runs):",
+        "",
+        "| f | solver | mode | bare ms/iter | solver ms/iter | extra us/iter | overhead |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results["overhead"]:
-        lines.append(f"| {r['map']} | {r['solver']} | {r['mode']} | {r['bare_ms_per_iter']:.3f} | "
-                     f"{r['solver_ms_per_iter']:.3f} | {r['extra_us_per_iter']:.0f} | {r['overhead']:+.1%} |")
+        lines.append(
+            f"| {r['map']} | {r['solver']} | {r['mode']} | {r['bare_ms_per_iter']:.3f} | "
+            f"{r['solver_ms_per_iter']:.3f} | {r['extra_us_per_iter']:.0f} | {r['overhead']:+.1%} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -197,8 +242,13 @@ def main() -> int:
     registry = Registry.load(only=[])  # the built-ins: results must not depend on what else is installed
     results = {
         "command": "python benchmarks/solvers.py" + (" --quick" if args.quick else ""),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "cores": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+        },
         "tol": TOL,
         "rates": rates_table(registry, repeats),
         "mixed": mixed_batch(registry),

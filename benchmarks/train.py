@@ -39,8 +39,9 @@ def rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ranges: tuple, steps: int,
-                  warmup: int) -> dict:
+def measure_steps(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ranges: tuple, steps: int, warmup: int
+) -> dict:
     """Time S-JFB training steps (AdamW, bf16 autocast on CUDA) on fixed inputs. FPDM's iteration counts are
     drawn per step from `ranges` with a fixed seed, so every setting sees the same sequence. Returns per-step
     seconds after `warmup`, the drawn (no-grad, grad) counts and the peak memory in bytes: CUDA
@@ -91,25 +92,46 @@ def run_one(name: str, batch: int, steps: int, warmup: int, checkpoint: bool) ->
     arch, overrides, size, channels, classes, (no_grad, grad) = SETTINGS[name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = build_denoiser(ModelConfig(arch=arch, **overrides), input_size=size, in_channels=channels,
-                           num_classes=classes, checkpoint=checkpoint).to(device)
+    model = build_denoiser(
+        ModelConfig(arch=arch, **overrides),
+        input_size=size,
+        in_channels=channels,
+        num_classes=classes,
+        checkpoint=checkpoint,
+    ).to(device)
     x = torch.randn(batch, channels, size, size, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
     seen = measure_steps(model, x, y, ranges=(no_grad, grad), steps=steps, warmup=warmup)
     total = sum(seen["times"])
     cuda = device.type == "cuda"
     return {
-        "setting": name, "arch": arch, "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "precision": "bf16 autocast" if cuda else "fp32", "batch": batch, "steps": steps,
-        "checkpointing": checkpoint, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "img_per_s": batch * steps / total, "s_per_step": total / steps,
-        "peak_mem_gib": seen["peak"] / 2**30, "peak_kind": "max_memory_allocated" if cuda else "RSS growth",
+        "setting": name,
+        "arch": arch,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "precision": "bf16 autocast" if cuda else "fp32",
+        "batch": batch,
+        "steps": steps,
+        "checkpointing": checkpoint,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "img_per_s": batch * steps / total,
+        "s_per_step": total / steps,
+        "peak_mem_gib": seen["peak"] / 2**30,
+        "peak_kind": "max_memory_allocated" if cuda else "RSS growth",
         "sjfb_ranges": [no_grad, grad] if arch.startswith("FPDM") else None,
     }
 
 
-def saved_bytes(model: torch.nn.Module, batch: int, size: int, channels: int, classes: int, *, n_no_grad: int,
-                n_grad: int, bf16: bool = False) -> int:
+def saved_bytes(
+    model: torch.nn.Module,
+    batch: int,
+    size: int,
+    channels: int,
+    classes: int,
+    *,
+    n_no_grad: int,
+    n_grad: int,
+    bf16: bool = False,
+) -> int:
     """Bytes of the tensors autograd keeps for backward in one training step on the CPU (fp32, or under bf16
     autocast as GPU training runs), counted through saved_tensors_hooks, one count per storage, parameters
     excluded: the activation memory a step holds at the end of its forward pass, whatever the allocator does."""
@@ -130,10 +152,21 @@ def saved_bytes(model: torch.nn.Module, batch: int, size: int, channels: int, cl
             kept[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        losses, _ = sjfb_losses(model, GaussianDiffusion(LinearSchedule(), learn_sigma=True), FixedPointIteration(),
-                                x, t, y, torch.randn(x.shape, generator=gen), n_no_grad=n_no_grad, n_grad=n_grad)
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+    ):
+        losses, _ = sjfb_losses(
+            model,
+            GaussianDiffusion(LinearSchedule(), learn_sigma=True),
+            FixedPointIteration(),
+            x,
+            t,
+            y,
+            torch.randn(x.shape, generator=gen),
+            n_no_grad=n_no_grad,
+            n_grad=n_grad,
+        )
     losses["loss"].mean().backward()  # the graph was complete: everything it saved was counted
     return sum(kept.values())
 
@@ -150,22 +183,35 @@ def account_memory(name: str, batch: int, checkpoint: bool, bf16: bool = False) 
 
     arch, overrides, size, channels, classes, (_, grad) = SETTINGS[name]
     torch.manual_seed(0)
-    model = build_denoiser(ModelConfig(arch=arch, **overrides), input_size=size, in_channels=channels,
-                           num_classes=classes, checkpoint=checkpoint)
+    model = build_denoiser(
+        ModelConfig(arch=arch, **overrides),
+        input_size=size,
+        in_channels=channels,
+        num_classes=classes,
+        checkpoint=checkpoint,
+    )
     n_grad = grad[1]
-    one, two, three = (saved_bytes(model, b, size, channels, classes, n_no_grad=0, n_grad=n_grad, bf16=bf16)
-                       for b in (1, 2, 3))
+    one, two, three = (
+        saved_bytes(model, b, size, channels, classes, n_no_grad=0, n_grad=n_grad, bf16=bf16) for b in (1, 2, 3)
+    )
     per_sample, fixed = two - one, 2 * one - two  # fixed: autocast's bf16 copies of the weights
     if three != fixed + 3 * per_sample or fixed < 0:
-        raise RuntimeError(f"{name}: kept activations are not affine in the batch ({one}, {two}, {three} bytes "
-                           "at batch 1, 2, 3)")
+        raise RuntimeError(
+            f"{name}: kept activations are not affine in the batch ({one}, {two}, {three} bytes at batch 1, 2, 3)"
+        )
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"setting": name, "arch": arch, "batch": batch, "checkpointing": checkpoint,
-            "precision": "bf16 autocast" if bf16 else "fp32",
-            "grad_iters": n_grad if arch.startswith("FPDM") else None,
-            "params_m": param_bytes / 4 / 1e6, "state_gib": 4 * param_bytes / 2**30,
-            "activations_gib": (fixed + batch * per_sample) / 2**30,
-            "total_gib": (4 * param_bytes + fixed + batch * per_sample) / 2**30}
+    return {
+        "setting": name,
+        "arch": arch,
+        "batch": batch,
+        "checkpointing": checkpoint,
+        "precision": "bf16 autocast" if bf16 else "fp32",
+        "grad_iters": n_grad if arch.startswith("FPDM") else None,
+        "params_m": param_bytes / 4 / 1e6,
+        "state_gib": 4 * param_bytes / 2**30,
+        "activations_gib": (fixed + batch * per_sample) / 2**30,
+        "total_gib": (4 * param_bytes + fixed + batch * per_sample) / 2**30,
+    }
 
 
 def plan(quick: bool) -> list[tuple[str, int, int, int, bool]]:
@@ -181,15 +227,23 @@ def plan(quick: bool) -> list[tuple[str, int, int, int, bool]]:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']} (`{results['command']}`).", "",
-             "| setting | device | precision | batch | checkpointing | params | img/s | s/step | peak memory |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {results['machine']} (`{results['command']}`).",
+        "",
+        "| setting | device | precision | batch | checkpointing | params | img/s | s/step | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["runs"]:
-        lines.append(f"| {r['setting']} | {r['device']} | {r['precision']} | {r['batch']} | "
-                     f"{'on' if r['checkpointing'] else 'off'} | {r['params_m']:.1f}M | {r['img_per_s']:.3g} | "
-                     f"{r['s_per_step']:.3f} | {r['peak_mem_gib']:.2f} GiB ({r['peak_kind']}) |")
-    lines += ["", "FPDM rows draw S-JFB iteration counts per step (Fashion-MNIST preset 0-3 / 1-3, "
-              "official 0-10 / 1-12 for XL/2); DiT rows run their full depth."]
+        lines.append(
+            f"| {r['setting']} | {r['device']} | {r['precision']} | {r['batch']} | "
+            f"{'on' if r['checkpointing'] else 'off'} | {r['params_m']:.1f}M | {r['img_per_s']:.3g} | "
+            f"{r['s_per_step']:.3f} | {r['peak_mem_gib']:.2f} GiB ({r['peak_kind']}) |"
+        )
+    lines += [
+        "",
+        "FPDM rows draw S-JFB iteration counts per step (Fashion-MNIST preset 0-3 / 1-3, "
+        "official 0-10 / 1-12 for XL/2); DiT rows run their full depth.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -211,13 +265,24 @@ def main() -> int:
             raise SystemExit(f"benchmark {item} failed:\n{proc.stderr}")
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"{item[0]}: {runs[-1]['img_per_s']:.1f} img/s, {runs[-1]['peak_mem_gib']:.2f} GiB", flush=True)
-    machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
-               else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
-    results = {"command": "python benchmarks/train.py" + (" --quick" if args.quick else ""),
-               "machine": f"{machine}, torch {torch.__version__}", "runs": runs}
+    machine = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    )
+    results = {
+        "command": "python benchmarks/train.py" + (" --quick" if args.quick else ""),
+        "machine": f"{machine}, torch {torch.__version__}",
+        "runs": runs,
+    }
     table = markdown(results)
-    publish(args.out, "train_cuda" if torch.cuda.is_available() else "train", results, table,
-            doc="train" if args.update_docs else None)
+    publish(
+        args.out,
+        "train_cuda" if torch.cuda.is_available() else "train",
+        results,
+        table,
+        doc="train" if args.update_docs else None,
+    )
     return 0
 
 

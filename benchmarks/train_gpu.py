@@ -36,8 +36,13 @@ NO_GRAD, GRAD = (0, 10), (1, 12)  # official S-JFB ranges
 FULL = {"size": 32, "channels": 4, "classes": 1000, "batch": 64, "overrides": {}}
 # CPU smoke: the same code paths on a model small enough for seconds per step; compile uses the eager backend
 # (dynamo tracing without inductor's C++ build, which would dominate a smoke run).
-SMOKE = {"size": 8, "channels": 4, "classes": 10, "batch": 4,
-         "overrides": {"hidden_size": 32, "num_heads": 2, "depth": 2}}
+SMOKE = {
+    "size": 8,
+    "channels": 4,
+    "classes": 10,
+    "batch": 4,
+    "overrides": {"hidden_size": 32, "num_heads": 2, "depth": 2},
+}
 
 
 def run_one(arch: str, mode: str, *, smoke: bool, steps: int, warmup: int, backend: str) -> dict[str, Any]:
@@ -51,8 +56,13 @@ def run_one(arch: str, mode: str, *, smoke: bool, steps: int, warmup: int, backe
         overrides.pop("depth", None)  # FPDM's depth is pre + fixed-point + post
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     torch.manual_seed(0)
-    model = build_denoiser(ModelConfig(arch=arch, **overrides), input_size=size["size"], in_channels=size["channels"],
-                           num_classes=size["classes"], checkpoint=mode == "lean").to(device)
+    model = build_denoiser(
+        ModelConfig(arch=arch, **overrides),
+        input_size=size["size"],
+        in_channels=size["channels"],
+        num_classes=size["classes"],
+        checkpoint=mode == "lean",
+    ).to(device)
     if mode == "fast":
         for module in model.modules():
             if isinstance(module, DiTBlock):
@@ -65,29 +75,45 @@ def run_one(arch: str, mode: str, *, smoke: bool, steps: int, warmup: int, backe
     total, cuda = sum(times), device.type == "cuda"
     fpdm = arch.startswith("FPDM")
     return {
-        "arch": f"{arch} (tiny)" if smoke else arch, "mode": mode,
+        "arch": f"{arch} (tiny)" if smoke else arch,
+        "mode": mode,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "precision": "bf16 autocast" if cuda else "fp32", "batch": batch, "steps": steps, "warmup": warmup,
-        "latent": [size["channels"], size["size"], size["size"]], "smoke": smoke,
-        "compile": f"per block, backend {backend}" if mode == "fast" else None, "checkpointing": mode == "lean",
+        "precision": "bf16 autocast" if cuda else "fp32",
+        "batch": batch,
+        "steps": steps,
+        "warmup": warmup,
+        "latent": [size["channels"], size["size"], size["size"]],
+        "smoke": smoke,
+        "compile": f"per block, backend {backend}" if mode == "fast" else None,
+        "checkpointing": mode == "lean",
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "img_per_s": batch * steps / total, "s_per_step": total / steps,
-        "peak_mem_gib": seen["peak"] / 2**30, "peak_kind": "max_memory_allocated" if cuda else "RSS growth",
+        "img_per_s": batch * steps / total,
+        "s_per_step": total / steps,
+        "peak_mem_gib": seen["peak"] / 2**30,
+        "peak_kind": "max_memory_allocated" if cuda else "RSS growth",
         "sjfb_ranges": [list(NO_GRAD), list(GRAD)] if fpdm else None,
         "mean_iters": [sum(c[i] for c in counts) / len(counts) for i in (0, 1)] if fpdm else None,
     }
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"Machine: {results['machine']} (`{results['command']}`).", "",
-             "| model | setting | device | precision | batch | params | img/s | s/step | peak memory |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {results['machine']} (`{results['command']}`).",
+        "",
+        "| model | setting | device | precision | batch | params | img/s | s/step | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["runs"]:
-        lines.append(f"| {r['arch']} | {r['mode']} | {r['device']} | {r['precision']} | {r['batch']} | "
-                     f"{r['params_m']:.1f}M | {r['img_per_s']:.3g} | {r['s_per_step']:.3f} | "
-                     f"{r['peak_mem_gib']:.2f} GiB ({r['peak_kind']}) |")
-    lines += ["", "fast: torch.compile per block, fused attention, no checkpointing. lean: checkpointing of every "
-              "block and grad-phase iteration. FPDM draws S-JFB counts U{0..10} / U{1..12} per step."]
+        lines.append(
+            f"| {r['arch']} | {r['mode']} | {r['device']} | {r['precision']} | {r['batch']} | "
+            f"{r['params_m']:.1f}M | {r['img_per_s']:.3g} | {r['s_per_step']:.3f} | "
+            f"{r['peak_mem_gib']:.2f} GiB ({r['peak_kind']}) |"
+        )
+    lines += [
+        "",
+        "fast: torch.compile per block, fused attention, no checkpointing. lean: checkpointing of every "
+        "block and grad-phase iteration. FPDM draws S-JFB counts U{0..10} / U{1..12} per step.",
+    ]
     if results["smoke"]:
         lines += ["", "Smoke run: tiny models on CPU; these numbers say nothing about GPU training."]
     return "\n".join(lines) + "\n"
@@ -117,17 +143,35 @@ def main() -> int:
         for mode in MODES:
             if args.only and args.only not in f"{arch} {mode}":
                 continue
-            command = [sys.executable, __file__, "--one", json.dumps([arch, mode]), "--steps", str(steps),
-                       "--warmup", str(warmup), "--compile-backend", backend, *(["--smoke"] if args.smoke else [])]
+            command = [
+                sys.executable,
+                __file__,
+                "--one",
+                json.dumps([arch, mode]),
+                "--steps",
+                str(steps),
+                "--warmup",
+                str(warmup),
+                "--compile-backend",
+                backend,
+                *(["--smoke"] if args.smoke else []),
+            ]
             proc = subprocess.run(command, capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(f"benchmark {arch} {mode} failed:\n{proc.stderr[-4000:]}")
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"{arch} {mode}: {runs[-1]['img_per_s']:.3g} img/s, {runs[-1]['peak_mem_gib']:.2f} GiB", flush=True)
-    machine = (torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke
-               else f"{platform.machine()} CPU, {os.cpu_count()} cores")
-    results = {"command": "python benchmarks/train_gpu.py" + (" --smoke" if args.smoke else ""),
-               "machine": f"{machine}, torch {torch.__version__}", "smoke": args.smoke, "runs": runs}
+    machine = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available() and not args.smoke
+        else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    )
+    results = {
+        "command": "python benchmarks/train_gpu.py" + (" --smoke" if args.smoke else ""),
+        "machine": f"{machine}, torch {torch.__version__}",
+        "smoke": args.smoke,
+        "runs": runs,
+    }
     table = markdown(results)
     write_results(args.out, "train_gpu_smoke" if args.smoke else "train_gpu", results, table)
     print(table)

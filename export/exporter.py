@@ -15,7 +15,6 @@ import torch
 from attrs import validators as v
 from torch import Tensor, nn
 
-from fpdm.hookspecs import Register, hookimpl
 from fpdm.diffusion.plan import LoopSpec  # what Pipeline.export hands an exporter for a whole loop
 from fpdm.errors import FpdmRuntimeError, UsageError
 from fpdm.export.loop import SamplingLoop
@@ -31,6 +30,7 @@ from fpdm.export.onnx import (
     trace,
     write_onnx,
 )
+from fpdm.hookspecs import Register, hookimpl
 from fpdm.interfaces import Denoiser, Solver, is_fixed_point
 
 # Max error of an exported step against the fp32 PyTorch step, relative to the output's largest magnitude.
@@ -50,15 +50,26 @@ class OnnxExporter:
     verify: bool = attrs.field(default=True, validator=v.instance_of(bool))
     verify_batches: tuple[int, int] = (1, 3)
 
-    def export(self, model: Denoiser, *, solver: Solver | None, solver_info: dict[str, Any] | None,
-               config: dict[str, Any], spec: dict[str, Any], source: dict[str, Any], out: Path,
-               loop: LoopSpec | None = None) -> dict[str, Any]:
+    def export(
+        self,
+        model: Denoiser,
+        *,
+        solver: Solver | None,
+        solver_info: dict[str, Any] | None,
+        config: dict[str, Any],
+        spec: dict[str, Any],
+        source: dict[str, Any],
+        out: Path,
+        loop: LoopSpec | None = None,
+    ) -> dict[str, Any]:
         """Write `out`; `solver_info` ({"name", "options"}) and `source` (checkpoint path, step) go to metadata."""
         fixed_point = is_fixed_point(model)
         if fixed_point and solver is not None and not solver.can_unroll:
-            raise UsageError(f"solver {type(solver).__name__} cannot be exported: a solver plugin must provide "
-                             "unrolled(f, z0, *, iters) -> Tensor with a fixed number of evaluations and "
-                             "ONNX-exportable ops (docs/plugins.md: 'Export contract')")
+            raise UsageError(
+                f"solver {type(solver).__name__} cannot be exported: a solver plugin must provide "
+                "unrolled(f, z0, *, iters) -> Tensor with a fixed number of evaluations and "
+                "ONNX-exportable ops (docs/plugins.md: 'Export contract')"
+            )
         dtype = torch.float16 if self.fp16 else torch.float32
         precision = "fp16" if self.fp16 else "fp32"
         reference = model.float().eval()
@@ -72,24 +83,49 @@ class OnnxExporter:
             make_inputs = lambda b, g: example_inputs(model, b, generator=g)  # noqa: E731
             kind, tolerance = "step", TOLERANCE[precision]
         else:
-            module, ref_module = (self._loop(traced, solver, loop, dtype), self._loop(reference, solver, loop,
-                                                                                    torch.float32))
+            module, ref_module = (
+                self._loop(traced, solver, loop, dtype),
+                self._loop(reference, solver, loop, torch.float32),
+            )
             names = ["x_T", *(["y"] if model.num_classes else []), "noise"]
             outputs = ["images", "residual"]
             make_inputs = lambda b, g: loop_inputs(model, loop, b, g)  # noqa: E731
             kind, tolerance = "loop", LOOP_TOLERANCE[precision]
-        program = trace(module.eval(), make_inputs(2, torch.Generator().manual_seed(0)), names, outputs,
-                        opset=self.opset, batch_axis={"noise": 1})
+        program = trace(
+            module.eval(),
+            make_inputs(2, torch.Generator().manual_seed(0)),
+            names,
+            outputs,
+            opset=self.opset,
+            batch_axis={"noise": 1},
+        )
         names = [i.name for i in program.model.graph.inputs]  # the exporter drops inputs the graph never reads
-        extra = {"precision": precision, "fixed_point": fixed_point, "base_blocks": model.blocks_per_call(0),
-                 "tolerance": tolerance}
+        extra = {
+            "precision": precision,
+            "fixed_point": fixed_point,
+            "base_blocks": model.blocks_per_call(0),
+            "tolerance": tolerance,
+        }
         if loop is not None:
-            extra.update(steps=loop.diffusion.num_timesteps, iterations=loop.iterations, sampling=loop.names,
-                         timesteps=[int(t) for t in loop.diffusion.timestep_map.tolist()])
+            extra.update(
+                steps=loop.diffusion.num_timesteps,
+                iterations=loop.iterations,
+                sampling=loop.names,
+                timesteps=[int(t) for t in loop.diffusion.timestep_map.tolist()],
+            )
         iters = self.iters if fixed_point and loop is None else 0  # a DiT step has no iterations to unroll
-        metadata = export_metadata(kind=kind, config=config, spec=spec, iters=iters,
-                                   solver=solver_info if fixed_point else None,
-                                   dtype=precision, inputs=names, outputs=outputs, source=source, extra=extra)
+        metadata = export_metadata(
+            kind=kind,
+            config=config,
+            spec=spec,
+            iters=iters,
+            solver=solver_info if fixed_point else None,
+            dtype=precision,
+            inputs=names,
+            outputs=outputs,
+            source=source,
+            extra=extra,
+        )
         errors: dict[int, dict[str, float]] = {}
 
         def check(path: Path) -> None:
@@ -101,18 +137,39 @@ class OnnxExporter:
                 errors[b] = parity(lambda f: session.run(outputs, f), _Named(ref_module, names), feed, outputs)
                 worst = max(e for k, e in errors[b].items() if k != "residual")
                 if not worst <= tolerance:  # NaN fails too
-                    raise FpdmRuntimeError(f"ONNX Runtime disagrees with PyTorch at batch {b}: max relative error "
-                                           f"{worst:.2e} > {tolerance:.0e} ({precision}); nothing was written")
+                    raise FpdmRuntimeError(
+                        f"ONNX Runtime disagrees with PyTorch at batch {b}: max relative error "
+                        f"{worst:.2e} > {tolerance:.0e} ({precision}); nothing was written"
+                    )
 
         write_onnx(program, out, metadata, check=check)
-        return {"path": str(out), "kind": kind, "precision": precision, "opset": self.opset,
-                "iters": iters if loop is None else loop.iterations, "inputs": names, "outputs": outputs,
-                "bytes": out.stat().st_size, "parity": errors, "tolerance": tolerance}
+        return {
+            "path": str(out),
+            "kind": kind,
+            "precision": precision,
+            "opset": self.opset,
+            "iters": iters if loop is None else loop.iterations,
+            "inputs": names,
+            "outputs": outputs,
+            "bytes": out.stat().st_size,
+            "parity": errors,
+            "tolerance": tolerance,
+        }
 
     def _loop(self, model: Denoiser, solver: Solver | None, loop: LoopSpec, dtype: torch.dtype) -> SamplingLoop:
-        return SamplingLoop(model, loop.diffusion, sampler=loop.sampler, solver=solver, iterations=loop.iterations,
-                            reuse=loop.reuse, cfg_scale=loop.cfg_scale, cfg_channels=loop.cfg_channels,
-                            clip_x0=loop.clip_x0, clip_output=loop.clip_output, dtype=dtype)
+        return SamplingLoop(
+            model,
+            loop.diffusion,
+            sampler=loop.sampler,
+            solver=solver,
+            iterations=loop.iterations,
+            reuse=loop.reuse,
+            cfg_scale=loop.cfg_scale,
+            cfg_channels=loop.cfg_channels,
+            clip_x0=loop.clip_x0,
+            clip_output=loop.clip_output,
+            dtype=dtype,
+        )
 
 
 class _Named(nn.Module):

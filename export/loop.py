@@ -23,10 +23,21 @@ from fpdm.interfaces import Denoiser, ReusePolicy, Sampler, Solver
 class SamplingLoop(nn.Module):
     """`forward(x_T, y, noise) -> (images, residual)`; everything else is fixed at construction."""
 
-    def __init__(self, model: Denoiser, diffusion: GaussianDiffusion, *, sampler: Sampler | StepUpdate,
-                 solver: Solver | None, iterations: Sequence[int], reuse: ReusePolicy, cfg_scale: float = 1.0,
-                 cfg_channels: int | None = None, clip_x0: bool = False, clip_output: bool = True,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        model: Denoiser,
+        diffusion: GaussianDiffusion,
+        *,
+        sampler: Sampler | StepUpdate,
+        solver: Solver | None,
+        iterations: Sequence[int],
+        reuse: ReusePolicy,
+        cfg_scale: float = 1.0,
+        cfg_channels: int | None = None,
+        clip_x0: bool = False,
+        clip_output: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.model, self.diffusion, self.solver = model, diffusion, solver
         self.sampler = as_sampler(sampler, clip_x0=clip_x0)
@@ -37,10 +48,19 @@ class SamplingLoop(nn.Module):
     def forward(self, x_T: Tensor, y: Tensor | None = None, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(images (B, C, H, W) in [-1, 1] (latents: unclipped), residual (E, B) of each evaluation's last
         iteration, zeros for a DiT)."""
-        evaluate = ModelEvaluation(self.model, self.diffusion, labels=y, solver=self.solver,
-                                   iterations=self.iterations, reuse=self.reuse, cfg_scale=self.cfg_scale,
-                                   cfg_channels=self.cfg_channels, clip_x0=self.clip_x0, solve="unrolled",
-                                   dtype=self.dtype)
+        evaluate = ModelEvaluation(
+            self.model,
+            self.diffusion,
+            labels=y,
+            solver=self.solver,
+            iterations=self.iterations,
+            reuse=self.reuse,
+            cfg_scale=self.cfg_scale,
+            cfg_channels=self.cfg_channels,
+            clip_x0=self.clip_x0,
+            solve="unrolled",
+            dtype=self.dtype,
+        )
         x = self.sampler(evaluate, x_T, self.diffusion, noise=TensorNoise(noise, x_T))
         evaluate.check_output(x)
         images = x.clamp(-1, 1) if self.clip_output else x  # latents are not clipped: the VAE decodes them later

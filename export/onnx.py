@@ -38,18 +38,21 @@ TWO_GB = 2 * 1024**3
 class DenoisingStep(nn.Module):
     """One denoising step as a traceable module (see the module docstring for its inputs and outputs)."""
 
-    def __init__(self, model: Denoiser, solver: Solver | None, iters: int, *,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, model: Denoiser, solver: Solver | None, iters: int, *, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         self.model, self.solver, self.iters, self.dtype = model, solver, iters, dtype
         self.fixed_point = isinstance(model, FixedPointDenoiser)
         if self.fixed_point and (solver is None or iters < 1):
             raise UsageError("an FPDM step needs a solver and iters >= 1")
 
-    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None, z0: Tensor | None = None,
-                use_z0: Tensor | None = None) -> tuple[Tensor, ...]:
-        pred, z, residual = unrolled_call(self.model, x_t.to(self.dtype), t, y, solver=self.solver, iters=self.iters,
-                                          z0=z0, use_z0=use_z0)
+    def forward(
+        self, x_t: Tensor, t: Tensor, y: Tensor | None = None, z0: Tensor | None = None, use_z0: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        pred, z, residual = unrolled_call(
+            self.model, x_t.to(self.dtype), t, y, solver=self.solver, iters=self.iters, z0=z0, use_z0=use_z0
+        )
         if z is None or residual is None:
             return (pred.float(),)
         return pred.float(), z.float(), residual
@@ -64,13 +67,16 @@ def output_names(step: DenoisingStep) -> list[str]:
     return ["pred", "z", "residual"] if step.fixed_point else ["pred"]
 
 
-def example_inputs(model: Denoiser, batch: int, *, num_timesteps: int = 1000,
-                   generator: torch.Generator | None = None) -> dict[str, Tensor]:
+def example_inputs(
+    model: Denoiser, batch: int, *, num_timesteps: int = 1000, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
     """Random inputs of every kind the step takes, for tracing and parity checks."""
     g = generator or torch.Generator().manual_seed(0)
     c, s = model.in_channels, model.input_size
-    inputs = {"x_t": torch.randn(batch, c, s, s, generator=g),
-              "t": torch.randint(0, num_timesteps, (batch,), generator=g)}
+    inputs = {
+        "x_t": torch.randn(batch, c, s, s, generator=g),
+        "t": torch.randint(0, num_timesteps, (batch,), generator=g),
+    }
     if model.num_classes:
         inputs["y"] = torch.randint(0, model.num_classes + 1, (batch,), generator=g)  # the null label too
     if isinstance(model, FixedPointDenoiser):
@@ -101,16 +107,31 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def trace(module: nn.Module, inputs: dict[str, Tensor], names: list[str], outputs: list[str], *, opset: int,
-          batch_axis: dict[str, int] | None = None) -> Any:
+def trace(
+    module: nn.Module,
+    inputs: dict[str, Tensor],
+    names: list[str],
+    outputs: list[str],
+    *,
+    opset: int,
+    batch_axis: dict[str, int] | None = None,
+) -> Any:
     """torch.onnx.export (dynamo) with a dynamic batch axis on every input (axis 0 unless `batch_axis` says
     otherwise); checks that the opset it wrote is the one asked for (it silently falls back otherwise)."""
     batch = torch.export.Dim("batch", min=1)
     dynamic = {name: {(batch_axis or {}).get(name, 0): batch} for name in names}
     try:
         with _quiet(), torch.no_grad():
-            program = torch.onnx.export(module, (), kwargs=inputs, dynamo=True, input_names=names,
-                                        output_names=outputs, dynamic_shapes=dynamic, opset_version=opset)
+            program = torch.onnx.export(
+                module,
+                (),
+                kwargs=inputs,
+                dynamo=True,
+                input_names=names,
+                output_names=outputs,
+                dynamic_shapes=dynamic,
+                opset_version=opset,
+            )
     except Exception as exc:  # the exporter raises many types; the user gets one line with the cause
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0]
         raise FpdmRuntimeError(f"ONNX export failed: {type(exc).__name__}: {first}") from exc
@@ -118,13 +139,16 @@ def trace(module: nn.Module, inputs: dict[str, Tensor], names: list[str], output
         raise FpdmRuntimeError("ONNX export failed: the exporter returned no program")
     got = program.model.opset_imports.get("", None)
     if got != opset:
-        raise UsageError(f"the exporter cannot write opset {opset} (it produced {got}); "
-                         f"choose one it can write (default {DEFAULT_OPSET})")
+        raise UsageError(
+            f"the exporter cannot write opset {opset} (it produced {got}); "
+            f"choose one it can write (default {DEFAULT_OPSET})"
+        )
     return program
 
 
-def write_onnx(program: Any, path: Path, metadata: dict[str, str], *,
-               check: Callable[[Path], None] | None = None) -> None:
+def write_onnx(
+    program: Any, path: Path, metadata: dict[str, str], *, check: Callable[[Path], None] | None = None
+) -> None:
     """Save next to `path` under a temporary name, run onnx.checker and `check` on it, then rename: never a
     half-written .onnx. One file below 2 GB; above, the protobuf limit forces an external-data file beside it."""
     import onnx
@@ -164,12 +188,14 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"{path} has no fpdm metadata: export it with `fpdm export CKPT --onnx`")
     version = props.get("fpdm.format_version", "")
     if not version.isdigit() or int(version) > FORMAT_VERSION:
-        raise UsageError(f"{path} has fpdm ONNX format version {version or '?'}; this fpdm reads up to "
-                         f"{FORMAT_VERSION}: upgrade fpdm or re-export the checkpoint")
+        raise UsageError(
+            f"{path} has fpdm ONNX format version {version or '?'}; this fpdm reads up to "
+            f"{FORMAT_VERSION}: upgrade fpdm or re-export the checkpoint"
+        )
     meta: dict[str, Any] = {}
     for key, value in props.items():
         if key.startswith("fpdm."):
-            name = key[len("fpdm."):]
+            name = key[len("fpdm.") :]
             try:
                 meta[name] = value if name in ("format", "version", "format_version") else json.loads(value)
             except json.JSONDecodeError:
@@ -181,8 +207,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def parity(session_run: Callable[[dict[str, Any]], list[Any]], module: nn.Module, inputs: dict[str, Tensor],
-           outputs: list[str]) -> dict[str, float]:
+def parity(
+    session_run: Callable[[dict[str, Any]], list[Any]], module: nn.Module, inputs: dict[str, Tensor], outputs: list[str]
+) -> dict[str, float]:
     """Max error of each ONNX output against PyTorch, relative to the output's largest magnitude."""
     with torch.no_grad():
         expected = module(**inputs)
@@ -198,13 +225,35 @@ def parity(session_run: Callable[[dict[str, Any]], list[Any]], module: nn.Module
     return errors
 
 
-def export_metadata(*, kind: str, config: dict[str, Any], spec: dict[str, Any], iters: int,
-                    solver: dict[str, Any] | None, dtype: str, inputs: list[str], outputs: list[str],
-                    source: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, str]:
+def export_metadata(
+    *,
+    kind: str,
+    config: dict[str, Any],
+    spec: dict[str, Any],
+    iters: int,
+    solver: dict[str, Any] | None,
+    dtype: str,
+    inputs: list[str],
+    outputs: list[str],
+    source: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, str]:
     values: dict[str, Any] = {
-        "kind": kind, "config": config, "spec": spec, "iters": iters, "solver": solver,
-        "schedule": config.get("diffusion", {}), "dtype": dtype, "inputs": inputs, "outputs": outputs,
-        "source": source, **(extra or {}),
+        "kind": kind,
+        "config": config,
+        "spec": spec,
+        "iters": iters,
+        "solver": solver,
+        "schedule": config.get("diffusion", {}),
+        "dtype": dtype,
+        "inputs": inputs,
+        "outputs": outputs,
+        "source": source,
+        **(extra or {}),
     }
-    return {"fpdm.format": FORMAT, "fpdm.format_version": str(FORMAT_VERSION), "fpdm.version": __version__,
-            **{f"fpdm.{k}": json.dumps(v) for k, v in values.items()}}
+    return {
+        "fpdm.format": FORMAT,
+        "fpdm.format_version": str(FORMAT_VERSION),
+        "fpdm.version": __version__,
+        **{f"fpdm.{k}": json.dumps(v) for k, v in values.items()},
+    }

@@ -29,8 +29,9 @@ NUMPY = {torch.float32: np.float32, torch.int64: np.int64, torch.float16: np.flo
 class OrtSession:
     """An InferenceSession on the provider asked for ("auto": CUDA when it loads, else CPU)."""
 
-    def __init__(self, path: str | Path, *, provider: str = "auto", cuda_graph: bool = False,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, provider: str = "auto", cuda_graph: bool = False, threads: int | None = None
+    ) -> None:
         import onnxruntime as ort
 
         if provider not in ("auto", *PROVIDERS):
@@ -50,8 +51,9 @@ class OrtSession:
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.provider = self.session.get_providers()[0]
         if provider == "cuda" and self.provider != "CUDAExecutionProvider":
-            raise UsageError("the CUDA provider did not load (onnxruntime-gpu with CUDA 13 / cuDNN 9 needed); "
-                             "use --provider cpu")
+            raise UsageError(
+                "the CUDA provider did not load (onnxruntime-gpu with CUDA 13 / cuDNN 9 needed); use --provider cpu"
+            )
         self.cuda = self.provider == "CUDAExecutionProvider"
         self.cuda_graph = cuda_graph and self.cuda
         self.inputs = [i.name for i in self.session.get_inputs()]
@@ -98,8 +100,10 @@ class OrtSession:
         if held is None:
             self._buffers[name] = held = value.clone()
         elif held.shape != value.shape:
-            raise UsageError(f"--cuda-graph replays one batch size: {name} changed from {tuple(held.shape)} to "
-                             f"{tuple(value.shape)}; make --n a multiple of --batch-size")
+            raise UsageError(
+                f"--cuda-graph replays one batch size: {name} changed from {tuple(held.shape)} to "
+                f"{tuple(value.shape)}; make --n a multiple of --batch-size"
+            )
         elif copy:
             held.copy_(value)
         return held
@@ -144,13 +148,25 @@ class OrtDenoiser(_ModelFacts):
     def eval(self) -> OrtDenoiser:
         return self
 
-    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None, *, z0: Tensor | None = None,
-                 iters: int | Tensor = 0, solver: Any = None, tol: float = 0.0, grad_iters: int = 0) -> DenoiserOutput:
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None,
+        *,
+        z0: Tensor | None = None,
+        iters: int | Tensor = 0,
+        solver: Any = None,
+        tol: float = 0.0,
+        grad_iters: int = 0,
+    ) -> DenoiserOutput:
         b = x.shape[0]
         if self.fixed_point and (isinstance(iters, Tensor) or iters != self.iters or tol > 0 or grad_iters):
-            raise UsageError(f"the ONNX graph runs exactly {self.iters} iterations per step; asked for {iters}"
-                             f"{' with a tolerance' if tol > 0 else ''}: export another --iters or use the "
-                             "PyTorch backend")
+            raise UsageError(
+                f"the ONNX graph runs exactly {self.iters} iterations per step; asked for {iters}"
+                f"{' with a tolerance' if tol > 0 else ''}: export another --iters or use the "
+                "PyTorch backend"
+            )
         feeds = {"x_t": x.float(), "t": t.long()}
         if y is not None:
             feeds["y"] = y.long()
@@ -184,8 +200,9 @@ class OrtLoop(_ModelFacts):
     def shape(self) -> tuple[int, int, int]:
         return (self.in_channels, self.input_size, self.input_size)
 
-    def __call__(self, generators: list[torch.Generator], labels: Tensor | None,
-                 x_T: Tensor | None = None) -> SampleResult:
+    def __call__(
+        self, generators: list[torch.Generator], labels: Tensor | None, x_T: Tensor | None = None
+    ) -> SampleResult:
         """One batch (a `BatchSampler`): the sampling choices are fixed inside the graph. The draws are the ones
         `sample` makes: x_T first (replaced by the x_T given, if any), then the noise."""
         steps, b, shape = len(self.iterations), len(generators), self.shape
@@ -193,8 +210,12 @@ class OrtLoop(_ModelFacts):
         if x_T is not None and tuple(x_T.shape) != tuple(drawn.shape):
             raise UsageError(f"x_T must have shape {tuple(drawn.shape)}, got {tuple(x_T.shape)}")
         x_T = drawn if x_T is None else x_T.float().cpu()
-        noise = torch.stack([step_noise(generators, shape, torch.device("cpu")) if s < steps - 1
-                             else torch.zeros(b, *shape) for s in range(steps)])  # (S, B, C, H, W)
+        noise = torch.stack(
+            [
+                step_noise(generators, shape, torch.device("cpu")) if s < steps - 1 else torch.zeros(b, *shape)
+                for s in range(steps)
+            ]
+        )  # (S, B, C, H, W)
         feeds = {"x_T": x_T, "noise": noise, **({"y": labels.long()} if labels is not None else {})}
         images, residual = self.session.run(feeds, {"images": (b, *shape), "residual": (steps, b)})
         residual = residual.float().cpu()
@@ -206,12 +227,22 @@ class OrtLoop(_ModelFacts):
         k = self.iterations[s]
         if not self.fixed_point:
             return StepStats(s, self.timesteps[s], 0, 0.0, 0, float("nan"), float("nan"), float(self.base_blocks))
-        return StepStats(s, self.timesteps[s], k, float(k), k, residual.double().nanmean().item(),
-                         residual.double().nan_to_num(nan=0.0).max().item(), float(self.blocks_per_call(k)))
+        return StepStats(
+            s,
+            self.timesteps[s],
+            k,
+            float(k),
+            k,
+            residual.double().nanmean().item(),
+            residual.double().nan_to_num(nan=0.0).max().item(),
+            float(self.blocks_per_call(k)),
+        )
 
 
 def session_summary(session: OrtSession) -> str:
     meta = session.meta
     what = f"K={meta['iters']}" if meta["kind"] == "step" else f"{len(meta['iterations'])} steps"
-    return f"onnxruntime {session.provider}{' + CUDA graphs' if session.cuda_graph else ''} ({meta['kind']}, {what}, " \
-           f"{meta['precision']})"
+    return (
+        f"onnxruntime {session.provider}{' + CUDA graphs' if session.cuda_graph else ''} ({meta['kind']}, {what}, "
+        f"{meta['precision']})"
+    )

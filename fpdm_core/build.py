@@ -24,15 +24,21 @@ def build_solver(config: SolverConfig, registry: Registry | None = None) -> Solv
     return registry.create("solver", config.name, **config.options)
 
 
-def denoiser_options(config: ModelConfig, *, input_size: int, in_channels: int, num_classes: int,
-                     checkpoint: bool = False) -> tuple[str, dict[str, Any]]:
+def denoiser_options(
+    config: ModelConfig, *, input_size: int, in_channels: int, num_classes: int, checkpoint: bool = False
+) -> tuple[str, dict[str, Any]]:
     """The registered denoiser name and the keyword options its factory gets for this config."""
     family, size, patch = parse_arch(config.arch)
     hidden, heads, depth = SIZES[size]
     options: dict[str, Any] = {
-        "input_size": input_size, "in_channels": in_channels, "patch_size": patch,
-        "hidden_size": config.hidden_size or hidden, "num_heads": config.num_heads or heads,
-        "num_classes": num_classes, "learn_sigma": config.learn_sigma, "mlp_ratio": config.mlp_ratio,
+        "input_size": input_size,
+        "in_channels": in_channels,
+        "patch_size": patch,
+        "hidden_size": config.hidden_size or hidden,
+        "num_heads": config.num_heads or heads,
+        "num_classes": num_classes,
+        "learn_sigma": config.learn_sigma,
+        "mlp_ratio": config.mlp_ratio,
         "checkpoint": checkpoint,
     }
     if family == "fpdm":
@@ -44,18 +50,31 @@ def denoiser_options(config: ModelConfig, *, input_size: int, in_channels: int, 
     return family, {**options, **config.options}
 
 
-def build_denoiser(config: ModelConfig, *, input_size: int, in_channels: int, num_classes: int,
-                   checkpoint: bool = False, registry: Registry | None = None) -> Denoiser:
+def build_denoiser(
+    config: ModelConfig,
+    *,
+    input_size: int,
+    in_channels: int,
+    num_classes: int,
+    checkpoint: bool = False,
+    registry: Registry | None = None,
+) -> Denoiser:
     registry = registry or default_registry()
-    family, options = denoiser_options(config, input_size=input_size, in_channels=in_channels,
-                                       num_classes=num_classes, checkpoint=checkpoint)
+    family, options = denoiser_options(
+        config, input_size=input_size, in_channels=in_channels, num_classes=num_classes, checkpoint=checkpoint
+    )
     return registry.create("denoiser", family, **options)
 
 
 def build_schedule(config: DiffusionConfig, registry: Registry | None = None) -> Schedule:
     registry = registry or default_registry()
-    return registry.create("schedule", config.schedule, num_train_timesteps=config.num_train_timesteps,
-                           zero_terminal_snr=config.zero_terminal_snr, **config.options)
+    return registry.create(
+        "schedule",
+        config.schedule,
+        num_train_timesteps=config.num_train_timesteps,
+        zero_terminal_snr=config.zero_terminal_snr,
+        **config.options,
+    )
 
 
 def load_denoiser(ckpt: Checkpoint, *, ema: bool = True, registry: Registry | None = None) -> Denoiser:
@@ -76,8 +95,9 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], sections: t
         old, new = saved.get(section, {}), current.get(section, {})
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
-                raise UsageError(f"checkpoint was trained with {section}.{key}={old.get(key)!r}, "
-                                 f"the config says {new.get(key)!r}")
+                raise UsageError(
+                    f"checkpoint was trained with {section}.{key}={old.get(key)!r}, the config says {new.get(key)!r}"
+                )
 
 
 def resolve_device(name: str) -> torch.device:

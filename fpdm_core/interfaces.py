@@ -358,6 +358,5 @@ class Sampler(abc.ABC):
         return steps
 
     @abc.abstractmethod
-    def __call__(self, evaluate: Evaluate, x: Tensor, diffusion: GaussianDiffusion, *,
-                 noise: NoiseSource) -> Tensor:
+    def __call__(self, evaluate: Evaluate, x: Tensor, diffusion: GaussianDiffusion, *, noise: NoiseSource) -> Tensor:
         """x_T (B, C, H, W) -> x_0 of the same shape, along `diffusion`'s respaced steps."""

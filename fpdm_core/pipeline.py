@@ -37,8 +37,10 @@ if TYPE_CHECKING:
     from fpdm.models.vae import AutoencoderKL
 
 WEIGHTS = ("ema", "raw")
-MODEL_FOLDERS = ("a run folder (checkpoints/step-*/meta.json), a checkpoint folder (meta.json + model.safetensors + "
-         "config.json + model.json) or a packed folder (config.toml + model.safetensors)")
+MODEL_FOLDERS = (
+    "a run folder (checkpoints/step-*/meta.json), a checkpoint folder (meta.json + model.safetensors + "
+    "config.json + model.json) or a packed folder (config.toml + model.safetensors)"
+)
 _DTYPE_NAMES = {**DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -58,8 +60,14 @@ class SampleOutput:
     plan: dict[str, Any]
 
 
-def load(path: str | Path, *, device: str | torch.device = "auto", dtype: torch.dtype | str | None = None,
-         weights: str = "ema", registry: Registry | None = None) -> Pipeline:
+def load(
+    path: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | str | None = None,
+    weights: str = "ema",
+    registry: Registry | None = None,
+) -> Pipeline:
     """A `Pipeline` from a run folder (its newest complete checkpoint), a checkpoint folder or a packed folder,
     verified against its hashes. `dtype` is the compute dtype (default float32, whatever the stored weights);
     `weights` "ema" (default) or "raw". Only resuming training needs optimizer state: none is read here."""
@@ -73,22 +81,33 @@ def load(path: str | Path, *, device: str | torch.device = "auto", dtype: torch.
         if held != weights:
             raise UsageError(f"{root} holds the {held} weights only; load it with weights={held!r} (--weights {held})")
         step = packed.info.get("step")
-        ckpt = Checkpoint(root, step if isinstance(step, int) else -1, packed.config, packed.spec, packed.weights,
-                          packed.weights)
+        ckpt = Checkpoint(
+            root, step if isinstance(step, int) else -1, packed.config, packed.spec, packed.weights, packed.weights
+        )
         kind = "packed"
     else:
         ckpt, kind = load_checkpoint(_checkpoint_folder(root)), "checkpoint"
     config = from_dict(Config, ckpt.config)
     denoiser = load_denoiser(ckpt, ema=weights == "ema", registry=registry)
-    pipe = Pipeline(denoiser, config, ckpt.spec, registry=registry, path=ckpt.path,
-                    step=ckpt.step if ckpt.step >= 0 else None, weights=weights, kind=kind)
+    pipe = Pipeline(
+        denoiser,
+        config,
+        ckpt.spec,
+        registry=registry,
+        path=ckpt.path,
+        step=ckpt.step if ckpt.step >= 0 else None,
+        weights=weights,
+        kind=kind,
+    )
     return pipe.to(device=device, dtype=dtype or torch.float32)
 
 
 def _checkpoint_folder(root: Path) -> Path:
     if root.suffix == ".onnx":
-        raise UsageError(f"{root} is an exported ONNX graph: sample it with `fpdm sample {root}` (ONNX Runtime); "
-                         f"fpdm.load reads {MODEL_FOLDERS}")
+        raise UsageError(
+            f"{root} is an exported ONNX graph: sample it with `fpdm sample {root}` (ONNX Runtime); "
+            f"fpdm.load reads {MODEL_FOLDERS}"
+        )
     if not root.exists():
         raise UsageError(f"model not found: {root} (expected {MODEL_FOLDERS})")
     if (root / "meta.json").is_file() or list_checkpoints(root / "checkpoints") or list_checkpoints(root):
@@ -102,9 +121,18 @@ class Pipeline:
 
     Holds no sampling state between calls: every `sample` plans and runs its loop afresh."""
 
-    def __init__(self, denoiser: Denoiser, config: Config, spec: dict[str, Any], *,
-                 registry: Registry | None = None, path: Path | None = None, step: int | None = None,
-                 weights: str = "ema", kind: str = "memory") -> None:
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        config: Config,
+        spec: dict[str, Any],
+        *,
+        registry: Registry | None = None,
+        path: Path | None = None,
+        step: int | None = None,
+        weights: str = "ema",
+        kind: str = "memory",
+    ) -> None:
         self.denoiser = denoiser
         self.config = config
         self.spec = spec
@@ -148,15 +176,33 @@ class Pipeline:
         run = self.path.parent.parent if self.path.parent.name == "checkpoints" else self.path.parent
         return run / name
 
-    def sample(self, config: SampleConfig | None = None, *, n: int = 64,
-               classes: int | str | Sequence[int | str] | None = None, steps: int = 50, budget: int | None = None,
-               sampler: str | object = "ddpm", solver: str | object | None = None,
-               allocator: str | object = "uniform", reuse: str | object = "reuse", iters: int | None = None,
-               tol: float = 0.0, cfg_scale: float = 1.0, cfg_channels: int | None = None, clip_x0: bool = False,
-               eta: float | None = None, batch_size: int = 64, seed: int = 0,
-               generator: torch.Generator | Sequence[torch.Generator] | None = None, latents: Tensor | None = None,
-               callback: Callable[[StepStats], None] | None = None, progress: bool = False,
-               output_type: str = "tensor", vae: str | Path | AutoencoderKL | None = None) -> SampleOutput:
+    def sample(
+        self,
+        config: SampleConfig | None = None,
+        *,
+        n: int = 64,
+        classes: int | str | Sequence[int | str] | None = None,
+        steps: int = 50,
+        budget: int | None = None,
+        sampler: str | object = "ddpm",
+        solver: str | object | None = None,
+        allocator: str | object = "uniform",
+        reuse: str | object = "reuse",
+        iters: int | None = None,
+        tol: float = 0.0,
+        cfg_scale: float = 1.0,
+        cfg_channels: int | None = None,
+        clip_x0: bool = False,
+        eta: float | None = None,
+        batch_size: int = 64,
+        seed: int = 0,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        callback: Callable[[StepStats], None] | None = None,
+        progress: bool = False,
+        output_type: str = "tensor",
+        vae: str | Path | AutoencoderKL | None = None,
+    ) -> SampleOutput:
         """`n` samples; the options are `SampleConfig`'s (see it). With `config`, each keyword that differs from
         its default overrides the config's value. `generator` (one torch.Generator, or one per image) replaces
         `seed`; `latents` (n, C, H, W) is x_T given directly; `callback(StepStats)` sees every model evaluation;
@@ -165,8 +211,9 @@ class Pipeline:
         options = _merged(config, given)
         return run_sample(self, options, generator=generator, latents=latents, callback=callback, vae=vae)
 
-    def save_pretrained(self, out: str | Path, *, dtype: str = "fp32", weights: str = "ema",
-                        command: str | None = None) -> Path:
+    def save_pretrained(
+        self, out: str | Path, *, dtype: str = "fp32", weights: str = "ema", command: str | None = None
+    ) -> Path:
         """Write a packed folder (model.safetensors in `dtype`, config.toml with hashes, README.md model card)
         atomically; the same as `fpdm pack RUN --out DIR`. `command` is what the card says made it."""
         if weights not in WEIGHTS:
@@ -177,13 +224,23 @@ class Pipeline:
             ckpt = load_checkpoint(self.path)
             state = ckpt.ema if weights == "ema" else ckpt.model
         else:
-            raise UsageError(f"this pipeline holds the {self.weights} weights only; save it with "
-                             f"weights={self.weights!r}")
+            raise UsageError(
+                f"this pipeline holds the {self.weights} weights only; save it with weights={self.weights!r}"
+            )
         parameters = sum(p.numel() for p in self.denoiser.parameters())
         made = command or f'pipe.save_pretrained("{out}", dtype="{dtype}", weights="{weights}")'
-        return write_packed(out, state=state, config=to_dict(self.config), spec=self.spec, step=self.step,
-                            weights=weights, dtype=dtype, parameters=parameters, command=made,
-                            fpdm_version=__version__)
+        return write_packed(
+            out,
+            state=state,
+            config=to_dict(self.config),
+            spec=self.spec,
+            step=self.step,
+            weights=weights,
+            dtype=dtype,
+            parameters=parameters,
+            command=made,
+            fpdm_version=__version__,
+        )
 
     def export(self, config: ExportConfig | None = None) -> Path:
         """Export through the registered exporter `config.format` (fpdm.export's "onnx" by default); the path
@@ -215,10 +272,15 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-def run_sample(pipe: Pipeline, options: SampleConfig, *,
-               generator: torch.Generator | Sequence[torch.Generator] | None = None, latents: Tensor | None = None,
-               callback: Callable[[StepStats], None] | None = None,
-               vae: str | Path | AutoencoderKL | None = None) -> SampleOutput:
+def run_sample(
+    pipe: Pipeline,
+    options: SampleConfig,
+    *,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    latents: Tensor | None = None,
+    callback: Callable[[StepStats], None] | None = None,
+    vae: str | Path | AutoencoderKL | None = None,
+) -> SampleOutput:
     """`Pipeline.sample` with its options resolved: checks first (classes, VAE, plan), then the loop."""
     model = pipe.denoiser
     shape = (model.in_channels, model.input_size, model.input_size)
@@ -235,19 +297,43 @@ def run_sample(pipe: Pipeline, options: SampleConfig, *,
     # autocast picks for it (matmuls and convs in half precision, norms in float32).
     half = torch.autocast(pipe.device.type, dtype=pipe.dtype, enabled=pipe.dtype != torch.float32)
     with tqdm(total=options.n, unit="img", disable=not options.progress) as bar, half:
-        result = generate(model, parts.diffusion, n=options.n, batch_size=options.batch_size, seed=options.seed,
-                          labels=labels, shape=shape, sampler=parts.sampler, solver=solver,
-                          iterations=parts.iterations, reuse=parts.reuse, tol=parts.tolerances,
-                          cfg_scale=options.cfg_scale, cfg_channels=options.cfg_channels, clip_x0=options.clip_x0,
-                          adaptive=parts.adaptive, device=pipe.device, clip_output=not pipe.is_latent,
-                          callback=callback, progress=bar.update, generators=generators, x_T=x_T)
+        result = generate(
+            model,
+            parts.diffusion,
+            n=options.n,
+            batch_size=options.batch_size,
+            seed=options.seed,
+            labels=labels,
+            shape=shape,
+            sampler=parts.sampler,
+            solver=solver,
+            iterations=parts.iterations,
+            reuse=parts.reuse,
+            tol=parts.tolerances,
+            cfg_scale=options.cfg_scale,
+            cfg_channels=options.cfg_channels,
+            clip_x0=options.clip_x0,
+            adaptive=parts.adaptive,
+            device=pipe.device,
+            clip_output=not pipe.is_latent,
+            callback=callback,
+            progress=bar.update,
+            generators=generators,
+            x_T=x_T,
+        )
     images = result.images.float()
     if decode is not None:  # latents -> images in [-1, 1]
         images = decode(images)
-    plan = {**parts.names, "solver": solver_name, "iterations": parts.iterations, "tol": parts.tolerances,
-            "device": str(pipe.device)}
-    return SampleOutput(convert(images, options.output_type), result.labels, result.blocks, result.steps,
-                        result.seconds, plan)
+    plan = {
+        **parts.names,
+        "solver": solver_name,
+        "iterations": parts.iterations,
+        "tol": parts.tolerances,
+        "device": str(pipe.device),
+    }
+    return SampleOutput(
+        convert(images, options.output_type), result.labels, result.blocks, result.steps, result.seconds, plan
+    )
 
 
 def class_ids(classes: Sequence[int | str] | None, names: Sequence[str], num_classes: int) -> list[int] | None:
@@ -266,8 +352,9 @@ def class_ids(classes: Sequence[int | str] | None, names: Sequence[str], num_cla
             if c in names or folded.count(c.casefold()) == 1:
                 ids.append(names.index(c) if c in names else folded.index(c.casefold()))
                 continue
-            raise UsageError(f"invalid class {c!r}: not a class name of this model{listing} nor an id "
-                             f"0..{num_classes - 1}")
+            raise UsageError(
+                f"invalid class {c!r}: not a class name of this model{listing} nor an id 0..{num_classes - 1}"
+            )
         if not 0 <= c < num_classes:
             raise UsageError(f"class id {c} out of range: the model has classes 0..{num_classes - 1}{listing}")
         ids.append(c)
@@ -287,8 +374,13 @@ def _decoder(pipe: Pipeline, output_type: str, vae: Any) -> Callable[[Tensor], T
         return _vae_decoder(pipe, vae)
     if vae is None and pipe.is_latent:
         vae = pipe.spec["latent"].get("vae")  # a VAE folder the run recorded, if any
-    return latent_decoder(pipe.spec, None if vae is None else str(vae), in_channels=model.in_channels,
-                          input_size=model.input_size, device=pipe.device)
+    return latent_decoder(
+        pipe.spec,
+        None if vae is None else str(vae),
+        in_channels=model.in_channels,
+        input_size=model.input_size,
+        device=pipe.device,
+    )
 
 
 def _vae_decoder(pipe: Pipeline, vae: AutoencoderKL) -> Callable[[Tensor], Tensor]:
@@ -296,15 +388,18 @@ def _vae_decoder(pipe: Pipeline, vae: AutoencoderKL) -> Callable[[Tensor], Tenso
     if not pipe.is_latent:
         raise UsageError("vae applies to latent models only; this model generates images directly")
     if getattr(getattr(vae, "config", None), "latent_channels", None) != channels:
-        raise UsageError(f"the VAE has {getattr(getattr(vae, 'config', None), 'latent_channels', '?')} latent "
-                         f"channels; this model generates {channels}")
+        raise UsageError(
+            f"the VAE has {getattr(getattr(vae, 'config', None), 'latent_channels', '?')} latent "
+            f"channels; this model generates {channels}"
+        )
     scale = float(pipe.spec["latent"]["scale_factor"])
     device = next(vae.parameters()).device
 
     def decode(latents: Tensor) -> Tensor:
         with torch.no_grad():
-            return torch.cat([vae.decode_latents(chunk.to(device), scale_factor=scale).float().cpu()
-                              for chunk in latents.split(16)])  # (N, C, H*f, W*f)
+            return torch.cat(
+                [vae.decode_latents(chunk.to(device), scale_factor=scale).float().cpu() for chunk in latents.split(16)]
+            )  # (N, C, H*f, W*f)
 
     return decode
 
@@ -372,8 +467,10 @@ def export_report(pipe: Pipeline, config: ExportConfig) -> dict[str, Any]:
     float32); its report ({"path", "kind", "precision", "iters", "parity", ...})."""
     iters = pipe.config.solver.max_iter if config.iters is None else config.iters
     if iters < 1:
-        raise UsageError(f"iters must be >= 1 to export (the model's solver.max_iter is "
-                         f"{pipe.config.solver.max_iter}); give iters (--iters K)")
+        raise UsageError(
+            f"iters must be >= 1 to export (the model's solver.max_iter is "
+            f"{pipe.config.solver.max_iter}); give iters (--iters K)"
+        )
     registry = pipe.registry
     solver_name = config.solver or pipe.config.solver.name
     solver_options = {} if config.solver else dict(pipe.config.solver.options)
@@ -389,23 +486,54 @@ def export_report(pipe: Pipeline, config: ExportConfig) -> dict[str, Any]:
     out = Path(config.out) if config.out else _export_path(pipe, config, iters)
     if config.format == "onnx" and out.suffix != ".onnx":
         raise UsageError(f"out must end in .onnx, got {out}")
-    source = {"checkpoint": None if pipe.path is None else str(pipe.path), "step": pipe.step,
-              "ema": pipe.weights == "ema"}
-    return exporter.export(model, solver=solver, solver_info={"name": solver_name, "options": solver_options},
-                           config=to_dict(pipe.config), spec=pipe.spec, out=out, loop=loop, source=source)
+    source = {
+        "checkpoint": None if pipe.path is None else str(pipe.path),
+        "step": pipe.step,
+        "ema": pipe.weights == "ema",
+    }
+    return exporter.export(
+        model,
+        solver=solver,
+        solver_info={"name": solver_name, "options": solver_options},
+        config=to_dict(pipe.config),
+        spec=pipe.spec,
+        out=out,
+        loop=loop,
+        source=source,
+    )
 
 
 def _loop_spec(pipe: Pipeline, model: Denoiser, config: ExportConfig, iters: int) -> LoopSpec:
     assert config.steps is not None  # ExportConfig requires steps with whole_loop
-    choices = make_config(SampleConfig, steps=config.steps, budget=config.budget, sampler=config.sampler,
-                          eta=config.eta, allocator=config.allocator, reuse=config.reuse, cfg_scale=config.cfg_scale,
-                          cfg_channels=config.cfg_channels, clip_x0=config.clip_x0)
+    choices = make_config(
+        SampleConfig,
+        steps=config.steps,
+        budget=config.budget,
+        sampler=config.sampler,
+        eta=config.eta,
+        allocator=config.allocator,
+        reuse=config.reuse,
+        cfg_scale=config.cfg_scale,
+        cfg_channels=config.cfg_channels,
+        clip_x0=config.clip_x0,
+    )
     parts = sampling_parts(pipe.config, model, choices, registry=pipe.registry, iters=iters)
     if parts.adaptive:
-        raise UsageError(f"allocator {config.allocator!r} decides per sample at run time; a graph needs a fixed "
-                         "plan (uniform, increasing, decreasing, ramp)")
-    return LoopSpec(parts.diffusion, parts.sampler, parts.iterations, parts.reuse, config.cfg_scale,
-                    config.cfg_channels, config.clip_x0, not pipe.is_latent, parts.names)
+        raise UsageError(
+            f"allocator {config.allocator!r} decides per sample at run time; a graph needs a fixed "
+            "plan (uniform, increasing, decreasing, ramp)"
+        )
+    return LoopSpec(
+        parts.diffusion,
+        parts.sampler,
+        parts.iterations,
+        parts.reuse,
+        config.cfg_scale,
+        config.cfg_channels,
+        config.clip_x0,
+        not pipe.is_latent,
+        parts.names,
+    )
 
 
 def _export_path(pipe: Pipeline, config: ExportConfig, iters: int) -> Path:

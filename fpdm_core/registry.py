@@ -146,8 +146,9 @@ class Registry:
         self._load_all()
         return self._add_plugin(plugin, name=name, source=source)
 
-    def _add_plugin(self, plugin: object, *, name: str, source: str,
-                    kinds: tuple[str, ...] = tuple(KINDS)) -> PluginInfo:
+    def _add_plugin(
+        self, plugin: object, *, name: str, source: str, kinds: tuple[str, ...] = tuple(KINDS)
+    ) -> PluginInfo:
         if name in self._plugins:
             info = PluginInfo(name, source, error=f"a plugin named {name!r} is already loaded")
             self._plugins[f"{name} ({source})"] = info
@@ -235,8 +236,10 @@ class Registry:
             error = UnknownNameError(kind.replace("_", " "), name, entries)
             failed = sorted(info.name for info in self._plugins.values() if info.error)
             if failed:  # the name may belong to a plugin that did not load: say so
-                error.args = (f"{error.args[0]} ({len(failed)} plugin(s) failed to load: {', '.join(failed)}; "
-                              "see `fpdm plugins`)",)
+                error.args = (
+                    f"{error.args[0]} ({len(failed)} plugin(s) failed to load: {', '.join(failed)}; "
+                    "see `fpdm plugins`)",
+                )
             raise error
         return entries[name]
 
@@ -257,8 +260,12 @@ class Registry:
             for entry in entries.values():
                 registrant = self._plugins.get(entry.plugin)
                 module = getattr(entry.factory, "__module__", None)
-                if registrant is not None and registrant.source != BUILTIN_SOURCE and module \
-                        and module not in _SHARED_MODULES:
+                if (
+                    registrant is not None
+                    and registrant.source != BUILTIN_SOURCE
+                    and module
+                    and module not in _SHARED_MODULES
+                ):
                     owners.setdefault(module, f"{registrant.name!r} ({registrant.source})")
         for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
             name = str(frame.f_globals.get("__name__", ""))

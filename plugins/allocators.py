@@ -98,5 +98,8 @@ def register_budget_allocators(register: Register) -> None:
     register("increasing", increasing, description="linear ramp 0.5 -> 1.5: more iterations at low noise (paper)")
     register("decreasing", decreasing, description="linear ramp 1.5 -> 0.5: more iterations at high noise (paper)")
     register("ramp", LinearRamp, description="linear ramp with your own start and end weights")
-    register("adaptive", Adaptive, description="stop each sample's step at a step-size-relative tol; "
-             "unspent iterations carry to its later steps")
+    register(
+        "adaptive",
+        Adaptive,
+        description="stop each sample's step at a step-size-relative tol; unspent iterations carry to its later steps",
+    )

@@ -80,10 +80,11 @@ class CosineSchedule(Schedule):
         return rescale_zero_terminal_snr(betas) if self.zero_terminal_snr else betas
 
 
-
 @hookimpl
 def register_schedules(register: Register) -> None:
-    register("linear", LinearSchedule,
-             description="linear betas (DDPM/DiT default 1e-4..0.02), optional zero terminal SNR")
-    register("cosine", CosineSchedule,
-             description="cosine alpha_bar (Nichol & Dhariwal 2021), optional zero terminal SNR")
+    register(
+        "linear", LinearSchedule, description="linear betas (DDPM/DiT default 1e-4..0.02), optional zero terminal SNR"
+    )
+    register(
+        "cosine", CosineSchedule, description="cosine alpha_bar (Nichol & Dhariwal 2021), optional zero terminal SNR"
+    )

@@ -5,8 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def fake_dist(site: Path, dist: str, version: str, entry_points: dict[str, str], modules: dict[str, str] | None = None,
-              *, group: str = "fpdm", more_groups: dict[str, dict[str, str]] | None = None) -> Path:
+def fake_dist(
+    site: Path,
+    dist: str,
+    version: str,
+    entry_points: dict[str, str],
+    modules: dict[str, str] | None = None,
+    *,
+    group: str = "fpdm",
+    more_groups: dict[str, dict[str, str]] | None = None,
+) -> Path:
     """Write `<dist>-<version>.dist-info` declaring `entry_points` in `group` (the `fpdm` group unless told;
     `fpdm.cli` for command plugins) and `more_groups` ({group: entry points}), plus module sources."""
     info = site / f"{dist.replace('-', '_')}-{version}.dist-info"

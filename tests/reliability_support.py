@@ -28,8 +28,9 @@ def cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def assert_one_line_error(code: int, stderr: str, *, expect: str | None = None, codes: tuple[int, ...] = (1, 2),
-                          kind: str = "bad_inputs") -> None:
+def assert_one_line_error(
+    code: int, stderr: str, *, expect: str | None = None, codes: tuple[int, ...] = (1, 2), kind: str = "bad_inputs"
+) -> None:
     """Exit 1 or 2, exactly one stderr line naming the problem, no traceback, no 'internal error'; counted."""
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code in codes, (code, stderr)

@@ -37,20 +37,39 @@ def tiny_config(images: Path, out: Path, *extra: str) -> Any:
     """A model and run small enough to train in a second on CPU."""
     from fpdm.config import load_config
 
-    return load_config(overrides=[
-        "model.arch=FPDM-XS/2", "model.hidden_size=32", "model.num_heads=2",
-        "data.name=image_folder", f"data.path={json.dumps(str(images))}", "data.image_size=8",
-        "train.batch_size=8", "train.steps=6", "train.log_every=2", "train.ckpt_every=3",
-        "train.no_grad_iters=[0, 3]", "train.grad_iters=[1, 2]", "train.lr=1e-3",
-        f"train.out_dir={json.dumps(str(out))}", *extra])
+    return load_config(
+        overrides=[
+            "model.arch=FPDM-XS/2",
+            "model.hidden_size=32",
+            "model.num_heads=2",
+            "data.name=image_folder",
+            f"data.path={json.dumps(str(images))}",
+            "data.image_size=8",
+            "train.batch_size=8",
+            "train.steps=6",
+            "train.log_every=2",
+            "train.ckpt_every=3",
+            "train.no_grad_iters=[0, 3]",
+            "train.grad_iters=[1, 2]",
+            "train.lr=1e-3",
+            f"train.out_dir={json.dumps(str(out))}",
+            *extra,
+        ]
+    )
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`fpdm ARGS` as a user runs it. Third-party plugins installed on this machine stay out unless a test
     brings its own through `env`."""
     full_env = {**os.environ, "FPDM_LOAD_PLUGINS": "", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "fpdm.apps.cli", *args], capture_output=True, text=True,
-                          env=full_env, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fpdm.apps.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:

@@ -23,8 +23,9 @@ from fpdm.config import Config
 from fpdm.io.checkpoint import list_checkpoints, sha256_file
 from reliability_support import assert_one_line_error, cli, flush_counts
 
-SLOW_OK = settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-                   deadline=None)
+SLOW_OK = settings(
+    max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,32 +62,83 @@ def _copy(trained: Path, dest: Path) -> Path:
 
 # Out-of-range values, field by field (the validators' edges), and a few cross-field impossibilities.
 OUT_OF_RANGE = [
-    ("solver.max_iter", "-1"), ("solver.tol", "-1e-3"), ("solver.check_every", "0"), ("model.hidden_size", "3"),
-    ("model.num_heads", "0"), ("model.depth", "0"), ("model.pre_depth", "-1"), ("model.post_depth", "-2"),
-    ("model.mlp_ratio", "0"), ("diffusion.num_train_timesteps", "0"), ("diffusion.prediction", "'x0'"),
-    ("train.steps", "0"), ("train.batch_size", "0"), ("train.lr", "0"), ("train.weight_decay", "-0.1"),
-    ("train.grad_clip", "-1"), ("train.ema_decay", "1.0"), ("train.ema_decay", "-0.5"), ("train.skip_nonfinite", "-1"),
-    ("train.no_grad_iters", "[3, 1]"), ("train.grad_iters", "[-1, 2]"), ("train.grad_iters", "[1]"),
-    ("train.grad_iters", "[1, 2, 3]"), ("train.no_grad_tol", "-1"), ("train.precision", "'fp8'"), ("train.seed", "-1"),
-    ("train.log_every", "0"), ("train.ckpt_every", "0"), ("train.keep_checkpoints", "0"), ("train.label_dropout", "1.5"),
-    ("train.label_dropout", "-0.1"), ("data.image_size", "0"), ("data.channels", "2"), ("model.arch", "'FPDM-XS/0'"),
-    ("model.arch", "'FPDM'"), ("model.arch", "'nosuch-XS/2'"), ("diffusion.schedule", "'nosuch'"),
-    ("solver.name", "'nosuch'"), ("solver.options.m", "0"), ("diffusion.options.beta_start", "-1"),
-    ("data.name", "'nosuch'"), ("train.device", "'tpu'"), ("train.device", "'cuda:99'"),
+    ("solver.max_iter", "-1"),
+    ("solver.tol", "-1e-3"),
+    ("solver.check_every", "0"),
+    ("model.hidden_size", "3"),
+    ("model.num_heads", "0"),
+    ("model.depth", "0"),
+    ("model.pre_depth", "-1"),
+    ("model.post_depth", "-2"),
+    ("model.mlp_ratio", "0"),
+    ("diffusion.num_train_timesteps", "0"),
+    ("diffusion.prediction", "'x0'"),
+    ("train.steps", "0"),
+    ("train.batch_size", "0"),
+    ("train.lr", "0"),
+    ("train.weight_decay", "-0.1"),
+    ("train.grad_clip", "-1"),
+    ("train.ema_decay", "1.0"),
+    ("train.ema_decay", "-0.5"),
+    ("train.skip_nonfinite", "-1"),
+    ("train.no_grad_iters", "[3, 1]"),
+    ("train.grad_iters", "[-1, 2]"),
+    ("train.grad_iters", "[1]"),
+    ("train.grad_iters", "[1, 2, 3]"),
+    ("train.no_grad_tol", "-1"),
+    ("train.precision", "'fp8'"),
+    ("train.seed", "-1"),
+    ("train.log_every", "0"),
+    ("train.ckpt_every", "0"),
+    ("train.keep_checkpoints", "0"),
+    ("train.label_dropout", "1.5"),
+    ("train.label_dropout", "-0.1"),
+    ("data.image_size", "0"),
+    ("data.channels", "2"),
+    ("model.arch", "'FPDM-XS/0'"),
+    ("model.arch", "'FPDM'"),
+    ("model.arch", "'nosuch-XS/2'"),
+    ("diffusion.schedule", "'nosuch'"),
+    ("solver.name", "'nosuch'"),
+    ("solver.options.m", "0"),
+    ("diffusion.options.beta_start", "-1"),
+    ("data.name", "'nosuch'"),
+    ("train.device", "'tpu'"),
+    ("train.device", "'cuda:99'"),
 ]
 
 
 @pytest.mark.parametrize("key, value", OUT_OF_RANGE)
 def test_out_of_range_config_values(key, value, scratch):
     steps = [] if key == "train.steps" else ["--steps", "1"]  # a case that slipped through trains one step at most
-    expect_error("train", "--out", str(scratch / "never" / key / value), "--no-progress", *steps, "--set",
-                 f"{key}={value}", codes=(2,))
+    expect_error(
+        "train",
+        "--out",
+        str(scratch / "never" / key / value),
+        "--no-progress",
+        *steps,
+        "--set",
+        f"{key}={value}",
+        codes=(2,),
+    )
 
 
 def test_cross_field_impossibilities(images, scratch):
-    base = ["train", "--out", str(scratch / "never2"), "--no-progress", "--set", "data.name=image_folder",
-            "--set", f"data.path={json.dumps(str(images))}", "--set", "data.image_size=8"]
-    expect_error(*base, "--set", "model.hidden_size=30", "--set", "model.num_heads=4", codes=(2,))  # heads do not divide
+    base = [
+        "train",
+        "--out",
+        str(scratch / "never2"),
+        "--no-progress",
+        "--set",
+        "data.name=image_folder",
+        "--set",
+        f"data.path={json.dumps(str(images))}",
+        "--set",
+        "data.image_size=8",
+    ]
+    expect_error(
+        *base, "--set", "model.hidden_size=30", "--set", "model.num_heads=4", codes=(2,)
+    )  # heads do not divide
     expect_error(*base, "--set", "model.arch=FPDM-XS/3", codes=(2,))  # patch does not divide the image
     expect_error(*base, "--set", "train.batch_size=1000", expect="fewer than train.batch_size", codes=(2,))
     expect_error(*base, "--set", "data.channels=3", "--set", "model.arch=FPDM-XS/2", codes=(2,))
@@ -119,8 +171,11 @@ def _wrong_value(hint: object) -> st.SearchStrategy[str]:
     if "int" not in text and "float" not in text:
         wrong += [st.integers(-5, 5).map(str), st.floats(-2, 2, allow_nan=False).map(repr)]
     if "str" not in text:
-        wrong += [st.text(string.ascii_letters, min_size=1, max_size=6).filter(lambda s: s not in ("true", "false",
-                                                                                             "inf", "nan"))]
+        wrong += [
+            st.text(string.ascii_letters, min_size=1, max_size=6).filter(
+                lambda s: s not in ("true", "false", "inf", "nan")
+            )
+        ]
     if "int" in text and "float" not in text and "list" not in text:
         wrong += [st.just("1.5")]
     if "list" in text:
@@ -134,8 +189,17 @@ def test_wrong_types_anywhere_in_the_config(data, scratch):
     key, hint = data.draw(st.sampled_from(FIELDS))
     value = data.draw(_wrong_value(hint))
     steps = [] if key == "train.steps" else ["--steps", "1"]  # a case that slipped through trains one step at most
-    expect_error("train", "--out", str(scratch / "never3"), "--no-progress", *steps, "--set", f"{key}={value}", codes=(2,),
-                 expect=key.split(".")[-1] if "{" not in value else None)
+    expect_error(
+        "train",
+        "--out",
+        str(scratch / "never3"),
+        "--no-progress",
+        *steps,
+        "--set",
+        f"{key}={value}",
+        codes=(2,),
+        expect=key.split(".")[-1] if "{" not in value else None,
+    )
 
 
 IDENT = st.text(string.ascii_lowercase + "_", min_size=1, max_size=10)
@@ -165,8 +229,16 @@ def test_malformed_toml_files(text):
         path = Path(tmp) / "bad.toml"
         path.write_bytes(text.encode("utf-8", errors="surrogatepass"))  # lone surrogates: undecodable bytes
         expect_error("solve", "--config", str(path), expect="bad.toml", codes=(2,))
-        expect_error("train", "--config", str(path), "--out", str(Path(tmp) / "r"), "--no-progress",
-                     expect="bad.toml", codes=(2,))
+        expect_error(
+            "train",
+            "--config",
+            str(path),
+            "--out",
+            str(Path(tmp) / "r"),
+            "--no-progress",
+            expect="bad.toml",
+            codes=(2,),
+        )
 
 
 def test_unreadable_config_files(scratch):
@@ -196,8 +268,12 @@ def test_missing_empty_and_corrupt_data(scratch):
     (corrupt / "b.png").write_bytes(b"")
     idx = scratch / "idx"
     idx.mkdir()
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                 "t10k-labels-idx1-ubyte.gz"):
+    for name in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
         (idx / name).write_bytes(b"not gzip at all")
     latents = scratch / "latents"
     (latents / "x_features").mkdir(parents=True)
@@ -239,6 +315,7 @@ def _corruptions(trained: Path, root: Path) -> dict[str, Path]:
             (ckpt / file).write_bytes(data[: len(data) // 3])
             if reseal:
                 _reseal(ckpt)
+
         return edit
 
     def write(file: str, text: str, reseal: bool = True):  # type: ignore[no-untyped-def]
@@ -246,6 +323,7 @@ def _corruptions(trained: Path, root: Path) -> dict[str, Path]:
             (ckpt / file).write_text(text)
             if reseal:
                 _reseal(ckpt)
+
         return edit
 
     def spec(change):  # type: ignore[no-untyped-def]
@@ -254,6 +332,7 @@ def _corruptions(trained: Path, root: Path) -> dict[str, Path]:
             change(data)
             (ckpt / "model.json").write_text(json.dumps(data))
             _reseal(ckpt)
+
         return edit
 
     for file in ("model.safetensors", "ema.safetensors", "meta.json", "config.json", "model.json", "optimizer.pt"):
@@ -263,10 +342,18 @@ def _corruptions(trained: Path, root: Path) -> dict[str, Path]:
     make("meta-garbage", write("meta.json", "{", reseal=False))
     make("meta-list", write("meta.json", "[1, 2]", reseal=False))
     make("meta-foreign", write("meta.json", json.dumps({"format": "someone-else", "version": 1}), reseal=False))
-    make("meta-newer", lambda c: (c / "meta.json").write_text(json.dumps(
-        {**json.loads((c / "meta.json").read_text()), "version": 99})))
-    make("meta-no-version", lambda c: (c / "meta.json").write_text(json.dumps(
-        {k: v for k, v in json.loads((c / "meta.json").read_text()).items() if k != "version"})))
+    make(
+        "meta-newer",
+        lambda c: (c / "meta.json").write_text(
+            json.dumps({**json.loads((c / "meta.json").read_text()), "version": 99})
+        ),
+    )
+    make(
+        "meta-no-version",
+        lambda c: (c / "meta.json").write_text(
+            json.dumps({k: v for k, v in json.loads((c / "meta.json").read_text()).items() if k != "version"})
+        ),
+    )
     make("file-missing", lambda c: (c / "ema.safetensors").unlink())
     make("config-list", write("config.json", "[1]"))
     make("config-unknown-key", write("config.json", json.dumps({"model": {"wings": 2}})))
@@ -296,8 +383,9 @@ def test_truncated_foreign_and_inconsistent_checkpoints_at_sample_and_export(bro
     for name, run in broken.items():
         if name in ("cut-optimizer.pt", "cut-resealed-optimizer.pt", "cut-resealed-trainer.pt"):
             continue  # sampling and export never read the training state; `train --resume` below does
-        expect_error("sample", str(run), "--n", "1", "--steps", "2", "--no-progress", "--out", str(scratch / "s"),
-                     codes=(2,))
+        expect_error(
+            "sample", str(run), "--n", "1", "--steps", "2", "--no-progress", "--out", str(scratch / "s"), codes=(2,)
+        )
         expect_error("export", str(run), "--onnx", "--no-verify", "--out", str(scratch / "e.onnx"), codes=(2,))
 
 
@@ -311,8 +399,12 @@ def test_truncated_and_foreign_checkpoints_at_resume(broken):
 
 @pytest.mark.slow
 @SLOW_OK
-@given(file=st.sampled_from(["model.safetensors", "ema.safetensors", "meta.json", "config.json", "model.json"]),
-       fraction=st.floats(0.0, 0.999), reseal=st.booleans(), flip=st.booleans())
+@given(
+    file=st.sampled_from(["model.safetensors", "ema.safetensors", "meta.json", "config.json", "model.json"]),
+    fraction=st.floats(0.0, 0.999),
+    reseal=st.booleans(),
+    flip=st.booleans(),
+)
 def test_checkpoint_files_cut_or_flipped_anywhere(trained, scratch, file, fraction, reseal, flip):
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         ckpt = _copy(trained, Path(tmp) / "run")
@@ -325,8 +417,9 @@ def test_checkpoint_files_cut_or_flipped_anywhere(trained, scratch, file, fracti
         (ckpt / file).write_bytes(bytes(data))
         if reseal and file != "meta.json":
             _reseal(ckpt)
-        code, _, err = cli("sample", str(ckpt), "--n", "1", "--steps", "2", "--no-progress", "--out",
-                           str(Path(tmp) / "s"))
+        code, _, err = cli(
+            "sample", str(ckpt), "--n", "1", "--steps", "2", "--no-progress", "--out", str(Path(tmp) / "s")
+        )
         if code == 0:  # a flipped byte inside a JSON string or a float weight can still be a valid checkpoint
             assert reseal and flip
             return
@@ -355,31 +448,65 @@ def test_bad_flags_and_combinations(trained, scratch):
     samples_taken.mkdir()
     (samples_taken / "precious.txt").write_text("x")
     cases = [
-        [*s, "--n", "0"], [*s, "--n", "-3"], [*s, "--batch-size", "0"], [*s, "--steps", "0"], [*s, "--steps", "5000"],
-        [*s, "--n", "abc"], [*s, "--budget", "1"], [*s, "--budget", "0"], [*s, "--budget", "-5"], [*s, "--class", "99"],
-        [*s, "--class", "-1"], [*s, "--sampler", "nosuch"], [*s, "--allocator", "nosuch"], [*s, "--reuse", "nosuch"],
-        [*s, "--solver", "nosuch"], [*s, "--eta", "0.5"], [*s, "--sampler", "ddim", "--eta", "2"],
-        [*s, "--sampler", "ddim", "--eta", "-1"], [*s, "--device", "tpu"], [*s, "--device", "cuda:99"],
-        [*s, "--vae", "/no/such/vae"], [*s, "--iters", "-1"], [*s, "--tol", "-1"], [*s, "--cfg-channels", "0"],
-        [*s, "--cfg-channels", "99", "--cfg-scale", "2"], [*s, "--budget", "3", "--steps", "2"],
+        [*s, "--n", "0"],
+        [*s, "--n", "-3"],
+        [*s, "--batch-size", "0"],
+        [*s, "--steps", "0"],
+        [*s, "--steps", "5000"],
+        [*s, "--n", "abc"],
+        [*s, "--budget", "1"],
+        [*s, "--budget", "0"],
+        [*s, "--budget", "-5"],
+        [*s, "--class", "99"],
+        [*s, "--class", "-1"],
+        [*s, "--sampler", "nosuch"],
+        [*s, "--allocator", "nosuch"],
+        [*s, "--reuse", "nosuch"],
+        [*s, "--solver", "nosuch"],
+        [*s, "--eta", "0.5"],
+        [*s, "--sampler", "ddim", "--eta", "2"],
+        [*s, "--sampler", "ddim", "--eta", "-1"],
+        [*s, "--device", "tpu"],
+        [*s, "--device", "cuda:99"],
+        [*s, "--vae", "/no/such/vae"],
+        [*s, "--iters", "-1"],
+        [*s, "--tol", "-1"],
+        [*s, "--cfg-channels", "0"],
+        [*s, "--cfg-channels", "99", "--cfg-scale", "2"],
+        [*s, "--budget", "3", "--steps", "2"],
         [*s, "--backend", "nosuch"],
-        ["sample", run, "--no-progress", "--out", str(samples_taken)], ["sample"], ["sample", run, "extra"],
-        ["export", run], ["export", run, "--format", "nosuch"], ["export", run, "--onnx", "--iters", "0"],
-        ["export", run, "--onnx", "--whole-loop"], ["export", run, "--onnx", "--steps", "4"],
-        ["export", run, "--onnx", "--out", str(scratch / "x.txt")], ["export", run, "--onnx", "--opset", "5"],
-        ["export", run, "--onnx", "--solver", "nosuch"], ["export", run, "--onnx", "--whole-loop", "--steps", "0"],
+        ["sample", run, "--no-progress", "--out", str(samples_taken)],
+        ["sample"],
+        ["sample", run, "extra"],
+        ["export", run],
+        ["export", run, "--format", "nosuch"],
+        ["export", run, "--onnx", "--iters", "0"],
+        ["export", run, "--onnx", "--whole-loop"],
+        ["export", run, "--onnx", "--steps", "4"],
+        ["export", run, "--onnx", "--out", str(scratch / "x.txt")],
+        ["export", run, "--onnx", "--opset", "5"],
+        ["export", run, "--onnx", "--solver", "nosuch"],
+        ["export", run, "--onnx", "--whole-loop", "--steps", "0"],
         ["export", run, "--onnx", "--whole-loop", "--steps", "2", "--allocator", "adaptive"],
         ["export", run, "--onnx", "--whole-loop", "--steps", "2", "--budget", "1"],
-        ["plugins", "--bogus"], ["plugins", "extra"], ["solve", "--dim", "0"], ["solve", "--rate", "-0.1"],
-        ["solve", "--tokens", "-1"], ["solve", "--solver", "anderson", "--set", "solver.options.beta=-1"],
-        ["solve", "--seed", "x"], ["train", "--steps", "0", "--out", str(scratch / "n7")],
-        ["train", "--steps", "x"], ["train", "--plugin", "nosuch", "--out", str(scratch / "n8")],
-        ["train", "--resume", "--out", str(scratch / "nothing-here")], ["train", "--device", "tpu", "--out",
-                                                                        str(scratch / "n9")],
+        ["plugins", "--bogus"],
+        ["plugins", "extra"],
+        ["solve", "--dim", "0"],
+        ["solve", "--rate", "-0.1"],
+        ["solve", "--tokens", "-1"],
+        ["solve", "--solver", "anderson", "--set", "solver.options.beta=-1"],
+        ["solve", "--seed", "x"],
+        ["train", "--steps", "0", "--out", str(scratch / "n7")],
+        ["train", "--steps", "x"],
+        ["train", "--plugin", "nosuch", "--out", str(scratch / "n8")],
+        ["train", "--resume", "--out", str(scratch / "nothing-here")],
+        ["train", "--device", "tpu", "--out", str(scratch / "n9")],
         ["train", "--out", run, "--no-progress"],  # already holds checkpoints: refuses to overwrite
         ["train", "--resume", "--out", run, "--steps", "3", "--no-progress"],  # already past step 3
         ["train", "--resume", "--out", run, "--set", "model.hidden_size=64", "--steps", "99", "--no-progress"],
-        ["nosuch-command"], [], ["--debug"],
+        ["nosuch-command"],
+        [],
+        ["--debug"],
     ]
     for argv in cases:
         expect_error(*argv)
@@ -394,11 +521,18 @@ def test_encode_and_import_official_bad_input(scratch, images):
     half_vae.mkdir()
     (half_vae / "config.json").write_text(json.dumps({"latent_channels": "four"}))
     enc = ["encode", str(images), str(scratch / "latents-out"), "--no-progress"]
-    for argv in ([*enc], [*enc, "--vae", "/no/such/vae"], [*enc, "--vae", str(garbage_vae)], [*enc, "--vae", str(half_vae)],
-                 ["encode", "/no/such/images", str(scratch / "o"), "--vae", str(garbage_vae)],
-                 ["encode", str(images / "bright" / "0.png"), str(scratch / "o"), "--vae", str(garbage_vae)],
-                 [*enc, "--vae", str(garbage_vae), "--batch-size", "0"], [*enc, "--vae", str(garbage_vae), "--name", "../x"],
-                 [*enc, "--vae", str(garbage_vae), "--image-size", "abc"], [*enc, "--sample", "--mean"]):
+    for argv in (
+        [*enc],
+        [*enc, "--vae", "/no/such/vae"],
+        [*enc, "--vae", str(garbage_vae)],
+        [*enc, "--vae", str(half_vae)],
+        ["encode", "/no/such/images", str(scratch / "o"), "--vae", str(garbage_vae)],
+        ["encode", str(images / "bright" / "0.png"), str(scratch / "o"), "--vae", str(garbage_vae)],
+        [*enc, "--vae", str(garbage_vae), "--batch-size", "0"],
+        [*enc, "--vae", str(garbage_vae), "--name", "../x"],
+        [*enc, "--vae", str(garbage_vae), "--image-size", "abc"],
+        [*enc, "--sample", "--mean"],
+    ):
         expect_error(*argv)
     pt = scratch / "official"
     pt.mkdir()
@@ -417,11 +551,15 @@ def test_encode_and_import_official_bad_input(scratch, images):
     out = str(scratch / "imported")
     for name in (*files, "list.pt", "emptydict.pt", "foreignkeys.pt", "nontensor.pt", "truncated.pt"):
         expect_error("import-official", str(pt / name), out, codes=(2,))
-    for argv in (["import-official", "/no/such.pt", out], ["import-official", str(pt), out],
-                 ["import-official", str(pt / "foreignkeys.pt"), out, "--arch", "FPDM-ZZ/2"],
-                 ["import-official", str(pt / "foreignkeys.pt"), out, "--set", "nonsense"],
-                 ["import-official", str(pt / "foreignkeys.pt"), out, "--weights", "both"],
-                 ["import-official", str(pt / "foreignkeys.pt"), str(taken)], ["import-official"]):
+    for argv in (
+        ["import-official", "/no/such.pt", out],
+        ["import-official", str(pt), out],
+        ["import-official", str(pt / "foreignkeys.pt"), out, "--arch", "FPDM-ZZ/2"],
+        ["import-official", str(pt / "foreignkeys.pt"), out, "--set", "nonsense"],
+        ["import-official", str(pt / "foreignkeys.pt"), out, "--weights", "both"],
+        ["import-official", str(pt / "foreignkeys.pt"), str(taken)],
+        ["import-official"],
+    ):
         expect_error(*argv, codes=(2,))
 
 
@@ -461,10 +599,15 @@ def test_bad_onnx_files_at_sample(exported, scratch):
     for name, blob in variants.items():
         path = scratch / f"{name}.onnx"
         path.write_bytes(blob)
-        expect_error("sample", str(path), "--n", "1", "--steps", "2", "--no-progress", "--out",
-                     str(scratch / f"{name}-samples"))
-    for argv in (["sample", str(exported), "--backend", "torch"], ["sample", str(exported), "--steps", "0"],
-                 ["sample", str(exported), "--n", "0"], ["sample", "/no/such/model.onnx"]):
+        expect_error(
+            "sample", str(path), "--n", "1", "--steps", "2", "--no-progress", "--out", str(scratch / f"{name}-samples")
+        )
+    for argv in (
+        ["sample", str(exported), "--backend", "torch"],
+        ["sample", str(exported), "--steps", "0"],
+        ["sample", str(exported), "--n", "0"],
+        ["sample", "/no/such/model.onnx"],
+    ):
         expect_error(*argv, "--no-progress")
 
 
@@ -472,15 +615,18 @@ def test_bad_onnx_files_at_sample(exported, scratch):
 
 
 @SLOW_OK
-@given(flag=st.sampled_from(["--n", "--batch-size", "--steps", "--budget"]), value=st.integers(-10**6, 0))
+@given(flag=st.sampled_from(["--n", "--batch-size", "--steps", "--budget"]), value=st.integers(-(10**6), 0))
 def test_non_positive_counts_at_sample(trained, scratch, flag, value):
     expect_error("sample", str(trained), flag, str(value), "--no-progress", "--out", str(scratch / "fuzz"), codes=(2,))
 
 
 @SLOW_OK
-@given(flag=st.sampled_from(["--n", "--steps", "--iters", "--budget", "--eta", "--tol", "--cfg-scale", "--seed",
-                             "--class", "--batch-size"]),
-       value=st.text(string.ascii_letters + "!@#%", min_size=1, max_size=5))
+@given(
+    flag=st.sampled_from(
+        ["--n", "--steps", "--iters", "--budget", "--eta", "--tol", "--cfg-scale", "--seed", "--class", "--batch-size"]
+    ),
+    value=st.text(string.ascii_letters + "!@#%", min_size=1, max_size=5),
+)
 def test_non_numbers_for_numeric_flags(trained, flag, value):
     assume(value.lower() not in ("inf", "nan", "infinity"))
     expect_error("sample", str(trained), flag, value, "--no-progress", codes=(2,), expect="invalid")
@@ -500,7 +646,10 @@ def test_a_handful_in_real_processes(trained, scratch):
     (broken / "model.safetensors").write_bytes(b"\x00" * 10)
     garbage = scratch / "real.onnx"
     garbage.write_bytes(b"not onnx")
-    for argv in (["train", "--config", str(bad)], ["sample", str(scratch / "real-run"), "--no-progress"],
-                 ["sample", str(garbage), "--no-progress"]):
+    for argv in (
+        ["train", "--config", str(bad)],
+        ["sample", str(scratch / "real-run"), "--no-progress"],
+        ["sample", str(garbage), "--no-progress"],
+    ):
         result = run_cli(*argv)
         assert_one_line_error(result.returncode, result.stderr, codes=(2,))

@@ -31,8 +31,9 @@ def train(bench) -> types.ModuleType:  # type: ignore[no-untyped-def]
 
 def tiny(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_denoiser(ModelConfig(arch=arch, hidden_size=32, num_heads=2), input_size=8, in_channels=1,
-                          num_classes=3)
+    return build_denoiser(
+        ModelConfig(arch=arch, hidden_size=32, num_heads=2), input_size=8, in_channels=1, num_classes=3
+    )
 
 
 def test_measure_steps_times_each_step_after_warmup_with_seeded_draws(train):
@@ -66,8 +67,9 @@ def test_bf16_autocast_keeps_fewer_bytes_per_sample_than_fp32(train):
     model = tiny("DiT-XS/4")
 
     def per_sample(bf16: bool) -> int:
-        return (saved_bytes(model, 3, 8, 1, 3, n_no_grad=0, n_grad=1, bf16=bf16)
-                - saved_bytes(model, 2, 8, 1, 3, n_no_grad=0, n_grad=1, bf16=bf16))
+        return saved_bytes(model, 3, 8, 1, 3, n_no_grad=0, n_grad=1, bf16=bf16) - saved_bytes(
+            model, 2, 8, 1, 3, n_no_grad=0, n_grad=1, bf16=bf16
+        )
 
     assert per_sample(True) < 0.75 * per_sample(False)
 

@@ -99,8 +99,14 @@ def test_unrolled_solvers_export_to_onnx_and_match_in_onnxruntime(solver, tmp_pa
     ort = pytest.importorskip("onnxruntime")
     module = _Unrolled(solver, iters=5).eval()
     path = tmp_path / "unrolled.onnx"
-    program = torch.onnx.export(module, (torch.randn(3, 4, 8),), dynamo=True, input_names=["x"], output_names=["z"],
-                                dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    program = torch.onnx.export(
+        module,
+        (torch.randn(3, 4, 8),),
+        dynamo=True,
+        input_names=["x"],
+        output_names=["z"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+    )
     program.save(str(path))
     model = onnx.load(str(path))
     onnx.checker.check_model(model)

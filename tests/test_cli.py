@@ -48,8 +48,12 @@ def test_plugins_lists_builtins_as_text_and_json():
     assert text.returncode == 0, text.stderr
     assert "solvers" in text.stdout and "built-in" in text.stdout and "fixed_point, anderson" in text.stdout
     data = json.loads(fpdm("plugins", "--json").stdout)
-    solvers = {"name": "solvers", "source": "built-in", "registered": {"solver": ["fixed_point", "anderson"]},
-               "error": None}
+    solvers = {
+        "name": "solvers",
+        "source": "built-in",
+        "registered": {"solver": ["fixed_point", "anderson"]},
+        "error": None,
+    }
     assert solvers in data
 
 
@@ -57,8 +61,12 @@ def test_plugins_lists_builtins_as_text_and_json():
 def test_a_third_party_plugin_is_listed_and_selected_by_name_and_by_config(example_site, tmp_path):
     data = json.loads(fpdm("plugins", "--json", env=example_site).stdout)
     entry = next(d for d in data if d["name"] == "barzilai_borwein")
-    assert entry == {"name": "barzilai_borwein", "source": "fpdm-plugin-example 0.1.0",
-                     "registered": {"solver": ["barzilai_borwein"]}, "error": None}
+    assert entry == {
+        "name": "barzilai_borwein",
+        "source": "fpdm-plugin-example 0.1.0",
+        "registered": {"solver": ["barzilai_borwein"]},
+        "error": None,
+    }
 
     by_flag = fpdm("solve", "--solver", "barzilai_borwein", "--rate", "0.95", "--json", env=example_site)
     assert by_flag.returncode == 0, by_flag.stderr
@@ -78,8 +86,13 @@ def test_a_third_party_plugin_is_listed_and_selected_by_name_and_by_config(examp
 
 @pytest.mark.slow
 def test_a_broken_plugin_never_takes_the_cli_down(tmp_path):
-    fake_dist(tmp_path, "fpdm-broken", "0.1", {"broken": "fpdm_broken_mod"},
-              {"fpdm_broken_mod": "raise RuntimeError('kaput')"})
+    fake_dist(
+        tmp_path,
+        "fpdm-broken",
+        "0.1",
+        {"broken": "fpdm_broken_mod"},
+        {"fpdm_broken_mod": "raise RuntimeError('kaput')"},
+    )
     env = {"PYTHONPATH": str(tmp_path), "FPDM_LOAD_PLUGINS": "fpdm-broken"}
     listing = fpdm("plugins", env=env)
     assert listing.returncode == 0 and "broken" in listing.stdout
@@ -102,8 +115,10 @@ def test_solve_all_runs_every_registered_solver():
     [
         (["solve", "--solver", "nope"], "unknown solver 'nope'; known: anderson, fixed_point"),
         (["solve", "--solver", "anderson", "--set", "solver.options.m=0"], "'m' must be >= 1"),
-        (["solve", "--solver", "anderson", "--set", "solver.options.window=3"],
-         "has no option 'window'; options: m, beta, lam"),
+        (
+            ["solve", "--solver", "anderson", "--set", "solver.options.window=3"],
+            "has no option 'window'; options: m, beta, lam",
+        ),
         (["solve", "--set", "solver.max_iter=-1"], "'max_iter' must be >= 0"),
         (["solve", "--set", "solver.bogus=1"], "unknown key 'solver.bogus'"),
         (["solve", "--set", "nonsense"], "--set expects KEY=VALUE"),
@@ -264,8 +279,14 @@ def test_import_official_speaks_the_shared_flags(builtins_only, capsys):
 def _imported(code: str, *args: str) -> list[str]:
     """Top-level packages imported by `python -X importtime -c code args` (plugins of this machine left out)."""
     env = {**os.environ, "FPDM_LOAD_PLUGINS": ""}
-    result = subprocess.run([sys.executable, "-X", "importtime", "-c", code, *args], capture_output=True, text=True,
-                            env=env, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
     return sorted({name.split(".")[0] for name in lines})
@@ -279,12 +300,16 @@ for parser in command_parsers(build_parser(fill_all=True)).values():
 RUN_CLI = "import sys; from fpdm.apps.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-@pytest.mark.parametrize("code, args", [
-    ("import fpdm", ()),
-    (RUN_CLI, ("--version",)),
-    (RUN_CLI, ("--help",)),
-    (BUILD_EVERY_PARSER, ()),
-], ids=["import-fpdm", "version", "help", "every-command-parser"])
+@pytest.mark.parametrize(
+    "code, args",
+    [
+        ("import fpdm", ()),
+        (RUN_CLI, ("--version",)),
+        (RUN_CLI, ("--help",)),
+        (BUILD_EVERY_PARSER, ()),
+    ],
+    ids=["import-fpdm", "version", "help", "every-command-parser"],
+)
 def test_the_start_path_never_imports_torch(code, args):
     heavy = sorted(set(_imported(code, *args)) & set(HEAVY))
     assert not heavy, f"imported {heavy}; keep command modules' top-level imports argparse-level (STYLE.md rule 14)"
@@ -336,7 +361,8 @@ def test_command_plugins_load_lazily_and_a_broken_one_is_one_line(tmp_path):
     broken = fpdm("broken", env=env)
     assert broken.returncode == 1 and "Traceback" not in broken.stderr
     assert broken.stderr.strip().splitlines() == [
-        "fpdm: error: command 'broken' from plugin 'hello' is unusable: RuntimeError: bad parser"]
+        "fpdm: error: command 'broken' from plugin 'hello' is unusable: RuntimeError: bad parser"
+    ]
 
 
 @pytest.mark.slow

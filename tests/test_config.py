@@ -56,7 +56,14 @@ def test_missing_config_file(tmp_path):
 
 @pytest.mark.parametrize(
     "item, expected",
-    [("a.b=3", 3), ("a.b=0.5", 0.5), ("a.b=true", True), ("a.b=anderson", "anderson"), ('a.b="3"', "3"), ("a.b=[1, 2]", [1, 2])],
+    [
+        ("a.b=3", 3),
+        ("a.b=0.5", 0.5),
+        ("a.b=true", True),
+        ("a.b=anderson", "anderson"),
+        ('a.b="3"', "3"),
+        ("a.b=[1, 2]", [1, 2]),
+    ],
 )
 def test_override_values_are_read_as_toml(item, expected):
     assert parse_override(item) == (["a", "b"], expected)
@@ -74,9 +81,18 @@ def test_arbitrary_text_never_escapes_as_anything_but_a_usage_error(text):
             load_config(path)
 
 
-@given(st.dictionaries(st.sampled_from(["name", "max_iter", "tol", "check_every", "options", "junk"]),
-                       st.one_of(st.integers(-3, 3), st.floats(allow_nan=True), st.text(max_size=5), st.booleans(),
-                                 st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))))
+@given(
+    st.dictionaries(
+        st.sampled_from(["name", "max_iter", "tol", "check_every", "options", "junk"]),
+        st.one_of(
+            st.integers(-3, 3),
+            st.floats(allow_nan=True),
+            st.text(max_size=5),
+            st.booleans(),
+            st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+        ),
+    )
+)
 def test_arbitrary_solver_tables_build_or_fail_cleanly(table):
     try:
         config = from_dict(Config, {"solver": table})

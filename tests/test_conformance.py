@@ -17,8 +17,10 @@ DENOISER_OPTIONS = {"fpdm": TINY, "dit": {**TINY, "depth": 2}}
 def _denoisers() -> dict[str, functools.partial]:
     unknown = set(REGISTRY.names("denoiser")) - set(DENOISER_OPTIONS)
     assert not unknown, f"give the denoiser suite tiny options for {sorted(unknown)}"
-    return {name: functools.partial(REGISTRY.create, "denoiser", name, **DENOISER_OPTIONS[name])
-            for name in REGISTRY.names("denoiser")}
+    return {
+        name: functools.partial(REGISTRY.create, "denoiser", name, **DENOISER_OPTIONS[name])
+        for name in REGISTRY.names("denoiser")
+    }
 
 
 @pytest.mark.parametrize("case", cases("solver", REGISTRY))

@@ -22,7 +22,9 @@ T_SMALL = 50
 
 
 def linear_process(prediction: str = "eps", learn_sigma: bool = True, T: int = T_SMALL) -> GaussianDiffusion:
-    return GaussianDiffusion(LinearSchedule(num_train_timesteps=T, beta_end=0.2), prediction=prediction, learn_sigma=learn_sigma)
+    return GaussianDiffusion(
+        LinearSchedule(num_train_timesteps=T, beta_end=0.2), prediction=prediction, learn_sigma=learn_sigma
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- schedules
@@ -89,7 +91,9 @@ def test_eps_prediction_at_zero_terminal_snr_is_a_usage_error():
     with pytest.raises(UsageError, match="prediction='v'"):
         GaussianDiffusion(schedule)
     losses = GaussianDiffusion(schedule, prediction="v").training_losses(
-        lambda x, t: torch.zeros(2, 2, 3, dtype=torch.float64), torch.zeros(2, 1, 3, dtype=torch.float64), torch.tensor([9, 0])
+        lambda x, t: torch.zeros(2, 2, 3, dtype=torch.float64),
+        torch.zeros(2, 1, 3, dtype=torch.float64),
+        torch.tensor([9, 0]),
     )
     assert all(bool(torch.isfinite(value).all()) for value in losses.values())
 
@@ -106,7 +110,9 @@ def test_process_tables_match_the_schedule():
     assert process.betas.dtype == torch.float64
     torch.testing.assert_close(process.alphas_cumprod, schedule.alphas_cumprod(), rtol=0, atol=0)
     assert torch.equal(process.timestep_map, torch.arange(100))
-    assert process.alphas_cumprod_prev[0] == 1 and torch.equal(process.alphas_cumprod_prev[1:], process.alphas_cumprod[:-1])
+    assert process.alphas_cumprod_prev[0] == 1 and torch.equal(
+        process.alphas_cumprod_prev[1:], process.alphas_cumprod[:-1]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- forward process
@@ -122,7 +128,9 @@ def test_q_sample_moments_by_monte_carlo(t):
     var = 1 - ac
     # Sample mean has standard error sqrt(var / n); sample variance sqrt(2 var^2 / n). Allow 5 sigma.
     torch.testing.assert_close(xt.mean(0), math.sqrt(ac) * x0[0], rtol=0, atol=5 * math.sqrt(var / draws))
-    torch.testing.assert_close(xt.var(0), torch.full((4,), var, dtype=torch.float64), rtol=0, atol=5 * var * math.sqrt(2 / draws))
+    torch.testing.assert_close(
+        xt.var(0), torch.full((4,), var, dtype=torch.float64), rtol=0, atol=5 * var * math.sqrt(2 / draws)
+    )
 
 
 @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 4))
@@ -132,9 +140,14 @@ def test_q_sample_is_the_closed_form(seed, batch):
     x0, noise = torch.randn(2, batch, 3, 4, 4, generator=gen, dtype=torch.float64)
     t = torch.randint(0, T_SMALL, (batch,), generator=gen)
     ac = torch.tensor([process.alphas_cumprod[i].item() for i in t.tolist()], dtype=torch.float64).view(-1, 1, 1, 1)
-    assert torch.equal(process.q_sample(x0, t, noise), process.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * x0
-                       + process.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1) * noise)
-    torch.testing.assert_close(process.q_sample(x0, t, noise), ac.sqrt() * x0 + (1 - ac).sqrt() * noise, rtol=1e-14, atol=1e-14)
+    assert torch.equal(
+        process.q_sample(x0, t, noise),
+        process.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * x0
+        + process.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1) * noise,
+    )
+    torch.testing.assert_close(
+        process.q_sample(x0, t, noise), ac.sqrt() * x0 + (1 - ac).sqrt() * noise, rtol=1e-14, atol=1e-14
+    )
 
 
 def test_tables_follow_the_data_dtype_and_device():
@@ -171,7 +184,11 @@ def test_predictions_invert_the_target(prediction, shape, batch, seed, schedule)
 
 def test_v_target_is_salimans_and_ho():
     process = linear_process(prediction="v")
-    x0, noise, t = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 5, 20, 49])
+    x0, noise, t = (
+        torch.randn(4, 3, dtype=torch.float64),
+        torch.randn(4, 3, dtype=torch.float64),
+        torch.tensor([0, 5, 20, 49]),
+    )
     a = process.alphas_cumprod[t].sqrt().unsqueeze(1)
     torch.testing.assert_close(process.target(x0, noise, t), a * noise - (1 - a**2).sqrt() * x0)
 
@@ -189,7 +206,9 @@ def test_q_posterior_is_ho_eq_7(seed, t_value):
     ac = np.cumprod(1 - betas)
     ac_prev = 1.0 if t_value == 0 else ac[t_value - 1]
     beta, alpha = betas[t_value], 1 - betas[t_value]
-    mean_expected = math.sqrt(ac_prev) * beta / (1 - ac[t_value]) * x0 + math.sqrt(alpha) * (1 - ac_prev) / (1 - ac[t_value]) * xt
+    mean_expected = (
+        math.sqrt(ac_prev) * beta / (1 - ac[t_value]) * x0 + math.sqrt(alpha) * (1 - ac_prev) / (1 - ac[t_value]) * xt
+    )
     var_expected = (1 - ac_prev) / (1 - ac[t_value]) * beta
     mean, var, log_var = process.q_posterior(x0, xt, t)
     torch.testing.assert_close(mean, mean_expected, rtol=1e-10, atol=1e-12)
@@ -205,8 +224,12 @@ def test_normal_kl_known_values():
     m, lv = torch.tensor([0.3, -2.0], dtype=torch.float64), torch.tensor([0.1, -1.0], dtype=torch.float64)
     torch.testing.assert_close(normal_kl(m, lv, m, lv), torch.zeros(2, dtype=torch.float64))
     # KL(N(1, 1) || N(0, 4)) = log 2 + (1 + 1) / 8 - 1/2
-    kl = normal_kl(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64),
-                   torch.tensor(0.0, dtype=torch.float64), torch.tensor(math.log(4.0), dtype=torch.float64))
+    kl = normal_kl(
+        torch.tensor(1.0, dtype=torch.float64),
+        torch.tensor(0.0, dtype=torch.float64),
+        torch.tensor(0.0, dtype=torch.float64),
+        torch.tensor(math.log(4.0), dtype=torch.float64),
+    )
     assert kl.item() == pytest.approx(math.log(2) + 2 / 8 - 0.5, rel=1e-12)
 
 
@@ -214,14 +237,18 @@ def test_discretized_likelihood_is_a_distribution_over_the_256_bins():
     bins = torch.linspace(-1, 1, 256, dtype=torch.float64)
     for mean, std in [(0.0, 0.01), (0.95, 0.3), (-3.0, 1.0)]:
         logp = discretized_gaussian_log_likelihood(
-            bins, mean=torch.full_like(bins, mean), log_scale=torch.full_like(bins, math.log(std)))
+            bins, mean=torch.full_like(bins, mean), log_scale=torch.full_like(bins, math.log(std))
+        )
         assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
     # The mass of one interior bin, from math.erf.
     phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
     x, mean, std = bins[100].item(), 0.1, 0.2
     expected = math.log(phi((x + 1 / 255 - mean) / std) - phi((x - 1 / 255 - mean) / std))
-    got = discretized_gaussian_log_likelihood(bins[100:101], mean=torch.tensor([mean], dtype=torch.float64),
-                                              log_scale=torch.tensor([math.log(std)], dtype=torch.float64))
+    got = discretized_gaussian_log_likelihood(
+        bins[100:101],
+        mean=torch.tensor([mean], dtype=torch.float64),
+        log_scale=torch.tensor([math.log(std)], dtype=torch.float64),
+    )
     assert got.item() == pytest.approx(expected, rel=1e-10)
 
 
@@ -262,8 +289,9 @@ def test_vb_is_positive_for_a_wrong_variance_and_the_decoder_nll_at_t0():
     losses = process.training_losses(perfect_model(process, x0, noise, t, v_values=0.5), x0, t, noise=noise)
     assert bool((losses["vb"] > 0).all()) and bool(torch.isfinite(losses["vb"]).all())
     # At t = 0 the term is the decoder NLL in bits per dim: -log2 of the mass of x0's bin under the model.
-    out = process.p_mean_variance(perfect_model(process, x0, noise, t, 0.5)(None, process.timestep_map[t]),
-                                  process.q_sample(x0, t, noise), t)
+    out = process.p_mean_variance(
+        perfect_model(process, x0, noise, t, 0.5)(None, process.timestep_map[t]), process.q_sample(x0, t, noise), t
+    )
     nll = -discretized_gaussian_log_likelihood(x0, mean=out["mean"], log_scale=0.5 * out["log_variance"])
     assert losses["vb"][0].item() == pytest.approx(nll[0].mean().item() / math.log(2), rel=1e-12)
     torch.testing.assert_close(out["mean"][0], x0[0])  # the posterior mean at t = 0 is x0 itself
@@ -288,15 +316,22 @@ def test_fixed_variance_returns_mse_only_and_the_small_posterior_variance():
     losses = process.training_losses(lambda xt, tm: torch.zeros_like(xt), x0, t)
     assert set(losses) == {"mse", "loss"} and torch.equal(losses["loss"], losses["mse"])
     out = process.p_mean_variance(torch.zeros_like(x0), x0, t)
-    torch.testing.assert_close(out["variance"][1], torch.full((3, 4), process.posterior_variance[20].item(), dtype=torch.float64))
-    torch.testing.assert_close(out["log_variance"][0], torch.full((3, 4), process.posterior_log_variance_clipped[0].item(), dtype=torch.float64))
+    torch.testing.assert_close(
+        out["variance"][1], torch.full((3, 4), process.posterior_variance[20].item(), dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        out["log_variance"][0],
+        torch.full((3, 4), process.posterior_log_variance_clipped[0].item(), dtype=torch.float64),
+    )
 
 
 def test_learned_variance_interpolates_between_posterior_and_beta():
     process = linear_process()
     xt, t = torch.zeros(1, 1, 2, dtype=torch.float64), torch.tensor([25])
-    logs = [process.p_mean_variance(torch.cat([xt, torch.full_like(xt, v)], 1), xt, t)["log_variance"][0, 0, 0].item()
-            for v in (-1.0, 0.0, 1.0)]
+    logs = [
+        process.p_mean_variance(torch.cat([xt, torch.full_like(xt, v)], 1), xt, t)["log_variance"][0, 0, 0].item()
+        for v in (-1.0, 0.0, 1.0)
+    ]
     low, high = process.posterior_log_variance_clipped[25].item(), math.log(process.betas[25].item())
     assert logs == pytest.approx([low, (low + high) / 2, high], rel=1e-12)
 
@@ -346,8 +381,14 @@ def test_respaced_process_calls_the_model_with_original_timesteps():
 
 @pytest.mark.parametrize(
     "subset, message",
-    [([], "empty"), ([3, 1], "increasing"), ([1, 1], "increasing"), ([0, 50], r"0\.\.49"), ([-1, 2], r"0\.\.49"),
-     ([0.5, 2], "integers")],
+    [
+        ([], "empty"),
+        ([3, 1], "increasing"),
+        ([1, 1], "increasing"),
+        ([0, 50], r"0\.\.49"),
+        ([-1, 2], r"0\.\.49"),
+        ([0.5, 2], "integers"),
+    ],
 )
 def test_bad_respace_subsets_are_usage_errors(subset, message):
     with pytest.raises(UsageError, match=message):

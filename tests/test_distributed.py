@@ -23,7 +23,7 @@ from fpdm.training.distributed import DistContext, shard
 from fpdm.training.loop import train
 from support import REGISTRY, ROOT, tiny_config
 
-LAUNCHER = textwrap.dedent('''
+LAUNCHER = textwrap.dedent("""
     import hashlib, json, os, sys
     import torch
     import fpdm.training.loop as training
@@ -55,24 +55,60 @@ LAUNCHER = textwrap.dedent('''
         with open(os.path.join(os.environ["DUMP_DIR"], f"rank{rank}.json"), "w") as fh:
             json.dump(dump, fh)
     sys.exit(code)
-''')
+""")
 
 STEPS = 4
 
 
-def torchrun(tmp_path: Path, images: Path, out: Path, *extra: str, env: dict[str, str] | None = None
-             ) -> subprocess.CompletedProcess:
+def torchrun(
+    tmp_path: Path, images: Path, out: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
-    args = ["--set", "model.arch='FPDM-XS/2'", "--set", "model.hidden_size=32", "--set", "model.num_heads=2",
-            "--set", "data.name=image_folder", "--set", f"data.path={json.dumps(str(images))}",
-            "--set", "data.image_size=8", "--set", "train.batch_size=8", "--set", f"train.steps={STEPS}",
-            "--set", "train.log_every=2", "--set", "train.ckpt_every=2", "--set", "train.no_grad_iters=[0, 3]",
-            "--set", "train.grad_iters=[1, 2]", "--set", "train.lr=1e-3", "--out", str(out), "--no-progress", *extra]
-    full_env = {**os.environ, "FPDM_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1", "DUMP_DIR": str(tmp_path),
-                **(env or {})}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(launcher), "train", *args]
+    args = [
+        "--set",
+        "model.arch='FPDM-XS/2'",
+        "--set",
+        "model.hidden_size=32",
+        "--set",
+        "model.num_heads=2",
+        "--set",
+        "data.name=image_folder",
+        "--set",
+        f"data.path={json.dumps(str(images))}",
+        "--set",
+        "data.image_size=8",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        f"train.steps={STEPS}",
+        "--set",
+        "train.log_every=2",
+        "--set",
+        "train.ckpt_every=2",
+        "--set",
+        "train.no_grad_iters=[0, 3]",
+        "--set",
+        "train.grad_iters=[1, 2]",
+        "--set",
+        "train.lr=1e-3",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+    full_env = {**os.environ, "FPDM_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1", "DUMP_DIR": str(tmp_path), **(env or {})}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(launcher),
+        "train",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=240)
 
 
@@ -116,10 +152,18 @@ def test_two_ranks_match_one_process_and_resume_in_one(images, tmp_path, monkeyp
 
     # the 2-rank checkpoint resumes in one process (nothing world-size specific is saved)
     monkeypatch.undo()
-    train(tiny_config(images, tmp_path / "ddp", "train.steps=6", "train.ckpt_every=2", "train.device=cpu"), resume=True,
-          registry=REGISTRY, progress=False)
-    train(tiny_config(images, tmp_path / "one", "train.steps=6", "train.ckpt_every=2", "train.device=cpu"), resume=True,
-          registry=REGISTRY, progress=False)
+    train(
+        tiny_config(images, tmp_path / "ddp", "train.steps=6", "train.ckpt_every=2", "train.device=cpu"),
+        resume=True,
+        registry=REGISTRY,
+        progress=False,
+    )
+    train(
+        tiny_config(images, tmp_path / "one", "train.steps=6", "train.ckpt_every=2", "train.device=cpu"),
+        resume=True,
+        registry=REGISTRY,
+        progress=False,
+    )
     resumed, straight = load_checkpoint(tmp_path / "ddp"), load_checkpoint(tmp_path / "one")
     assert resumed.step == 6
     close(resumed.model, straight.model)

@@ -137,6 +137,7 @@ def test_the_link_checker_sees_links_and_skips_code():
 
 # ---------------------------------------------------------------------------------- (b) fpdm command lines
 
+
 def command_lines(page: Path) -> list[tuple[int, list[str]]]:
     """(line number, argv after `fpdm`) of every fpdm command in the page's shell blocks."""
     found = []
@@ -191,20 +192,30 @@ def test_every_documented_fpdm_command_parses(argv):
 
 def test_the_command_scanner_reads_prefixes_continuations_and_operators(tmp_path):
     page = tmp_path / "p.md"
-    page.write_text("```bash\n$ fpdm sample runs/demo --n 4 > log  # four\n"
-                    "FPDM_LOAD_PLUGINS= fpdm plugins\nfpdm eval runs/demo \\\n    --n 8 | tail -1\n"
-                    "fpdm train ...\nfpdm solve  # see ...\nmake demo\n```\n```python\nfpdm --not-shell\n```\n")
-    assert command_lines(page) == [(2, ["sample", "runs/demo", "--n", "4"]), (3, ["plugins"]),
-                                   (4, ["eval", "runs/demo", "--n", "8"]), (7, ["solve"])]
+    page.write_text(
+        "```bash\n$ fpdm sample runs/demo --n 4 > log  # four\n"
+        "FPDM_LOAD_PLUGINS= fpdm plugins\nfpdm eval runs/demo \\\n    --n 8 | tail -1\n"
+        "fpdm train ...\nfpdm solve  # see ...\nmake demo\n```\n```python\nfpdm --not-shell\n```\n"
+    )
+    assert command_lines(page) == [
+        (2, ["sample", "runs/demo", "--n", "4"]),
+        (3, ["plugins"]),
+        (4, ["eval", "runs/demo", "--n", "8"]),
+        (7, ["solve"]),
+    ]
 
 
 # ------------------------------------------------------------------------------------------ (c) python blocks
 
+
 def python_blocks(*, run: bool) -> list:
     params = []
     for page in PAGES:
-        chosen = [(first, text) for info, first, text in blocks(page)
-                  if info.split(" ")[0] in ("python", "py") and (info.split()[1:2] == ["run"]) is run]
+        chosen = [
+            (first, text)
+            for info, first, text in blocks(page)
+            if info.split(" ")[0] in ("python", "py") and (info.split()[1:2] == ["run"]) is run
+        ]
         if run and chosen:
             params.append(pytest.param(page, chosen, id=rel(page)))
         elif not run:
@@ -233,11 +244,24 @@ def demo_run(tmp_path_factory):
         for i in range(8):
             pixels = (level + 30 * torch.randn(8, 8, generator=gen)).clamp(0, 255).to(torch.uint8).numpy()
             Image.fromarray(pixels, mode="L").save(root / "images" / label / f"{i}.png")
-    config = load_config(overrides=[
-        "model.arch=FPDM-XS/2", "model.hidden_size=32", "model.num_heads=2", "solver.max_iter=2",
-        "data.name=image_folder", f"data.path={json.dumps(str(root / 'images'))}", "data.image_size=8",
-        "train.batch_size=8", "train.steps=2", "train.log_every=1", "train.ckpt_every=2",
-        "train.no_grad_iters=[0, 1]", "train.grad_iters=[1, 1]", f"train.out_dir={json.dumps(str(root / 'run'))}"])
+    config = load_config(
+        overrides=[
+            "model.arch=FPDM-XS/2",
+            "model.hidden_size=32",
+            "model.num_heads=2",
+            "solver.max_iter=2",
+            "data.name=image_folder",
+            f"data.path={json.dumps(str(root / 'images'))}",
+            "data.image_size=8",
+            "train.batch_size=8",
+            "train.steps=2",
+            "train.log_every=1",
+            "train.ckpt_every=2",
+            "train.no_grad_iters=[0, 1]",
+            "train.grad_iters=[1, 1]",
+            f"train.out_dir={json.dumps(str(root / 'run'))}",
+        ]
+    )
     train(config, progress=False)
     return root / "run"
 
@@ -268,8 +292,12 @@ NOT_NAMES = {"fpdm.cli"}  # the CLI's entry-point group, not a module
 
 def dotted_names(page: Path) -> list[tuple[int, str]]:
     """`fpdm.x.y` names in the page's inline code and python blocks."""
-    found = [(number, m[0]) for number, line in outside_fences(page) for span in re.findall(r"`([^`]*)`", line)
-             for m in DOTTED.finditer(span)]
+    found = [
+        (number, m[0])
+        for number, line in outside_fences(page)
+        for span in re.findall(r"`([^`]*)`", line)
+        for m in DOTTED.finditer(span)
+    ]
     for info, first, text in blocks(page):
         if info.split(" ")[0] in ("python", "py"):
             found += [(first + i, m[0]) for i, line in enumerate(text.splitlines()) for m in DOTTED.finditer(line)]
@@ -311,8 +339,12 @@ def test_every_fpdm_name_the_docs_mention_exists(page):
 def make_targets(page: Path) -> list[tuple[int, str]]:
     """`make TARGET` in the page's inline code and shell blocks."""
     pattern = re.compile(r"(?<![\w-])make ([A-Za-z][\w-]*)")
-    found = [(number, m[1]) for number, line in outside_fences(page) for span in re.findall(r"`([^`]*)`", line)
-             for m in pattern.finditer(span)]
+    found = [
+        (number, m[1])
+        for number, line in outside_fences(page)
+        for span in re.findall(r"`([^`]*)`", line)
+        for m in pattern.finditer(span)
+    ]
     for info, first, text in blocks(page):
         if info.split(" ")[0] in SHELL:
             found += [(first + i, m[1]) for i, line in enumerate(text.splitlines()) for m in pattern.finditer(line)]
@@ -328,9 +360,16 @@ def test_every_make_target_the_docs_mention_exists(page):
 
 # ------------------------------------------------------------------------------------------- the rest
 
-@pytest.mark.parametrize(("page", "first", "text"), [
-    pytest.param(page, first, text, id=f"{rel(page)}:{first}")
-    for page in PAGES for info, first, text in blocks(page) if info.split(" ")[0] == "toml"])
+
+@pytest.mark.parametrize(
+    ("page", "first", "text"),
+    [
+        pytest.param(page, first, text, id=f"{rel(page)}:{first}")
+        for page in PAGES
+        for info, first, text in blocks(page)
+        if info.split(" ")[0] == "toml"
+    ],
+)
 def test_every_toml_block_parses(page, first, text):
     tomllib.loads(text)
 
@@ -339,9 +378,15 @@ def test_readme_is_at_most_200_lines():
     assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 200
 
 
-BENCH_PAGES = {"solvers": "benchmarks.md", "train": "benchmarks.md", "sampling": "benchmarks.md",
-               "sampling-allocation": "benchmarks.md", "export": "benchmarks.md", "cli_start": "benchmarks.md",
-               "paper_claims": "paper-claims.md"}
+BENCH_PAGES = {
+    "solvers": "benchmarks.md",
+    "train": "benchmarks.md",
+    "sampling": "benchmarks.md",
+    "sampling-allocation": "benchmarks.md",
+    "export": "benchmarks.md",
+    "cli_start": "benchmarks.md",
+    "paper_claims": "paper-claims.md",
+}
 
 
 @pytest.mark.parametrize(("marker", "page"), BENCH_PAGES.items())
@@ -359,10 +404,12 @@ def test_update_doc_replaces_only_the_text_between_its_markers(tmp_path):
     spec.loader.exec_module(report)  # benchmarks/ is scripts, not a package
     update_doc = report.update_doc
     page = tmp_path / "benchmarks.md"
-    page.write_text("intro\n<!-- bench:a -->\nold\n<!-- /bench:a -->\nread\n"
-                    "<!-- bench:b -->\nkeep\n<!-- /bench:b -->\n")
+    page.write_text(
+        "intro\n<!-- bench:a -->\nold\n<!-- /bench:a -->\nread\n<!-- bench:b -->\nkeep\n<!-- /bench:b -->\n"
+    )
     update_doc("a", "| new |\n", docs=tmp_path)
-    assert page.read_text() == ("intro\n<!-- bench:a -->\n| new |\n<!-- /bench:a -->\nread\n"
-                                "<!-- bench:b -->\nkeep\n<!-- /bench:b -->\n")
+    assert page.read_text() == (
+        "intro\n<!-- bench:a -->\n| new |\n<!-- /bench:a -->\nread\n<!-- bench:b -->\nkeep\n<!-- /bench:b -->\n"
+    )
     with pytest.raises(SystemExit, match="no <!-- bench:c -->"):
         update_doc("c", "x\n", docs=tmp_path)

@@ -24,8 +24,9 @@ FEATURES = 8  # FID needs more samples than feature dimensions: a small dim keep
 @pytest.fixture(scope="module")
 def extractor_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("extractor") / "tiny.safetensors"
-    train_extractor(path, steps=40, batch_size=64, train_limit=2560, test_limit=500, widths=(4, 8, 8),
-                    features=FEATURES)
+    train_extractor(
+        path, steps=40, batch_size=64, train_limit=2560, test_limit=500, widths=(4, 8, 8), features=FEATURES
+    )
     return path
 
 
@@ -97,8 +98,17 @@ def test_cli_eval_folders_offline(extractor_file: Path, fmnist: torch.Tensor, tm
     Image.new("RGB", (70, 70)).save(tmp_path / "samples" / "grid.png")  # beside images/: no sample
     ref = write_pngs(tmp_path / "ref", fmnist[40:100])
     out = tmp_path / "report.json"
-    r = run_cli("eval", str(samples.parent), "--ref", str(ref), "--extractor", str(extractor_file),
-                "--json", str(out), env={"TORCH_HOME": str(tmp_path / "torch-home")})
+    r = run_cli(
+        "eval",
+        str(samples.parent),
+        "--ref",
+        str(ref),
+        "--extractor",
+        str(extractor_file),
+        "--json",
+        str(out),
+        env={"TORCH_HOME": str(tmp_path / "torch-home")},
+    )
     assert r.returncode == 0, r.stderr
     assert "FID (fpdm-fmnist-cnn features)" in r.stdout and "Inception" not in r.stdout
     report = json.loads(out.read_text())
@@ -108,32 +118,54 @@ def test_cli_eval_folders_offline(extractor_file: Path, fmnist: torch.Tensor, tm
 
 
 @pytest.mark.slow
-def test_cli_eval_samples_a_checkpoint_first(trained: Path, extractor_file: Path, tmp_path: Path,
-                                             cli) -> None:  # type: ignore[no-untyped-def]
+def test_cli_eval_samples_a_checkpoint_first(trained: Path, extractor_file: Path, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     """A run folder is sampled first (the tiny model makes 8x8 images, so the reference is 8x8 too), and
     `fpdm.evaluate` on the loaded pipeline gives the same numbers."""
     import fpdm
 
     ref = write_pngs(tmp_path / "ref8", (torch.rand(30, 1, 8, 8) * 255).to(torch.uint8))
-    code, out, err = cli("eval", str(trained), "--n", "12", "--steps", "2", "--ref", str(ref), "--no-prc",
-                         "--extractor", str(extractor_file), "--no-progress", "--json", str(tmp_path / "r.json"))
+    code, out, err = cli(
+        "eval",
+        str(trained),
+        "--n",
+        "12",
+        "--steps",
+        "2",
+        "--ref",
+        str(ref),
+        "--no-prc",
+        "--extractor",
+        str(extractor_file),
+        "--no-progress",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     assert code == 0, err
     assert "12 images gray 8x8" in out and "30 images" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["samples"]["step"] == 6 and report["samples"]["steps"] == 2
     assert report["samples"]["blocks_per_sample"] > 0 and report["samples"]["weights"] == "ema"
     pipe = fpdm.load(trained, device="cpu")
-    result = fpdm.evaluate(pipe, n=12, ref=str(ref), prc=False, extractor=str(extractor_file),
-                           sample=fpdm.SampleConfig(steps=2), progress=False)
+    result = fpdm.evaluate(
+        pipe,
+        n=12,
+        ref=str(ref),
+        prc=False,
+        extractor=str(extractor_file),
+        sample=fpdm.SampleConfig(steps=2),
+        progress=False,
+    )
     assert (result.fid, result.kid_mean) == (report["metrics"]["fid"], report["metrics"]["kid_mean"])
 
 
 @pytest.mark.slow
-def test_cli_eval_fashion_mnist_reference_names_split(extractor_file: Path, fmnist: torch.Tensor,
-                                                      tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+def test_cli_eval_fashion_mnist_reference_names_split(
+    extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path, cli
+) -> None:  # type: ignore[no-untyped-def]
     samples = write_pngs(tmp_path / "s", fmnist[:30])
-    code, out, err = cli("eval", str(samples), "--ref", "fashion_mnist", "--ref-n", "300", "--extractor",
-                         str(extractor_file))
+    code, out, err = cli(
+        "eval", str(samples), "--ref", "fashion_mnist", "--ref-n", "300", "--extractor", str(extractor_file)
+    )
     assert code == 0, err
     assert "Fashion-MNIST test split" in out and "300 images" in out and "30 images" in out
 
@@ -165,8 +197,9 @@ def test_folder_refusals(case: str, fmnist: torch.Tensor, tmp_path: Path) -> Non
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["rgb", "few", "inception"])
-def test_cli_eval_bad_input_is_one_line(case: str, extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch, cli) -> None:  # type: ignore[no-untyped-def]
+def test_cli_eval_bad_input_is_one_line(
+    case: str, extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
+) -> None:  # type: ignore[no-untyped-def]
     args, message = _bad_inputs(tmp_path, fmnist)[case]
     extra = [] if case == "inception" else ["--extractor", str(extractor_file)]
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
@@ -194,23 +227,34 @@ def test_inception_weights_are_found_locally_or_not_at_all(tmp_path: Path, monke
 # fpdm.evaluate: the library call behind `fpdm eval`
 
 
-def test_evaluate_matches_the_cli_on_a_folder_and_on_a_tensor(extractor_file: Path, fmnist: torch.Tensor,
-                                                              tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_matches_the_cli_on_a_folder_and_on_a_tensor(
+    extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path, cli
+) -> None:  # type: ignore[no-untyped-def]
     import fpdm
 
     samples = write_pngs(tmp_path / "samples", fmnist[:40])
     ref = write_pngs(tmp_path / "ref", fmnist[40:100])
-    code, out, err = cli("eval", str(samples), "--ref", str(ref), "--extractor", str(extractor_file),
-                         "--json", str(tmp_path / "report.json"))
+    code, out, err = cli(
+        "eval",
+        str(samples),
+        "--ref",
+        str(ref),
+        "--extractor",
+        str(extractor_file),
+        "--json",
+        str(tmp_path / "report.json"),
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "report.json").read_text())
     from_folder = fpdm.evaluate(samples, ref=str(ref), extractor=str(extractor_file), progress=False)
     as_floats = fmnist[:40].float() / 127.5 - 1  # what Pipeline.sample returns: float32 in [-1, 1]
     from_tensor = fpdm.evaluate(as_floats, ref=str(ref), extractor=str(extractor_file), progress=False)
     for result in (from_folder, from_tensor):
-        assert (result.fid, result.kid_mean, result.kid_std) == (report["metrics"]["fid"],
-                                                                report["metrics"]["kid_mean"],
-                                                                report["metrics"]["kid_std"])
+        assert (result.fid, result.kid_mean, result.kid_std) == (
+            report["metrics"]["fid"],
+            report["metrics"]["kid_mean"],
+            report["metrics"]["kid_std"],
+        )
         assert (result.precision, result.recall) == (report["metrics"]["precision"], report["metrics"]["recall"])
         assert result.n == 40 and result.reference.n == 60
         assert result.extractor.name == "fpdm-fmnist-cnn"
@@ -219,8 +263,9 @@ def test_evaluate_matches_the_cli_on_a_folder_and_on_a_tensor(extractor_file: Pa
     assert from_folder.lines() == report["lines"] and out.strip().splitlines() == report["lines"]
 
 
-def test_evaluate_options_come_from_a_config_and_keywords(extractor_file: Path, fmnist: torch.Tensor,
-                                                         tmp_path: Path) -> None:
+def test_evaluate_options_come_from_a_config_and_keywords(
+    extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path
+) -> None:
     import inspect
 
     import attrs
@@ -242,8 +287,9 @@ def test_evaluate_options_come_from_a_config_and_keywords(extractor_file: Path, 
     assert "precision" not in result.to_dict()["metrics"]
 
 
-def test_evaluate_refuses_cheaply(trained: Path, extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path,
-                                  monkeypatch: pytest.MonkeyPatch, cli) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_refuses_cheaply(
+    trained: Path, extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
+) -> None:  # type: ignore[no-untyped-def]
     """Counts, paths and the extractor choice are checked before a model is loaded or an extractor trained."""
     import fpdm.eval.evaluation as evaluation
 
@@ -256,11 +302,11 @@ def test_evaluate_refuses_cheaply(trained: Path, extractor_file: Path, fmnist: t
         evaluation.evaluate(trained, ref=str(tmp_path), progress=False)
     ref = write_pngs(tmp_path / "ref", fmnist[:20])
     with pytest.raises(UsageError, match="never downloads"):
-        evaluation.evaluate(trained, n=10, ref=str(ref), extractor="inception-v3", inception_weights=None,
-                            progress=False)
+        evaluation.evaluate(
+            trained, n=10, ref=str(ref), extractor="inception-v3", inception_weights=None, progress=False
+        )
     with pytest.raises(UsageError, match="expected auto"):
-        evaluation.evaluate(trained, n=10, ref=str(ref), extractor=str(tmp_path / "nope.safetensors"),
-                            progress=False)
+        evaluation.evaluate(trained, n=10, ref=str(ref), extractor=str(tmp_path / "nope.safetensors"), progress=False)
     with pytest.raises(UsageError, match="does not exist"):
         evaluation.evaluate(tmp_path / "missing", ref=str(ref), progress=False)
     with pytest.raises(UsageError, match="1 or 3 channels"):
@@ -271,8 +317,9 @@ def test_evaluate_refuses_cheaply(trained: Path, extractor_file: Path, fmnist: t
     assert code == 2 and "--n must be >= 1" in err
 
 
-def test_cli_eval_json_to_stdout_and_weights_aliases(extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path,
-                                                    cli) -> None:  # type: ignore[no-untyped-def]
+def test_cli_eval_json_to_stdout_and_weights_aliases(
+    extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path, cli
+) -> None:  # type: ignore[no-untyped-def]
     samples = write_pngs(tmp_path / "s", fmnist[:30])
     ref = write_pngs(tmp_path / "r", fmnist[30:70])
     common = ["--ref", str(ref), "--extractor", str(extractor_file), "--no-prc"]

@@ -24,14 +24,21 @@ from fpdm.export.onnx import FORMAT_VERSION, example_inputs, read_metadata  # no
 from fpdm.export.ort import OrtDenoiser, OrtLoop, OrtSession  # noqa: E402
 
 
-def _export(run: Path, out: Path, *, solver: str = "fixed_point", iters: int = 3, loop: LoopSpec | None = None,
-            **options) -> dict:  # type: ignore[no-untyped-def]
+def _export(
+    run: Path, out: Path, *, solver: str = "fixed_point", iters: int = 3, loop: LoopSpec | None = None, **options
+) -> dict:  # type: ignore[no-untyped-def]
     ckpt = load_checkpoint(run)
     model = load_denoiser(ckpt, registry=REGISTRY)
     return OnnxExporter(iters=iters, **options).export(
-        model, solver=REGISTRY.create("solver", solver), solver_info={"name": solver, "options": {}},
-        config=ckpt.config, spec=ckpt.spec, source={"checkpoint": str(ckpt.path), "step": ckpt.step}, out=out,
-        loop=loop)
+        model,
+        solver=REGISTRY.create("solver", solver),
+        solver_info={"name": solver, "options": {}},
+        config=ckpt.config,
+        spec=ckpt.spec,
+        source={"checkpoint": str(ckpt.path), "step": ckpt.step},
+        out=out,
+        loop=loop,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +46,11 @@ def dit_run(images, tmp_path_factory):  # type: ignore[no-untyped-def]
     from fpdm.training.loop import train
 
     out = tmp_path_factory.mktemp("dit") / "run"
-    train(tiny_config(images, out, "model.arch=DiT-XS/2", "model.depth=2", "train.steps=3"), registry=REGISTRY,
-          progress=False)
+    train(
+        tiny_config(images, out, "model.arch=DiT-XS/2", "model.depth=2", "train.steps=3"),
+        registry=REGISTRY,
+        progress=False,
+    )
     return out
 
 
@@ -59,8 +69,9 @@ def test_step_graph_matches_the_pytorch_solve(trained, tmp_path, solver, iters):
     inputs = example_inputs(model, 5, generator=torch.Generator().manual_seed(7))
     for z0 in (None, inputs["z0"]):  # cold start, then a reused state
         with torch.no_grad():
-            want = model(inputs["x_t"], inputs["t"], inputs["y"], z0=z0, iters=iters,
-                         solver=REGISTRY.create("solver", solver))
+            want = model(
+                inputs["x_t"], inputs["t"], inputs["y"], z0=z0, iters=iters, solver=REGISTRY.create("solver", solver)
+            )
         got = ort_model(inputs["x_t"], inputs["t"], inputs["y"], z0=z0, iters=iters)
         assert _relative(got.pred, want.pred) <= 1e-4
         assert _relative(got.z, want.z) <= 1e-4
@@ -137,11 +148,19 @@ def test_ort_sampler_reproduces_pytorch_samples(trained, tmp_path):
 
     model, parts = _sampling_options(trained, iters=2)
     _export(trained, tmp_path / "m.onnx", iters=2, verify=False)
-    common = dict(n=5, batch_size=3, seed=3, labels=[0, 1], shape=(1, 8, 8), sampler=parts.sampler,
-                  iterations=parts.iterations, reuse=parts.reuse, cfg_scale=2.0)
+    common = dict(
+        n=5,
+        batch_size=3,
+        seed=3,
+        labels=[0, 1],
+        shape=(1, 8, 8),
+        sampler=parts.sampler,
+        iterations=parts.iterations,
+        reuse=parts.reuse,
+        cfg_scale=2.0,
+    )
     want = generate(model, parts.diffusion, solver=REGISTRY.create("solver", "fixed_point"), **common)
-    got = generate(OrtDenoiser(OrtSession(tmp_path / "m.onnx", provider="cpu")), parts.diffusion, solver=None,
-                   **common)
+    got = generate(OrtDenoiser(OrtSession(tmp_path / "m.onnx", provider="cpu")), parts.diffusion, solver=None, **common)
     assert (got.images - want.images).abs().max().item() <= 1e-4
     for a, b in zip(got.steps, want.steps):
         assert a["iterations_mean"] == b["iterations_mean"] == 2
@@ -154,13 +173,33 @@ def test_whole_loop_export_reproduces_pytorch_samples(trained, tmp_path):
     from fpdm.diffusion.sampling import generate, generate_batches
 
     model, parts = _sampling_options(trained, iters=2)
-    loop = LoopSpec(parts.diffusion, parts.sampler, parts.iterations, parts.reuse, 2.0, None, False, True,
-                    {"steps": 4, "sampler": "ddpm", "reuse": "extrapolate", "cfg_scale": 2.0})
+    loop = LoopSpec(
+        parts.diffusion,
+        parts.sampler,
+        parts.iterations,
+        parts.reuse,
+        2.0,
+        None,
+        False,
+        True,
+        {"steps": 4, "sampler": "ddpm", "reuse": "extrapolate", "cfg_scale": 2.0},
+    )
     report = _export(trained, tmp_path / "loop.onnx", loop=loop)
     assert report["kind"] == "loop" and report["inputs"] == ["x_T", "y", "noise"]
-    want = generate(model, parts.diffusion, n=4, batch_size=4, seed=5, labels=[1, 0], shape=(1, 8, 8),
-                    sampler=parts.sampler, solver=REGISTRY.create("solver", "fixed_point"),
-                    iterations=parts.iterations, reuse=parts.reuse, cfg_scale=2.0)
+    want = generate(
+        model,
+        parts.diffusion,
+        n=4,
+        batch_size=4,
+        seed=5,
+        labels=[1, 0],
+        shape=(1, 8, 8),
+        sampler=parts.sampler,
+        solver=REGISTRY.create("solver", "fixed_point"),
+        iterations=parts.iterations,
+        reuse=parts.reuse,
+        cfg_scale=2.0,
+    )
     ort_loop = OrtLoop(OrtSession(tmp_path / "loop.onnx", provider="cpu"))
     got = generate_batches(ort_loop, n=4, batch_size=4, seed=5, labels=[1, 0])
     assert (got.images - want.images).abs().max().item() <= 1e-3
@@ -184,16 +223,31 @@ def test_cli_exports_and_samples_with_onnxruntime(trained, tmp_path):
 class _OpaqueSolver(Solver):
     """A third-party solver without an unrolled form."""
 
-    def solve(self, f, z0, *, max_iter, tol, check_every=1,  # type: ignore[no-untyped-def]
-              trace=False) -> SolverResult:
+    def solve(
+        self,
+        f,
+        z0,
+        *,
+        max_iter,
+        tol,
+        check_every=1,  # type: ignore[no-untyped-def]
+        trace=False,
+    ) -> SolverResult:
         raise NotImplementedError
 
 
 def test_a_solver_without_an_unrolled_form_is_named(trained, tmp_path):
     ckpt = load_checkpoint(trained)
     with pytest.raises(UsageError, match=r"solver _OpaqueSolver cannot be exported: .*unrolled\(f, z0, \*, iters\)"):
-        OnnxExporter().export(load_denoiser(ckpt, registry=REGISTRY), solver=_OpaqueSolver(), solver_info=None,
-                              config=ckpt.config, spec=ckpt.spec, source={}, out=tmp_path / "x.onnx")
+        OnnxExporter().export(
+            load_denoiser(ckpt, registry=REGISTRY),
+            solver=_OpaqueSolver(),
+            solver_info=None,
+            config=ckpt.config,
+            spec=ckpt.spec,
+            source={},
+            out=tmp_path / "x.onnx",
+        )
     assert not list(tmp_path.iterdir())
 
 
@@ -207,17 +261,20 @@ def test_failed_parity_writes_nothing(trained, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, message", [
-    (["--onnx", "--iters", "0"], "iters must be >= 1"),
-    (["--onnx", "--opset", "12"], "'opset' must be >= 18"),
-    (["--onnx", "--opset", "40", "--no-verify"], "cannot write opset 40"),
-    (["--iters", "2"], "choose a format"),
-    (["--onnx", "--steps", "4"], "only apply to whole_loop"),
-    (["--onnx", "--whole-loop"], "whole_loop needs steps"),
-    (["--onnx", "--whole-loop", "--steps", "3", "--allocator", "adaptive"], "needs a fixed plan"),
-    (["--format", "tensorrt"], "unknown exporter 'tensorrt'"),
-    (["--onnx", "--out", "model.bin"], "out must end in .onnx"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--onnx", "--iters", "0"], "iters must be >= 1"),
+        (["--onnx", "--opset", "12"], "'opset' must be >= 18"),
+        (["--onnx", "--opset", "40", "--no-verify"], "cannot write opset 40"),
+        (["--iters", "2"], "choose a format"),
+        (["--onnx", "--steps", "4"], "only apply to whole_loop"),
+        (["--onnx", "--whole-loop"], "whole_loop needs steps"),
+        (["--onnx", "--whole-loop", "--steps", "3", "--allocator", "adaptive"], "needs a fixed plan"),
+        (["--format", "tensorrt"], "unknown exporter 'tensorrt'"),
+        (["--onnx", "--out", "model.bin"], "out must end in .onnx"),
+    ],
+)
 def test_bad_export_arguments_get_one_line(trained, tmp_path, args, message):
     out = [] if "--out" in args else ["--out", str(tmp_path / "m.onnx")]
     done = run_cli("export", str(trained), *args, *out)
@@ -255,11 +312,13 @@ def test_onnx_without_fpdm_metadata_or_from_a_newer_format_is_refused(trained, t
 def test_ort_sampler_refuses_what_one_graph_cannot_do(trained, tmp_path):
     _export(trained, tmp_path / "m.onnx", iters=2, verify=False)
     path = str(tmp_path / "m.onnx")
-    for args, message in [(["--allocator", "increasing", "--budget", "30"], "allocation is fixed"),
-                          (["--budget", "25"], "the graph runs exactly K=2"),
-                          (["--tol", "0.01"], "fixed when a graph is exported"),
-                          (["--backend", "torch"], "samples with --backend onnxruntime"),
-                          (["--cuda-graph", "--provider", "cpu"], "needs the CUDA provider")]:
+    for args, message in [
+        (["--allocator", "increasing", "--budget", "30"], "allocation is fixed"),
+        (["--budget", "25"], "the graph runs exactly K=2"),
+        (["--tol", "0.01"], "fixed when a graph is exported"),
+        (["--backend", "torch"], "samples with --backend onnxruntime"),
+        (["--cuda-graph", "--provider", "cpu"], "needs the CUDA provider"),
+    ]:
         done = run_cli("sample", path, "--n", "1", "--steps", "5", *args)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
     model = OrtDenoiser(OrtSession(path, provider="cpu"))
@@ -276,8 +335,16 @@ def test_the_cards_command_names_the_missing_default_run(tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "fpdm.apps.cli", "export", "--onnx", "--iters", "3"], cwd=tmp_path,
-                          capture_output=True, text=True, env={**os.environ, "FPDM_LOAD_PLUGINS": ""}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "fpdm.apps.cli", "export", "--onnx", "--iters", "3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FPDM_LOAD_PLUGINS": ""},
+        timeout=120,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip() == ("fpdm export: error: no checkpoint given and the default run runs/fashion_mnist "
-                                   "has none: train one with `fpdm train` or name a run, checkpoint or .onnx file")
+    assert done.stderr.strip() == (
+        "fpdm export: error: no checkpoint given and the default run runs/fashion_mnist "
+        "has none: train one with `fpdm train` or name a run, checkpoint or .onnx file"
+    )

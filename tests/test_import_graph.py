@@ -14,8 +14,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"fpdm": "fpdm_core", "fpdm.plugins": "plugins", "fpdm.export": "export", "fpdm.apps": "apps",
-           "benchmarks": "benchmarks"}
+FOLDERS = {
+    "fpdm": "fpdm_core",
+    "fpdm.plugins": "plugins",
+    "fpdm.export": "export",
+    "fpdm.apps": "apps",
+    "benchmarks": "benchmarks",
+}
 # layer -> the layers it must not import
 FORBIDDEN = {
     "fpdm": ("fpdm.plugins", "fpdm.export", "fpdm.apps", "benchmarks"),
@@ -40,7 +45,8 @@ def _type_checking(node: ast.AST) -> bool:
     test = getattr(node, "test", None)
     return isinstance(node, ast.If) and (
         (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
 
 
 def imports(name: str, path: Path, known: set[str]) -> set[str]:

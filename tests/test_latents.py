@@ -162,8 +162,23 @@ def cli(capsys, monkeypatch):  # type: ignore[no-untyped-def]
 @pytest.mark.slow
 def test_encode_train_sample_decode(images, vae_dir, tmp_path, cli):
     out = tmp_path / "latents"
-    r = run_cli("encode", str(images), str(out), "--vae", str(vae_dir), "--image-size", "16", "--batch-size", "5",
-                "--name", "shapes", "--mean", "--no-progress", "--device", "cpu")
+    r = run_cli(
+        "encode",
+        str(images),
+        str(out),
+        "--vae",
+        str(vae_dir),
+        "--image-size",
+        "16",
+        "--batch-size",
+        "5",
+        "--name",
+        "shapes",
+        "--mean",
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
     assert "data.channels=4 --set data.image_size=8" in r.stdout
     assert sorted(p.name for p in out.iterdir()) == ["shapes_features", "shapes_info.json", "shapes_labels"]
@@ -174,39 +189,69 @@ def test_encode_train_sample_decode(images, vae_dir, tmp_path, cli):
     assert info["class_names"] == ["bright", "dark"] and info["scale_factor"] == 0.18215
     ds = build_dataset(latent_config(out))
     assert ds.class_names == ["bright", "dark"] and len(ds) == 24
-    one_line_error(cli("encode", str(images), str(out), "--vae", str(vae_dir), "--name", "shapes"),
-                   "shapes_features already exists")
+    one_line_error(
+        cli("encode", str(images), str(out), "--vae", str(vae_dir), "--name", "shapes"),
+        "shapes_features already exists",
+    )
 
     from fpdm.training.loop import train
 
     run = tmp_path / "run"
     train(tiny_config(out, run, *LATENT, "train.steps=2", "train.ckpt_every=2"), registry=REGISTRY, progress=False)
     samples = tmp_path / "samples"
-    r = cli("sample", str(run), "--vae", str(vae_dir), "--n", "2", "--steps", "2", "--out", str(samples),
-                "--no-progress", "--device", "cpu")
+    r = cli(
+        "sample",
+        str(run),
+        "--vae",
+        str(vae_dir),
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        str(samples),
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
     from PIL import Image
 
     with Image.open(samples / "images" / "000000.png") as im:
         assert im.size == (16, 16) and im.mode == "RGB"  # decoded: 4x8x8 latents -> 3x16x16 pixels
-    one_line_error(cli("sample", str(run), "--n", "1", "--steps", "2", "--out", str(tmp_path / "o")),
-                   "generates latents of shape (4, 8, 8)", "pass --vae DIR", "config.json")
-    three = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(8,), norm_num_groups=8, latent_channels=3)),
-                     tmp_path / "vae3")
-    one_line_error(cli("sample", str(run), "--vae", str(three), "--n", "1", "--steps", "2"),
-                   "has 3 latent channels; this checkpoint generates 4")
+    one_line_error(
+        cli("sample", str(run), "--n", "1", "--steps", "2", "--out", str(tmp_path / "o")),
+        "generates latents of shape (4, 8, 8)",
+        "pass --vae DIR",
+        "config.json",
+    )
+    three = save_vae(
+        AutoencoderKL(VAEConfig(block_out_channels=(8,), norm_num_groups=8, latent_channels=3)), tmp_path / "vae3"
+    )
+    one_line_error(
+        cli("sample", str(run), "--vae", str(three), "--n", "1", "--steps", "2"),
+        "has 3 latent channels; this checkpoint generates 4",
+    )
 
 
 def test_vae_for_a_pixel_model_and_encode_errors(trained, images, vae_dir, tmp_path, cli):
-    one_line_error(cli("sample", str(trained), "--vae", str(vae_dir), "--n", "1", "--steps", "2"),
-                   "--vae applies to latent models only")
+    one_line_error(
+        cli("sample", str(trained), "--vae", str(vae_dir), "--n", "1", "--steps", "2"),
+        "--vae applies to latent models only",
+    )
     one_line_error(cli("encode", str(images), str(tmp_path / "o")), "--vae is required")
-    one_line_error(cli("encode", str(images), str(tmp_path / "o"), "--vae", str(tmp_path / "none")),
-                   "none does not exist", "config.json")
-    one_line_error(cli("encode", str(images), str(tmp_path / "o"), "--vae", str(vae_dir), "--image-size", "15"),
-                   "--image-size 15 must be a positive multiple of 2")
-    one_line_error(cli("encode", str(tmp_path / "nothing"), str(tmp_path / "o"), "--vae", str(vae_dir)),
-                   "nothing does not exist")
+    one_line_error(
+        cli("encode", str(images), str(tmp_path / "o"), "--vae", str(tmp_path / "none")),
+        "none does not exist",
+        "config.json",
+    )
+    one_line_error(
+        cli("encode", str(images), str(tmp_path / "o"), "--vae", str(vae_dir), "--image-size", "15"),
+        "--image-size 15 must be a positive multiple of 2",
+    )
+    one_line_error(
+        cli("encode", str(tmp_path / "nothing"), str(tmp_path / "o"), "--vae", str(vae_dir)), "nothing does not exist"
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -214,13 +259,38 @@ def test_encode_folder_is_the_library_call_behind_fpdm_encode(images, vae_dir, t
     from fpdm.io.encode import encode_folder
     from fpdm.io.vae_weights import load_vae
 
-    r = cli("encode", str(images), str(tmp_path / "cli"), "--vae", str(vae_dir), "--image-size", "16",
-            "--batch-size", "5", "--seed", "3", "--no-progress", "--device", "cpu")
+    r = cli(
+        "encode",
+        str(images),
+        str(tmp_path / "cli"),
+        "--vae",
+        str(vae_dir),
+        "--image-size",
+        "16",
+        "--batch-size",
+        "5",
+        "--seed",
+        "3",
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
-    by_path = encode_folder(images, tmp_path / "api", vae=vae_dir, image_size=16, batch_size=5, seed=3,
-                            progress=False, device="cpu")
-    in_memory = encode_folder(images, tmp_path / "mem", vae=load_vae(vae_dir), image_size=16, batch_size=5, seed=3,
-                              name="shapes", sample=False, progress=False, device="cpu")
+    by_path = encode_folder(
+        images, tmp_path / "api", vae=vae_dir, image_size=16, batch_size=5, seed=3, progress=False, device="cpu"
+    )
+    in_memory = encode_folder(
+        images,
+        tmp_path / "mem",
+        vae=load_vae(vae_dir),
+        image_size=16,
+        batch_size=5,
+        seed=3,
+        name="shapes",
+        sample=False,
+        progress=False,
+        device="cpu",
+    )
     name = images.name
     assert by_path.features == tmp_path / "api" / f"{name}_features" and by_path.count == 24
     assert by_path.latent_shape == (4, 8, 8) and by_path.class_names == ["bright", "dark"]

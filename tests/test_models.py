@@ -26,8 +26,9 @@ def n_params(model: torch.nn.Module) -> int:
 )
 def test_parameter_counts_match_the_paper(arch, expected):
     with torch.device("meta"):  # no memory: XL DiT has 675M parameters
-        model = build_denoiser(ModelConfig(arch=arch), input_size=32, in_channels=4, num_classes=1000,
-                               registry=REGISTRY)
+        model = build_denoiser(
+            ModelConfig(arch=arch), input_size=32, in_channels=4, num_classes=1000, registry=REGISTRY
+        )
     assert abs(n_params(model) - expected) / expected < 0.002
 
 
@@ -168,8 +169,9 @@ def test_fpdm_is_a_fixed_point_denoiser_and_dit_is_not():
     from fpdm.interfaces import FixedPointDenoiser, FixedPointProblem, is_fixed_point
 
     torch.manual_seed(0)
-    model = FPDM(input_size=8, in_channels=1, patch_size=2, hidden_size=32, num_heads=2, pre_depth=2, post_depth=1,
-                 num_classes=3).eval()
+    model = FPDM(
+        input_size=8, in_channels=1, patch_size=2, hidden_size=32, num_heads=2, pre_depth=2, post_depth=1, num_classes=3
+    ).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)  # a contraction, so the iterates below stay small
     dit = DiT(input_size=8, in_channels=1, patch_size=2, hidden_size=32, num_heads=2, depth=3, num_classes=3)

@@ -45,30 +45,52 @@ def ref_pos_embed(dim: int, grid: int) -> Tensor:
     return torch.cat([axis(tok % grid), axis(tok // grid)], dim=1).float()[None]  # (1, T, D)
 
 
-def official_state_dict(*, fpdm: bool, hidden: int, patch: int = 2, grid: int = 4, classes: int = 5,
-                        learn_sigma: bool = True, pre: int = 1, post: int = 1, depth: int = 2, seed: int = 0,
-                        mlp_ratio: int = 4) -> dict[str, Tensor]:
+def official_state_dict(
+    *,
+    fpdm: bool,
+    hidden: int,
+    patch: int = 2,
+    grid: int = 4,
+    classes: int = 5,
+    learn_sigma: bool = True,
+    pre: int = 1,
+    post: int = 1,
+    depth: int = 2,
+    seed: int = 0,
+    mlp_ratio: int = 4,
+) -> dict[str, Tensor]:
     """Random weights under the official names and shapes (every adaLN non-zero, so every path matters)."""
     g = torch.Generator().manual_seed(seed)
     d, c = hidden, 4
     shapes: dict[str, tuple[int, ...]] = {
-        "x_embedder.proj.weight": (d, c, patch, patch), "x_embedder.proj.bias": (d,),
-        "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
-        "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
+        "x_embedder.proj.weight": (d, c, patch, patch),
+        "x_embedder.proj.bias": (d,),
+        "t_embedder.mlp.0.weight": (d, 256),
+        "t_embedder.mlp.0.bias": (d,),
+        "t_embedder.mlp.2.weight": (d, d),
+        "t_embedder.mlp.2.bias": (d,),
     }
     if classes:
         shapes["y_embedder.embedding_table.weight"] = (classes + 1, d)
 
     def block(prefix: str) -> None:
-        for name, shape in (("attn.qkv", (3 * d, d)), ("attn.proj", (d, d)), ("mlp.fc1", (mlp_ratio * d, d)),
-                            ("mlp.fc2", (d, mlp_ratio * d)), ("adaLN_modulation.1", (6 * d, d))):
+        for name, shape in (
+            ("attn.qkv", (3 * d, d)),
+            ("attn.proj", (d, d)),
+            ("mlp.fc1", (mlp_ratio * d, d)),
+            ("mlp.fc2", (d, mlp_ratio * d)),
+            ("adaLN_modulation.1", (6 * d, d)),
+        ):
             shapes[f"{prefix}.{name}.weight"], shapes[f"{prefix}.{name}.bias"] = shape, shape[:1]
 
     if fpdm:
         for i in range(pre):
             block(f"blocks_pre.{i}")
-        for name, shape in (("block_pre_projection", (d, d)), ("block_fixed_point_projection_fc1", (2 * d, 2 * d)),
-                            ("block_fixed_point_projection_fc2", (d, 2 * d))):
+        for name, shape in (
+            ("block_pre_projection", (d, d)),
+            ("block_fixed_point_projection_fc1", (2 * d, 2 * d)),
+            ("block_fixed_point_projection_fc2", (d, 2 * d)),
+        ):
             shapes[f"{name}.weight"], shapes[f"{name}.bias"] = shape, shape[:1]
         block("block_fixed_point")
         for i in range(post):
@@ -77,9 +99,14 @@ def official_state_dict(*, fpdm: bool, hidden: int, patch: int = 2, grid: int = 
         for i in range(depth):
             block(f"blocks.{i}")
     out = patch * patch * c * (2 if learn_sigma else 1)
-    shapes.update({"final_layer.linear.weight": (out, d), "final_layer.linear.bias": (out,),
-                   "final_layer.adaLN_modulation.1.weight": (2 * d, d),
-                   "final_layer.adaLN_modulation.1.bias": (2 * d,)})
+    shapes.update(
+        {
+            "final_layer.linear.weight": (out, d),
+            "final_layer.linear.bias": (out,),
+            "final_layer.adaLN_modulation.1.weight": (2 * d, d),
+            "final_layer.adaLN_modulation.1.bias": (2 * d,),
+        }
+    )
     sd = {k: torch.randn(s, generator=g) / math.sqrt(s[-1] if len(s) > 1 else 4) for k, s in shapes.items()}
     return {"pos_embed": ref_pos_embed(d, grid), **sd}
 
@@ -103,8 +130,16 @@ def ref_block(sd: dict[str, Tensor], p: str, x: Tensor, c: Tensor, heads: int) -
     return x + gate2[:, None] * _lin(sd, f"{p}.mlp.fc2", F.gelu(_lin(sd, f"{p}.mlp.fc1", h), approximate="tanh"))
 
 
-def ref_forward(sd: dict[str, Tensor], x: Tensor, t: Tensor, y: Tensor | None, *, heads: int, iters: int = 0,
-                prepost_timestep: bool = False) -> Tensor:
+def ref_forward(
+    sd: dict[str, Tensor],
+    x: Tensor,
+    t: Tensor,
+    y: Tensor | None,
+    *,
+    heads: int,
+    iters: int = 0,
+    prepost_timestep: bool = False,
+) -> Tensor:
     """The official forward pass (FPDM when block_fixed_point.* exists, else DiT), straight from the tensors."""
     w = sd["x_embedder.proj.weight"]
     p = w.shape[-1]
@@ -133,14 +168,22 @@ def ref_forward(sd: dict[str, Tensor], x: Tensor, t: Tensor, y: Tensor | None, *
         c_final = c
     shift, scale = _lin(sd, "final_layer.adaLN_modulation.1", F.silu(c_final)).chunk(2, dim=1)
     out = _lin(sd, "final_layer.linear", _ln(h) * (1 + scale[:, None]) + shift[:, None])  # (B, T, p*p*C)
-    g = int(math.isqrt(out.shape[1]))
+    g = math.isqrt(out.shape[1])
     ch = out.shape[-1] // (p * p)
     out = out.reshape(-1, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
     return out.reshape(-1, ch, g * p, g * p)
 
 
-def parity(run, sd: dict[str, Tensor], *, heads: int, iters: int, prepost_timestep: bool = False,
-           classes: int = 5, ema: bool = True) -> float:
+def parity(
+    run,
+    sd: dict[str, Tensor],
+    *,
+    heads: int,
+    iters: int,
+    prepost_timestep: bool = False,
+    classes: int = 5,
+    ema: bool = True,
+) -> float:
     """Max abs difference between the imported model and the reference, in float64."""
     model = load_denoiser(load_checkpoint(run), ema=ema, registry=REGISTRY).double()
     size = model.input_size
@@ -151,8 +194,9 @@ def parity(run, sd: dict[str, Tensor], *, heads: int, iters: int, prepost_timest
     solver = REGISTRY.create("solver", "fixed_point")
     with torch.no_grad():
         ours = model(x, t, y, iters=iters, solver=solver, tol=0.0).pred
-        ref = ref_forward({k: v.double() for k, v in sd.items()}, x, t, y, heads=heads, iters=iters,
-                          prepost_timestep=prepost_timestep)
+        ref = ref_forward(
+            {k: v.double() for k, v in sd.items()}, x, t, y, heads=heads, iters=iters, prepost_timestep=prepost_timestep
+        )
     assert ours.shape == ref.shape
     assert ref.abs().max() > 0.1  # the check has teeth: the output is not ~0
     return (ours - ref).abs().max().item()
@@ -160,9 +204,16 @@ def parity(run, sd: dict[str, Tensor], *, heads: int, iters: int, prepost_timest
 
 def save_official(path, sd_model, sd_ema=None, **args) -> None:  # type: ignore[no-untyped-def]
     """The official train.py's file: model, ema, optimizer state, args (an argparse.Namespace) and the step."""
-    torch.save({"model": sd_model, "ema": sd_ema if sd_ema is not None else sd_model,
-                "opt": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
-                "args": argparse.Namespace(**args), "train_steps": 1234}, path)
+    torch.save(
+        {
+            "model": sd_model,
+            "ema": sd_ema if sd_ema is not None else sd_model,
+            "opt": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
+            "args": argparse.Namespace(**args),
+            "train_steps": 1234,
+        },
+        path,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,8 +229,15 @@ def test_fpdm_cli_import_matches_the_reference_forward(tmp_path):
     sd_model = official_state_dict(fpdm=True, hidden=32, pre=2, post=1, seed=0)
     sd_ema = official_state_dict(fpdm=True, hidden=32, pre=2, post=1, seed=1)
     src = tmp_path / "0001234.pt"
-    save_official(src, sd_model, sd_ema, model="DiT-S/2", fixed_point=True, image_size=64,
-                  fixed_point_pre_post_timestep_conditioning=True)
+    save_official(
+        src,
+        sd_model,
+        sd_ema,
+        model="DiT-S/2",
+        fixed_point=True,
+        image_size=64,
+        fixed_point_pre_post_timestep_conditioning=True,
+    )
     one_line_error(run_cli("import-official", str(src), str(tmp_path / "x")), "num_heads")  # width 32: heads unknown
     assert not (tmp_path / "x").exists()
     run = tmp_path / "run"
@@ -262,12 +320,19 @@ def test_wrong_shape_missing_keys_and_wrong_arch_are_named(tmp_path):
     bad = dict(sd, **{"blocks_post.0.mlp.fc1.weight": torch.zeros(100, 32)})
     save_official(tmp_path / "shape.pt", bad)
     out = tmp_path / "out"
-    one_line_error(run_cli("import-official", str(tmp_path / "shape.pt"), str(out), "--set", "model.num_heads=2"),
-                   "wrong shape", "blocks_post.0.mlp.fc1.weight (100, 32) vs (128, 32)")
+    one_line_error(
+        run_cli("import-official", str(tmp_path / "shape.pt"), str(out), "--set", "model.num_heads=2"),
+        "wrong shape",
+        "blocks_post.0.mlp.fc1.weight (100, 32) vs (128, 32)",
+    )
     missing = {k: v for k, v in sd.items() if k not in ("block_pre_projection.weight", "blocks_pre.0.attn.proj.bias")}
     torch.save(missing, tmp_path / "missing.pt")
-    one_line_error(run_cli("import-official", str(tmp_path / "missing.pt"), str(out), "--set", "model.num_heads=2"),
-                   "missing 2", "block_pre_projection.weight", "blocks_pre.0.attn.proj.bias")
+    one_line_error(
+        run_cli("import-official", str(tmp_path / "missing.pt"), str(out), "--set", "model.num_heads=2"),
+        "missing 2",
+        "block_pre_projection.weight",
+        "blocks_pre.0.attn.proj.bias",
+    )
     named = r"does not fit DiT-S/2: missing 120: blocks\.0\..*unexpected 34: blocks_pre\.0"
     with pytest.raises(UsageError, match=named):
         import_official(tmp_path / "missing.pt", out, arch="DiT-S/2", registry=REGISTRY)
@@ -291,8 +356,9 @@ def test_files_that_need_code_are_refused(tmp_path):
     payload.marker = tmp_path / "pwned"  # type: ignore[attr-defined]
     torch.save({"ema": sd, "x": payload}, tmp_path / "payload.pt")
     for name in ("custom.pt", "payload.pt"):
-        line = one_line_error(run_cli("import-official", str(tmp_path / name), str(tmp_path / "out")),
-                              "not a plain state dict", "refused")
+        line = one_line_error(
+            run_cli("import-official", str(tmp_path / name), str(tmp_path / "out")), "not a plain state dict", "refused"
+        )
         assert "Custom" in line or "system" in line
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
@@ -301,8 +367,9 @@ def test_files_that_need_code_are_refused(tmp_path):
 @pytest.mark.slow
 def test_foreign_and_missing_files_and_bad_out(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
-    one_line_error(run_cli("import-official", str(tmp_path / "notes.txt"), str(tmp_path / "o")),
-                   "not a torch checkpoint")
+    one_line_error(
+        run_cli("import-official", str(tmp_path / "notes.txt"), str(tmp_path / "o")), "not a torch checkpoint"
+    )
     one_line_error(run_cli("import-official", str(tmp_path / "nope.pt"), str(tmp_path / "o")), "not found")
     torch.save({"epoch": 3, "weights": [1, 2]}, tmp_path / "odd.pt")
     with pytest.raises(UsageError, match="neither a state dict"):
@@ -323,8 +390,9 @@ def test_only_model_weights_fall_back_with_a_note_and_a_run_is_replaced(tmp_path
     sd = official_state_dict(fpdm=True, hidden=32, seed=8)
     torch.save({"model": sd, "args": {"model": "DiT-S/2"}}, tmp_path / "m.pt")  # args as the FPDM fork saves them
     for _ in range(2):  # the second import replaces the first run
-        result = import_official(tmp_path / "m.pt", tmp_path / "run", overrides=["model.num_heads=2"],
-                                 registry=REGISTRY)
+        result = import_official(
+            tmp_path / "m.pt", tmp_path / "run", overrides=["model.num_heads=2"], registry=REGISTRY
+        )
     assert "no 'ema' weights" in capsys.readouterr().out
     assert result.weights == "'model' (model and ema)"
     ema = load_file(result.checkpoint / "ema.safetensors")
@@ -343,13 +411,24 @@ def test_imported_checkpoint_samples(tmp_path):
     config = from_dict(Config, ckpt.config)
     model = load_denoiser(ckpt, registry=REGISTRY)
     schedule = build_schedule(config.diffusion, REGISTRY)
-    diffusion = GaussianDiffusion(schedule, prediction=config.diffusion.prediction,
-                                  learn_sigma=config.model.learn_sigma)
+    diffusion = GaussianDiffusion(
+        schedule, prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma
+    )
     timesteps = sorted(schedule.sampling_timesteps(3).tolist())
-    out = generate(model, diffusion.respace(timesteps), n=2, batch_size=2, seed=0, labels=[0, 4],
-                   shape=(4, 8, 8), sampler=REGISTRY.create("sampler", "ddpm"),
-                   solver=REGISTRY.create("solver", "fixed_point"), iterations=[2, 2, 2],
-                   reuse=REGISTRY.create("reuse_policy", "reuse"), cfg_scale=2.0)
+    out = generate(
+        model,
+        diffusion.respace(timesteps),
+        n=2,
+        batch_size=2,
+        seed=0,
+        labels=[0, 4],
+        shape=(4, 8, 8),
+        sampler=REGISTRY.create("sampler", "ddpm"),
+        solver=REGISTRY.create("solver", "fixed_point"),
+        iterations=[2, 2, 2],
+        reuse=REGISTRY.create("reuse_policy", "reuse"),
+        cfg_scale=2.0,
+    )
     assert out.images.shape == (2, 4, 8, 8) and torch.isfinite(out.images).all()
     assert out.blocks.tolist() == [3 * (1 + 2 + 1)] * 2
 
@@ -371,21 +450,54 @@ def test_imported_checkpoint_samples_through_a_vae_and_exports(tmp_path):
     from fpdm.io.vae_weights import save_vae
     from fpdm.models.vae import AutoencoderKL, VAEConfig
 
-    vae = save_vae(AutoencoderKL(VAEConfig(block_out_channels=(32, 32), norm_num_groups=8, latent_channels=4)),
-                   tmp_path / "vae")
+    vae = save_vae(
+        AutoencoderKL(VAEConfig(block_out_channels=(32, 32), norm_num_groups=8, latent_channels=4)), tmp_path / "vae"
+    )
     save_official(tmp_path / "o.pt", official_state_dict(fpdm=True, hidden=32, seed=3), model="DiT-S/2")
-    assert run_cli("import-official", str(tmp_path / "o.pt"), str(tmp_path / "run"),
-                   "--set", "model.num_heads=2").returncode == 0
-    done = run_cli("sample", str(tmp_path / "run"), "--n", "2", "--steps", "2", "--iters", "2", "--class", "3",
-                   "--vae", str(vae), "--no-progress", "--out", str(tmp_path / "s"))
+    assert (
+        run_cli(
+            "import-official", str(tmp_path / "o.pt"), str(tmp_path / "run"), "--set", "model.num_heads=2"
+        ).returncode
+        == 0
+    )
+    done = run_cli(
+        "sample",
+        str(tmp_path / "run"),
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--iters",
+        "2",
+        "--class",
+        "3",
+        "--vae",
+        str(vae),
+        "--no-progress",
+        "--out",
+        str(tmp_path / "s"),
+    )
     assert done.returncode == 0, done.stderr
     image = Image.open(tmp_path / "s" / "images" / "000000.png")
     assert image.mode == "RGB" and image.size == (16, 16)  # 8x8 latents, decoded 2x up by this two-level VAE
     onnx_path = tmp_path / "m.onnx"
     done = run_cli("export", str(tmp_path / "run"), "--onnx", "--iters", "2", "--out", str(onnx_path))
     assert done.returncode == 0, done.stderr
-    done = run_cli("sample", str(onnx_path), "--n", "2", "--steps", "2", "--class", "3", "--vae", str(vae),
-                   "--no-progress", "--out", str(tmp_path / "o"))
+    done = run_cli(
+        "sample",
+        str(onnx_path),
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--class",
+        "3",
+        "--vae",
+        str(vae),
+        "--no-progress",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert done.returncode == 0, done.stderr
     for k in range(2):
         a = torch.from_numpy(np.asarray(Image.open(tmp_path / "s" / "images" / f"00000{k}.png"), dtype=np.float32))

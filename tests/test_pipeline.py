@@ -51,8 +51,6 @@ def cli(capsys, monkeypatch):  # type: ignore[no-untyped-def]
     return call
 
 
-
-
 def _one_line(info: pytest.ExceptionInfo) -> str:
     text = str(info.value)
     assert "\n" not in text, text
@@ -78,8 +76,27 @@ def test_three_lines_from_a_run_and_from_its_packed_folder(trained, tmp_path):
 
 def test_sample_is_bit_identical_to_fpdm_sample(pipe, trained, tmp_path, cli):
     out = tmp_path / "s"
-    done = cli("sample", trained, "--n", "5", "--batch-size", "2", "--steps", "3", "--iters", "2", "--class", "dark",
-               "--class", "0", "--seed", "3", "--out", out, "--no-progress")
+    done = cli(
+        "sample",
+        trained,
+        "--n",
+        "5",
+        "--batch-size",
+        "2",
+        "--steps",
+        "3",
+        "--iters",
+        "2",
+        "--class",
+        "dark",
+        "--class",
+        "0",
+        "--seed",
+        "3",
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert done.returncode == 0, done.stderr
     api = pipe.sample(n=5, batch_size=4, steps=3, iters=2, classes=["dark", 0], seed=3, output_type="pil")
     for k, image in enumerate(api.images):  # another batch size: image k depends on (seed, k) only
@@ -138,8 +155,9 @@ def test_seed_generator_and_latents(pipe):
     seeded = pipe.sample(n=3, seed=7, batch_size=2, **FAST)
     gens = [torch.Generator().manual_seed(7 * 1_000_003 + k) for k in range(3)]
     assert torch.equal(pipe.sample(n=3, generator=gens, **FAST).images, seeded.images)
-    x_T = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(7 * 1_000_003 + k))
-                       for k in range(3)])  # each image's first draw is its x_T
+    x_T = torch.stack(
+        [torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(7 * 1_000_003 + k)) for k in range(3)]
+    )  # each image's first draw is its x_T
     assert torch.equal(pipe.sample(n=3, seed=7, latents=x_T, **FAST).images, seeded.images)
     assert not torch.equal(pipe.sample(n=3, seed=7, latents=x_T.flip(0), **FAST).images, seeded.images)
     one = pipe.sample(n=3, generator=torch.Generator().manual_seed(1), **FAST).images
@@ -185,8 +203,12 @@ def test_paths_that_are_no_model_folder_are_one_line(tmp_path):
     empty.mkdir()
     a_file = tmp_path / "file.txt"
     a_file.write_text("hello")
-    for path, needle in ((tmp_path / "nowhere", "model not found"), (empty, "is not a model folder"),
-                         (a_file, "is not a model folder"), (tmp_path / "m.onnx", "exported ONNX graph")):
+    for path, needle in (
+        (tmp_path / "nowhere", "model not found"),
+        (empty, "is not a model folder"),
+        (a_file, "is not a model folder"),
+        (tmp_path / "m.onnx", "exported ONNX graph"),
+    ):
         with pytest.raises(UsageError) as info:
             fpdm.load(path)
         text = _one_line(info)
@@ -277,8 +299,10 @@ def test_raw_weights_pack_and_load(pipe, trained, tmp_path, cli):
     with pytest.raises(UsageError, match="holds the raw weights only; load it with weights='raw'"):
         fpdm.load(tmp_path / "raw")
     packed_raw = pipe.save_pretrained(tmp_path / "raw2", weights="raw")  # read from the checkpoint
-    assert torch.equal(load_checkpoint(trained).model["final_layer.linear.weight"],
-                       fpdm.load(packed_raw, weights="raw").denoiser.state_dict()["final_layer.linear.weight"])
+    assert torch.equal(
+        load_checkpoint(trained).model["final_layer.linear.weight"],
+        fpdm.load(packed_raw, weights="raw").denoiser.state_dict()["final_layer.linear.weight"],
+    )
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -310,8 +334,15 @@ def latent_run(tmp_path_factory):
     for i in range(8):
         np.save(root / "data" / "tiny_features" / f"{i}.npy", rng.standard_normal((1, 4, 8, 8)).astype(np.float32))
         np.save(root / "data" / "tiny_labels" / f"{i}.npy", np.array([i % 2], dtype=np.int64))
-    config = tiny_config(root / "data", root / "run", "data.name=latents", "data.channels=4", "data.image_size=8",
-                         "train.steps=2", "train.ckpt_every=2")
+    config = tiny_config(
+        root / "data",
+        root / "run",
+        "data.name=latents",
+        "data.channels=4",
+        "data.image_size=8",
+        "train.steps=2",
+        "train.ckpt_every=2",
+    )
     train(config, registry=REGISTRY, progress=False)
     return root / "run"
 
@@ -347,8 +378,11 @@ def test_a_latent_model_decodes_through_a_vae(latent_run, vae, trained):
 
 
 def _config_classes() -> list[type]:
-    return [cls for cls in vars(fpdm.config).values()
-            if isinstance(cls, type) and attrs.has(cls) and cls.__module__ == "fpdm.config"]
+    return [
+        cls
+        for cls in vars(fpdm.config).values()
+        if isinstance(cls, type) and attrs.has(cls) and cls.__module__ == "fpdm.config"
+    ]
 
 
 def _float_fields(cls: type) -> list[str]:
@@ -365,8 +399,12 @@ def test_every_float_field_of_every_config_refuses_nan_and_inf():
                     cls(**{name: bad})
             checked.append(f"{cls.__name__}.{name}")
     assert {"TrainConfig.lr", "SolverConfig.tol", "SampleConfig.cfg_scale", "ExportConfig.eta"} <= set(checked)
-    for item, field in (("train.lr=nan", "'lr'"), ("train.grad_clip=inf", "'grad_clip'"),
-                        ("model.mlp_ratio=-inf", "'mlp_ratio'"), ("solver.tol=inf", "'tol'")):
+    for item, field in (
+        ("train.lr=nan", "'lr'"),
+        ("train.grad_clip=inf", "'grad_clip'"),
+        ("model.mlp_ratio=-inf", "'mlp_ratio'"),
+        ("solver.tol=inf", "'tol'"),
+    ):
         with pytest.raises(UsageError) as info:
             load_config(overrides=[item])
         assert field in _one_line(info)
@@ -393,12 +431,18 @@ def test_registry_create_checks_options_against_the_factory():
 
 
 toml_keys = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=6)
-toml_scalars = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False),
-                         st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=8))
+toml_scalars = st.one_of(
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
+    st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=8),
+)
 toml_values = st.recursive(toml_scalars, lambda inner: st.lists(inner, max_size=3), max_leaves=6)
-toml_tables = st.recursive(st.dictionaries(toml_keys, toml_values, max_size=4),
-                           lambda inner: st.dictionaries(toml_keys, st.one_of(toml_values, inner), max_size=3),
-                           max_leaves=8)
+toml_tables = st.recursive(
+    st.dictionaries(toml_keys, toml_values, max_size=4),
+    lambda inner: st.dictionaries(toml_keys, st.one_of(toml_values, inner), max_size=3),
+    max_leaves=8,
+)
 
 
 @given(toml_tables)

@@ -80,8 +80,9 @@ def test_a_misbehaving_plugin_is_reported_by_name_and_skipped(registry, hooks, m
     info = registry.add_plugin(plugin(**hooks), name="bad")
     assert info.error is not None and message in info.error
     assert {kind: registry.names(kind) for kind in before} == before
-    good = registry.add_plugin(plugin(register_solvers=lambda register: register("ok", FixedPointIteration)),
-                               name="good")
+    good = registry.add_plugin(
+        plugin(register_solvers=lambda register: register("ok", FixedPointIteration)), name="good"
+    )
     assert good.error is None and "ok" in registry.names("solver")
 
 
@@ -120,8 +121,13 @@ def register_solvers(register):
 
 def test_entry_points_load_one_by_one_with_isolation(tmp_path, monkeypatch):
     fake_dist(tmp_path, "fpdm-toy", "1.2.3", {"toy": "fpdm_toy_plugin"}, {"fpdm_toy_plugin": GOOD})
-    fake_dist(tmp_path, "fpdm-broken", "0.1", {"broken": "fpdm_broken_plugin"},
-              {"fpdm_broken_plugin": "raise ImportError('no such thing')"})
+    fake_dist(
+        tmp_path,
+        "fpdm-broken",
+        "0.1",
+        {"broken": "fpdm_broken_plugin"},
+        {"fpdm_broken_plugin": "raise ImportError('no such thing')"},
+    )
     fake_dist(tmp_path, "fpdm-missing", "0.1", {"missing": "fpdm_module_that_does_not_exist"})
     monkeypatch.syspath_prepend(str(tmp_path))
 
@@ -188,10 +194,16 @@ def register_solvers(register):
 
 def test_a_command_lookup_loads_only_the_cli_group(tmp_path, monkeypatch):
     marker = tmp_path / "marker"
-    fake_dist(tmp_path, "fpdm-hello", "1.0", {"hello": "fpdm_hello_cmd"}, {"fpdm_hello_cmd": COMMAND_ONLY},
-              group="fpdm.cli")
-    fake_dist(tmp_path, "fpdm-heavy", "1.0", {"heavy": "fpdm_heavy_mod"},
-              {"fpdm_heavy_mod": MARKS_ITS_IMPORT.format(marker=str(marker))})
+    fake_dist(
+        tmp_path, "fpdm-hello", "1.0", {"hello": "fpdm_hello_cmd"}, {"fpdm_hello_cmd": COMMAND_ONLY}, group="fpdm.cli"
+    )
+    fake_dist(
+        tmp_path,
+        "fpdm-heavy",
+        "1.0",
+        {"heavy": "fpdm_heavy_mod"},
+        {"fpdm_heavy_mod": MARKS_ITS_IMPORT.format(marker=str(marker))},
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
 
     registry = Registry.load()
@@ -214,11 +226,23 @@ def test_a_command_registered_through_the_fpdm_group_is_found_on_a_miss(tmp_path
 
 
 def test_other_kinds_of_a_cli_plugin_register_after_the_builtins(tmp_path, monkeypatch):
-    fake_dist(tmp_path, "fpdm-clash", "1.0", {"clash": "fpdm_clash_mod"},
-              {"fpdm_clash_mod": COMMAND_AND_SOLVER.format(command="clashcmd", solver="anderson")}, group="fpdm.cli")
-    fake_dist(tmp_path, "fpdm-both", "1.0", {"both": "fpdm_both_mod"},
-              {"fpdm_both_mod": COMMAND_AND_SOLVER.format(command="bothcmd", solver="both_solver")},
-              group="fpdm.cli", more_groups={"fpdm": {"both": "fpdm_both_mod"}})
+    fake_dist(
+        tmp_path,
+        "fpdm-clash",
+        "1.0",
+        {"clash": "fpdm_clash_mod"},
+        {"fpdm_clash_mod": COMMAND_AND_SOLVER.format(command="clashcmd", solver="anderson")},
+        group="fpdm.cli",
+    )
+    fake_dist(
+        tmp_path,
+        "fpdm-both",
+        "1.0",
+        {"both": "fpdm_both_mod"},
+        {"fpdm_both_mod": COMMAND_AND_SOLVER.format(command="bothcmd", solver="both_solver")},
+        group="fpdm.cli",
+        more_groups={"fpdm": {"both": "fpdm_both_mod"}},
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
 
     registry = Registry.load()

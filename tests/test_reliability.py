@@ -15,6 +15,7 @@ import time
 import types
 import weakref
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -41,9 +42,19 @@ def _report_counts():  # type: ignore[no-untyped-def]
 
 def tiny_args(images: Path, run: Path, *extra: str) -> list[str]:
     """`fpdm train` arguments of a run small enough to train a step in a few milliseconds."""
-    sets = ["model.arch=FPDM-XS/2", "model.hidden_size=32", "model.num_heads=2", "data.name=image_folder",
-            f"data.path={json.dumps(str(images))}", "data.image_size=8", "train.batch_size=8",
-            "train.no_grad_iters=[0, 3]", "train.grad_iters=[1, 2]", "train.lr=1e-3", *extra]
+    sets = [
+        "model.arch=FPDM-XS/2",
+        "model.hidden_size=32",
+        "model.num_heads=2",
+        "data.name=image_folder",
+        f"data.path={json.dumps(str(images))}",
+        "data.image_size=8",
+        "train.batch_size=8",
+        "train.no_grad_iters=[0, 3]",
+        "train.grad_iters=[1, 2]",
+        "train.lr=1e-3",
+        *extra,
+    ]
     return ["--out", str(run), "--no-progress", *[a for s in sets for a in ("--set", s)]]
 
 
@@ -57,7 +68,7 @@ def tiny_config(images: Path, run: Path, *extra: str):  # type: ignore[no-untype
 
 # ------------------------------------------------------------------------------------------------------ 1. crashes
 
-CHILD = r'''
+CHILD = r"""
 import os, sys, time
 import torch
 torch.set_num_threads(int(os.environ["FPDM_TEST_THREADS"]))
@@ -90,7 +101,7 @@ elif stage == "prune":  # the new checkpoint is renamed in; stall before the old
 
 from fpdm.apps.cli import main
 raise SystemExit(main(sys.argv[1:]))
-'''
+"""
 
 
 def _metrics_steps(path: Path, offset: int) -> list[int]:
@@ -114,10 +125,20 @@ class Child:
     def __init__(self, script: Path, args: list[str], run: Path, pause: str = "") -> None:
         self.metrics = run / "metrics.jsonl"
         self.offset = self.metrics.stat().st_size if self.metrics.is_file() else 0
-        env = {**os.environ, "FPDM_LOAD_PLUGINS": "", "FPDM_TEST_PAUSE": pause,
-               "FPDM_TEST_THREADS": str(torch.get_num_threads())}
-        self.proc = subprocess.Popen([sys.executable, str(script), "train", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        env = {
+            **os.environ,
+            "FPDM_LOAD_PLUGINS": "",
+            "FPDM_TEST_PAUSE": pause,
+            "FPDM_TEST_THREADS": str(torch.get_num_threads()),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), "train", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
 
     def wait_paused(self) -> None:
         for line in self.proc.stdout:  # type: ignore[union-attr]
@@ -160,8 +181,14 @@ def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(images, t
     run, script = tmp_path / "run", tmp_path / "child.py"
     script.write_text(CHILD)
     rng = random.Random(8)
-    fresh = tiny_args(images, run, f"train.steps={STEPS}", f"train.ckpt_every={EVERY}", "train.log_every=1",
-                      "train.keep_checkpoints=2")
+    fresh = tiny_args(
+        images,
+        run,
+        f"train.steps={STEPS}",
+        f"train.ckpt_every={EVERY}",
+        "train.log_every=1",
+        "train.keep_checkpoints=2",
+    )
     resume = ["--resume", "--out", str(run), "--no-progress"]
     plan = ["random", "torn", f"fsync:{rng.randint(2, 9)}", "prune", "random", "random"]
     newest = 0
@@ -176,8 +203,13 @@ def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(images, t
             child.wait_paused()
             if stage == "torn":  # a live run holds the folder: a second one is refused, naming the holder
                 code, _, err = cli("train", *resume)
-                assert_one_line_error(code, err, expect=f"in use by a live fpdm run (pid {child.proc.pid}",
-                                      codes=(2,), kind="second_run_refused")
+                assert_one_line_error(
+                    code,
+                    err,
+                    expect=f"in use by a live fpdm run (pid {child.proc.pid}",
+                    codes=(2,),
+                    kind="second_run_refused",
+                )
         child.kill()
         assert (run / LOCK_NAME).is_file()  # left by the dead holder: the next run must take it over
         newest = _check_after_kill(run, child, newest)
@@ -191,8 +223,11 @@ def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(images, t
     assert leftovers == [] and not (run / LOCK_NAME).exists()
     assert _metrics_steps(run / "metrics.jsonl", 0) == list(range(1, STEPS + 1))  # each step once, none torn
 
-    reference = train(tiny_config(images, tmp_path / "straight", f"train.steps={STEPS}", f"train.ckpt_every={EVERY}"),
-                      registry=REGISTRY, progress=False)
+    reference = train(
+        tiny_config(images, tmp_path / "straight", f"train.steps={STEPS}", f"train.ckpt_every={EVERY}"),
+        registry=REGISTRY,
+        progress=False,
+    )
     want, got = load_checkpoint(reference.checkpoint), load_checkpoint(run)
     assert got.step == want.step == STEPS
     for a, b in ((want.model, got.model), (want.ema, got.ema)):
@@ -227,11 +262,29 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(i
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     env = {**os.environ, "FPDM_LOAD_PLUGINS": "", "PYTHONDONTWRITEBYTECODE": "1"}
-    result = subprocess.run([sys.executable, "-m", "fpdm.apps.cli", "train", "--resume", "--steps", "6", "--out",
-                             str(run), "--no-progress"], capture_output=True, text=True, env=env, cwd=ROOT,
-                            preexec_fn=full_disk, timeout=300)
-    assert_one_line_error(result.returncode, result.stderr, codes=(1,), kind="disk_full",
-                          expect="could not write checkpoint step 6")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fpdm.apps.cli",
+            "train",
+            "--resume",
+            "--steps",
+            "6",
+            "--out",
+            str(run),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        preexec_fn=full_disk,
+        timeout=300,
+    )
+    assert_one_line_error(
+        result.returncode, result.stderr, codes=(1,), kind="disk_full", expect="could not write checkpoint step 6"
+    )
     assert "File too large" in result.stderr and "step-00000003" in result.stderr
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000003"]
     assert load_checkpoint(run).step == 3
@@ -274,8 +327,13 @@ def test_a_planted_pickle_never_runs(trained, tmp_path):
         _plant(ckpt / name, marker)
         _reseal(ckpt)
         code, _, err = cli("train", "--resume", "--steps", "99", "--out", str(run), "--no-progress")
-        assert_one_line_error(code, err, codes=(2,), kind="code_execution_refused",
-                              expect=f"unreadable checkpoint file {ckpt / name}: UnpicklingError")
+        assert_one_line_error(
+            code,
+            err,
+            codes=(2,),
+            kind="code_execution_refused",
+            expect=f"unreadable checkpoint file {ckpt / name}: UnpicklingError",
+        )
     weights = tmp_path / "weights"
     shutil.copytree(trained, weights)
     ckpt = list_checkpoints(weights / "checkpoints")[-1]
@@ -294,9 +352,12 @@ def _onnx_file(path: Path, props: dict[str, str]) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     model = helper.make_model(graph)
     for key, value in props.items():
         model.metadata_props.add(key=key, value=value)
@@ -311,8 +372,11 @@ def test_foreign_and_newer_onnx_files_are_refused(tmp_path):
     newer = _onnx_file(tmp_path / "newer.onnx", {"fpdm.format": FORMAT, "fpdm.format_version": str(FORMAT_VERSION + 1)})
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x08\x07not a protobuf" * 5)
-    cases = [(foreign, "has no fpdm metadata"), (newer, f"format version {FORMAT_VERSION + 1}; this fpdm reads up to"),
-             (garbage, "not a readable ONNX model")]
+    cases = [
+        (foreign, "has no fpdm metadata"),
+        (newer, f"format version {FORMAT_VERSION + 1}; this fpdm reads up to"),
+        (garbage, "not a readable ONNX model"),
+    ]
     for path, message in cases:
         with pytest.raises(UsageError, match=message.replace("(", r"\(")):
             read_metadata(path)
@@ -326,7 +390,7 @@ def test_foreign_and_newer_onnx_files_are_refused(tmp_path):
 class Faulty(FPDM):
     """An FPDM whose forward goes wrong on chosen calls (one call per training step): `how` says what."""
 
-    bad_calls: set[int] = set()
+    bad_calls: ClassVar[set[int]] = set()  # the test sets it per case on the class; instances only read it
     how = "loss"
     calls = 0
 
@@ -358,13 +422,17 @@ def _all_finite(run: Path) -> None:
         assert all(torch.isfinite(t).all() for t in (*ckpt.model.values(), *ckpt.ema.values())), path
 
 
-@pytest.mark.parametrize("how, part", [("loss", "the loss"), ("state", "the fixed-point state"),
-                                       ("grad", "the gradients (loss")])
+@pytest.mark.parametrize(
+    "how, part", [("loss", "the loss"), ("state", "the fixed-point state"), ("grad", "the gradients (loss")]
+)
 def test_non_finite_stops_within_the_step_and_names_the_part(images, tmp_path, faulty_registry, how, part):
     Faulty.bad_calls, Faulty.how = {3}, how
     config = tiny_config(images, tmp_path / how, "model.arch=faulty-XS/2", "train.steps=6", "train.ckpt_every=1")
-    with pytest.raises(FpdmRuntimeError, match=rf"non-finite values in {part.replace('(', '.')}.* at step 3 .*"
-                                               r"training stopped .*last good checkpoint: .*step-00000002"):
+    with pytest.raises(
+        FpdmRuntimeError,
+        match=rf"non-finite values in {part.replace('(', '.')}.* at step 3 .*"
+        r"training stopped .*last good checkpoint: .*step-00000002",
+    ):
         train(config, registry=faulty_registry, progress=False)
     assert [p.name for p in list_checkpoints(tmp_path / how / "checkpoints")] == ["step-00000001", "step-00000002"]
     _all_finite(tmp_path / how)
@@ -373,15 +441,21 @@ def test_non_finite_stops_within_the_step_and_names_the_part(images, tmp_path, f
 
 def test_skip_nonfinite_skips_up_to_n_batches_then_stops(images, tmp_path, faulty_registry):
     Faulty.bad_calls, Faulty.how = {2, 4}, "grad"
-    config = tiny_config(images, tmp_path / "skip", "model.arch=faulty-XS/2", "train.steps=6", "train.ckpt_every=1",
-                         "train.log_every=1", "train.skip_nonfinite=2")
+    config = tiny_config(
+        images,
+        tmp_path / "skip",
+        "model.arch=faulty-XS/2",
+        "train.steps=6",
+        "train.ckpt_every=1",
+        "train.log_every=1",
+        "train.skip_nonfinite=2",
+    )
     result = train(config, registry=faulty_registry, progress=False)
     assert result.step == 6 and [r["step"] for r in result.history] == [1, 3, 5, 6]
     assert sum(r.get("skipped", 0) for r in result.history) == 2
     _all_finite(tmp_path / "skip")
     Faulty.calls, Faulty.bad_calls, Faulty.how = 0, {2, 3}, "loss"
-    config = tiny_config(images, tmp_path / "stop", "model.arch=faulty-XS/2", "train.steps=6",
-                         "train.skip_nonfinite=1")
+    config = tiny_config(images, tmp_path / "stop", "model.arch=faulty-XS/2", "train.steps=6", "train.skip_nonfinite=1")
     with pytest.raises(FpdmRuntimeError, match="at step 3 .*training stopped after 1 skipped batch"):
         train(config, registry=faulty_registry, progress=False)
     COUNTS["nonfinite_faults_caught"] += 2
@@ -440,10 +514,10 @@ def bad_solvers():  # type: ignore[no-untyped-def]
 
 def test_a_diverging_solver_fails_sampling_with_step_and_residual_and_writes_nothing(trained, tmp_path, bad_solvers):
     out = tmp_path / "samples"
-    code, _, err = cli("sample", str(trained), "--solver", "diverging", "--n", "2", "--steps", "3", "--out", str(out),
-                       "--no-progress")
-    assert_one_line_error(code, err, codes=(1,), kind="divergence_caught",
-                          expect="sampling diverged at step 1 of 3")
+    code, _, err = cli(
+        "sample", str(trained), "--solver", "diverging", "--n", "2", "--steps", "3", "--out", str(out), "--no-progress"
+    )
+    assert_one_line_error(code, err, codes=(1,), kind="divergence_caught", expect="sampling diverged at step 1 of 3")
     assert "fixed-point residual max inf" in err and not out.exists()
 
 
@@ -452,8 +526,13 @@ def test_a_plugin_that_raises_or_returns_the_wrong_type_inside_a_solve_is_named(
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "in plugin 'badsolvers' (fpdm-badsolvers 0.1): RuntimeError: solver exploded on purpose" in err
     code, _, err = cli("sample", str(trained), "--solver", "wrong_type", "--n", "1", "--steps", "2", "--no-progress")
-    assert_one_line_error(code, err, codes=(1,), kind="plugin_faults_named",
-                          expect="solver WrongType (module test_reliability) returned tuple from solve")
+    assert_one_line_error(
+        code,
+        err,
+        codes=(1,),
+        kind="plugin_faults_named",
+        expect="solver WrongType (module test_reliability) returned tuple from solve",
+    )
     COUNTS["plugin_faults_named"] += 1
     code, _, err = cli("crashing")
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
@@ -468,24 +547,35 @@ def test_a_plugin_that_raises_or_returns_the_wrong_type_inside_a_solve_is_named(
 
 @pytest.mark.slow
 def test_broken_installed_plugins_are_named_and_never_take_fpdm_down(tmp_path):
-    dup = "import fpdm\nfrom fpdm.plugins.solvers import Anderson\n@fpdm.hookimpl\ndef register_solvers(register):\n" \
-          "    register('anderson', Anderson)\n"
+    dup = (
+        "import fpdm\nfrom fpdm.plugins.solvers import Anderson\n@fpdm.hookimpl\ndef register_solvers(register):\n"
+        "    register('anderson', Anderson)\n"
+    )
     wrong = "import fpdm\n@fpdm.hookimpl\ndef register_solvers(register):\n    register('notasolver', dict)\n"
     hook = "import fpdm\n@fpdm.hookimpl\ndef register_reuse_policies(register):\n    raise KeyError('inside hook')\n"
-    command = ("import fpdm\ndef broken(parser):\n    raise RuntimeError('cannot build parser')\n"
-               "@fpdm.hookimpl\ndef register_commands(register):\n    register('broken-cmd', broken)\n")
-    plugins = {"importfail": ("fpdm-importfail", "raise ImportError('missing dependency xyz')"), "dup": ("fpdm-dup", dup),
-               "wrongtype": ("fpdm-wrongtype", wrong), "hookraise": ("fpdm-hookraise", hook),
-               "badcmd": ("fpdm-badcmd", command)}
+    command = (
+        "import fpdm\ndef broken(parser):\n    raise RuntimeError('cannot build parser')\n"
+        "@fpdm.hookimpl\ndef register_commands(register):\n    register('broken-cmd', broken)\n"
+    )
+    plugins = {
+        "importfail": ("fpdm-importfail", "raise ImportError('missing dependency xyz')"),
+        "dup": ("fpdm-dup", dup),
+        "wrongtype": ("fpdm-wrongtype", wrong),
+        "hookraise": ("fpdm-hookraise", hook),
+        "badcmd": ("fpdm-badcmd", command),
+    }
     for name, (dist, source) in plugins.items():
         fake_dist(tmp_path, dist, "0.1", {name: f"mod_{name}"}, {f"mod_{name}": source})
     env = {"PYTHONPATH": str(tmp_path), "FPDM_LOAD_PLUGINS": ",".join(d for d, _ in plugins.values())}
     listing = run_cli("plugins", "--json", env=env)
     assert listing.returncode == 0, listing.stderr
     infos = {d["name"]: d for d in json.loads(listing.stdout)}
-    expected = {"importfail": "import failed: ImportError: missing dependency xyz",
-                "dup": "solver 'anderson' is already registered by plugin 'solvers'",
-                "wrongtype": "dict does not derive from fpdm.Solver", "hookraise": "KeyError"}
+    expected = {
+        "importfail": "import failed: ImportError: missing dependency xyz",
+        "dup": "solver 'anderson' is already registered by plugin 'solvers'",
+        "wrongtype": "dict does not derive from fpdm.Solver",
+        "hookraise": "KeyError",
+    }
     for name, message in expected.items():
         assert message in (infos[name]["error"] or ""), infos[name]
         COUNTS["plugin_faults_named"] += 1
@@ -493,7 +583,8 @@ def test_broken_installed_plugins_are_named_and_never_take_fpdm_down(tmp_path):
     broken = run_cli("broken-cmd", env=env)
     assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken.stderr
     assert broken.stderr.strip().splitlines() == [
-        "fpdm: error: command 'broken-cmd' from plugin 'badcmd' is unusable: RuntimeError: cannot build parser"]
+        "fpdm: error: command 'broken-cmd' from plugin 'badcmd' is unusable: RuntimeError: cannot build parser"
+    ]
     COUNTS["plugin_faults_named"] += 1
     solved = run_cli("solve", "--all", "--json", env=env)
     assert solved.returncode == 0, solved.stderr
@@ -532,8 +623,20 @@ def test_reuse_state_is_per_batch_and_released(trained):
     def after_batch(_: int) -> None:
         alive.append(sum(r() is not None for r in refs))
 
-    generate(model, diffusion, n=12, batch_size=2, seed=0, labels=[0, 1], progress=after_batch, shape=(1, 8, 8),
-             sampler=DDIM(), solver=REGISTRY.create("solver", "fixed_point"), iterations=[2] * 4, reuse=Spy())
+    generate(
+        model,
+        diffusion,
+        n=12,
+        batch_size=2,
+        seed=0,
+        labels=[0, 1],
+        progress=after_batch,
+        shape=(1, 8, 8),
+        sampler=DDIM(),
+        solver=REGISTRY.create("solver", "fixed_point"),
+        iterations=[2] * 4,
+        reuse=Spy(),
+    )
     assert [n for step, n in seen if step == 0] == [0] * 6  # every batch starts cold
     assert max(n for _, n in seen) <= Spy.history
     assert alive == [0] * 6  # nothing a batch solved survives it

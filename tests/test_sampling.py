@@ -47,10 +47,17 @@ def test_blocks_spent_are_the_plan_plus_pre_and_post(steps, extra, name):
     plan = plan_iterations(model, timesteps, budget=budget, iters=0, allocator=REGISTRY.create("allocator", name))
     kept = list(range(20))[:: max(1, 20 // steps)][:steps]
     diffusion = GaussianDiffusion(LinearSchedule(num_train_timesteps=20)).respace(kept)
-    result = sample(model, diffusion, generators=[torch.Generator().manual_seed(k) for k in range(2)],
-                    shape=(1, 8, 8), labels=torch.tensor([0, 2]), sampler=REGISTRY.create("sampler", "ddim"),
-                    solver=REGISTRY.create("solver", "fixed_point"), iterations=plan,
-                    reuse=REGISTRY.create("reuse_policy", "reuse"))
+    result = sample(
+        model,
+        diffusion,
+        generators=[torch.Generator().manual_seed(k) for k in range(2)],
+        shape=(1, 8, 8),
+        labels=torch.tensor([0, 2]),
+        sampler=REGISTRY.create("sampler", "ddim"),
+        solver=REGISTRY.create("solver", "fixed_point"),
+        iterations=plan,
+        reuse=REGISTRY.create("reuse_policy", "reuse"),
+    )
     assert result.blocks.tolist() == [steps * 3 + sum(plan)] * 2
     assert all(result.blocks <= budget)
     assert [s.iterations_mean for s in result.steps] == plan
@@ -72,10 +79,19 @@ def test_adaptive_spends_within_the_plan_and_less_when_converged():
     steps = 6
     diffusion = GaussianDiffusion(LinearSchedule(num_train_timesteps=60)).respace(list(range(0, 60, 10)))
     plan = [20] * steps
-    result = sample(model, diffusion, generators=[torch.Generator().manual_seed(k) for k in range(3)],
-                    shape=(1, 8, 8), labels=torch.tensor([0, 1, 2]), sampler=REGISTRY.create("sampler", "ddpm"),
-                    solver=REGISTRY.create("solver", "anderson"), iterations=plan, tol=1e-4, adaptive=True,
-                    reuse=REGISTRY.create("reuse_policy", "reuse"))
+    result = sample(
+        model,
+        diffusion,
+        generators=[torch.Generator().manual_seed(k) for k in range(3)],
+        shape=(1, 8, 8),
+        labels=torch.tensor([0, 1, 2]),
+        sampler=REGISTRY.create("sampler", "ddpm"),
+        solver=REGISTRY.create("solver", "anderson"),
+        iterations=plan,
+        tol=1e-4,
+        adaptive=True,
+        reuse=REGISTRY.create("reuse_policy", "reuse"),
+    )
     assert (result.blocks <= steps * 2 + sum(plan)).all()
     assert (result.blocks < steps * 2 + sum(plan)).all()  # converged early: unspent iterations remain
     assert all(s.residual_max <= 1e-4 for s in result.steps)
@@ -101,15 +117,28 @@ def _adaptive_run(model, allocator, steps, budget, solver="fixed_point", n=3):  
     timesteps = sorted(LinearSchedule(num_train_timesteps=200).sampling_timesteps(steps).tolist())
     plan = plan_iterations(model, timesteps[::-1], budget=budget, iters=0, allocator=allocator)
     spy = _Spent(REGISTRY.create("solver", solver))
-    result = sample(model, process.respace(timesteps), generators=[torch.Generator().manual_seed(k) for k in range(n)],
-                    shape=(1, 8, 8), labels=torch.arange(n) % 3, sampler=REGISTRY.create("sampler", "ddim"),
-                    solver=spy, iterations=plan, reuse=REGISTRY.create("reuse_policy", "reuse"),
-                    tol=plan_tolerances(allocator, plan, timesteps[::-1]), adaptive=allocator.tol > 0)
+    result = sample(
+        model,
+        process.respace(timesteps),
+        generators=[torch.Generator().manual_seed(k) for k in range(n)],
+        shape=(1, 8, 8),
+        labels=torch.arange(n) % 3,
+        sampler=REGISTRY.create("sampler", "ddim"),
+        solver=spy,
+        iterations=plan,
+        reuse=REGISTRY.create("reuse_policy", "reuse"),
+        tol=plan_tolerances(allocator, plan, timesteps[::-1]),
+        adaptive=allocator.tol > 0,
+    )
     return result, plan, torch.stack(spy.per_step)  # (steps, B)
 
 
-@given(steps=st.integers(1, 8), extra=st.integers(0, 30), tol=st.sampled_from([1e-9, 0.05, 0.2, 5.0, 1e6]),
-       solver=st.sampled_from(["fixed_point", "anderson"]))
+@given(
+    steps=st.integers(1, 8),
+    extra=st.integers(0, 30),
+    tol=st.sampled_from([1e-9, 0.05, 0.2, 5.0, 1e6]),
+    solver=st.sampled_from(["fixed_point", "anderson"]),
+)
 def test_adaptive_never_exceeds_the_budget_and_spends_at_least_one_per_step(steps, extra, tol, solver):
     model = contractive_fpdm()
     budget = steps * (model.blocks_per_call(0) + 1) + extra  # anything from what the steps need upwards
@@ -185,9 +214,20 @@ def test_reuse_at_unchanged_x_and_t_costs_no_extra_iterations():
 
 def _generate(model, n=4, batch_size=4, cfg_scale=1.0, seed=0, reuse="reuse", sampler="ddpm"):  # type: ignore[no-untyped-def]
     diffusion = GaussianDiffusion(LinearSchedule(num_train_timesteps=50)).respace([0, 10, 20, 30, 40, 49])
-    return generate(model, diffusion, n=n, batch_size=batch_size, seed=seed, labels=[0, 1, 2], shape=(1, 8, 8),
-                    sampler=REGISTRY.create("sampler", sampler), solver=REGISTRY.create("solver", "anderson"),
-                    iterations=[3] * 6, reuse=REGISTRY.create("reuse_policy", reuse), cfg_scale=cfg_scale)
+    return generate(
+        model,
+        diffusion,
+        n=n,
+        batch_size=batch_size,
+        seed=seed,
+        labels=[0, 1, 2],
+        shape=(1, 8, 8),
+        sampler=REGISTRY.create("sampler", sampler),
+        solver=REGISTRY.create("solver", "anderson"),
+        iterations=[3] * 6,
+        reuse=REGISTRY.create("reuse_policy", reuse),
+        cfg_scale=cfg_scale,
+    )
 
 
 def test_same_seed_same_images_whatever_the_batch_size():
@@ -213,8 +253,24 @@ fpdm_cli = run_cli
 @pytest.mark.slow
 def test_cli_writes_images_grid_stats_and_plot(trained, tmp_path):
     out = tmp_path / "s"
-    args = ["sample", str(trained), "--n", "6", "--batch-size", "4", "--steps", "5", "--budget", "40",
-            "--allocator", "increasing", "--out", str(out), "--plot", "--no-progress"]
+    args = [
+        "sample",
+        str(trained),
+        "--n",
+        "6",
+        "--batch-size",
+        "4",
+        "--steps",
+        "5",
+        "--budget",
+        "40",
+        "--allocator",
+        "increasing",
+        "--out",
+        str(out),
+        "--plot",
+        "--no-progress",
+    ]
     result = fpdm_cli(*args)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "stats.json", "stats.png"]
@@ -230,15 +286,43 @@ def test_cli_writes_images_grid_stats_and_plot(trained, tmp_path):
 @pytest.mark.slow
 def test_cli_adaptive_reports_its_tolerances_and_spends_exactly_the_budget(trained, tmp_path):
     out = tmp_path / "a"
-    result = fpdm_cli("sample", str(trained), "--n", "3", "--steps", "5", "--budget", "40", "--allocator", "adaptive",
-                      "--tol", "0.3", "--out", str(out), "--no-progress")
+    result = fpdm_cli(
+        "sample",
+        str(trained),
+        "--n",
+        "3",
+        "--steps",
+        "5",
+        "--budget",
+        "40",
+        "--allocator",
+        "adaptive",
+        "--tol",
+        "0.3",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     stats = json.loads((out / "stats.json").read_text())
     tols = stats["tol"]
     assert len(tols) == 5 and tols[0] == tols[-1] == 0.0 and all(0 < t <= 0.3 for t in tols[1:-1])
     assert stats["blocks_per_sample"]["max"] == stats["blocks_per_sample"]["mean"] == 40
-    bad = fpdm_cli("sample", str(trained), "--n", "1", "--steps", "5", "--allocator", "adaptive", "--tol", "-1",
-                   "--out", str(tmp_path / "b"), "--no-progress")
+    bad = fpdm_cli(
+        "sample",
+        str(trained),
+        "--n",
+        "1",
+        "--steps",
+        "5",
+        "--allocator",
+        "adaptive",
+        "--tol",
+        "-1",
+        "--out",
+        str(tmp_path / "b"),
+        "--no-progress",
+    )
     assert bad.returncode == 2 and "'tol' must be >= 0" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
@@ -254,8 +338,10 @@ def test_library_loads_ema_and_raw_weights(trained):
     [
         (["--budget", "5"], "budget 5 cannot pay for 5 FPDM steps"),
         (["--allocator", "nope"], "unknown allocator 'nope'"),
-        (["--allocator", "increasing"],
-         "allocator 'increasing' spreads a budget over the steps; give a budget (--budget N"),
+        (
+            ["--allocator", "increasing"],
+            "allocator 'increasing' spreads a budget over the steps; give a budget (--budget N",
+        ),
         (["--reuse", "nope"], "unknown reuse policy 'nope'"),
         (["--sampler", "nope"], "unknown sampler 'nope'"),
         (["--class", "7"], "class id 7 out of range: the model has classes 0..1 (bright, dark)"),
@@ -314,9 +400,17 @@ def test_samplers_recover_the_data_with_an_exact_denoiser(sampler, steps):
     base = GaussianDiffusion(schedule, learn_sigma=True)
     target = torch.linspace(-1, 1, 64).view(1, 1, 8, 8)
     diffusion = base.respace(sorted(schedule.sampling_timesteps(steps).tolist()))
-    result = sample(_Oracle(base, target), diffusion, generators=[torch.Generator().manual_seed(k) for k in range(3)],
-                    shape=(1, 8, 8), labels=None, sampler=REGISTRY.create("sampler", sampler), solver=None,
-                    iterations=[0] * steps, reuse=REGISTRY.create("reuse_policy", "cold"))
+    result = sample(
+        _Oracle(base, target),
+        diffusion,
+        generators=[torch.Generator().manual_seed(k) for k in range(3)],
+        shape=(1, 8, 8),
+        labels=None,
+        sampler=REGISTRY.create("sampler", sampler),
+        solver=None,
+        iterations=[0] * steps,
+        reuse=REGISTRY.create("reuse_policy", "cold"),
+    )
     torch.testing.assert_close(result.images, target.expand(3, -1, -1, -1), atol=2e-4, rtol=0)
 
 
@@ -326,10 +420,16 @@ def test_dit_unconditional_run_samples_within_budget_and_refuses_guidance(images
     from support import tiny_config
 
     run = tmp_path / "dit"
-    train(tiny_config(images, run, "model.arch=DiT-XS/2", "model.depth=2", "data.class_conditional=false",
-                      "train.steps=2"), registry=REGISTRY, progress=False)
-    ok = fpdm_cli("sample", str(run), "--n", "3", "--steps", "4", "--budget", "9", "--out", str(tmp_path / "o"),
-                  "--no-progress")
+    train(
+        tiny_config(
+            images, run, "model.arch=DiT-XS/2", "model.depth=2", "data.class_conditional=false", "train.steps=2"
+        ),
+        registry=REGISTRY,
+        progress=False,
+    )
+    ok = fpdm_cli(
+        "sample", str(run), "--n", "3", "--steps", "4", "--budget", "9", "--out", str(tmp_path / "o"), "--no-progress"
+    )
     assert ok.returncode == 0, ok.stderr
     stats = json.loads((tmp_path / "o" / "stats.json").read_text())
     assert stats["blocks_per_sample"]["max"] == 8  # 4 steps x depth 2 within 9
@@ -357,9 +457,18 @@ def _sample(model, diffusion, sampler, **options):  # type: ignore[no-untyped-de
     n = options.pop("n", 3)
     labels = torch.arange(n) % 3 if getattr(model, "num_classes", 0) else None
     plan = options.pop("iterations", [3] * diffusion.num_timesteps)
-    return sample(model, diffusion, generators=_gens(n), shape=(1, 8, 8), labels=labels, sampler=sampler,
-                  solver=options.pop("solver", REGISTRY.create("solver", "fixed_point")), iterations=plan,
-                  reuse=options.pop("reuse", REGISTRY.create("reuse_policy", "reuse")), **options)
+    return sample(
+        model,
+        diffusion,
+        generators=_gens(n),
+        shape=(1, 8, 8),
+        labels=labels,
+        sampler=sampler,
+        solver=options.pop("solver", REGISTRY.create("solver", "fixed_point")),
+        iterations=plan,
+        reuse=options.pop("reuse", REGISTRY.create("reuse_policy", "reuse")),
+        **options,
+    )
 
 
 class _BlockCounter:
@@ -386,9 +495,15 @@ def test_every_block_that_runs_is_a_block_reported(case):
     else:
         model = contractive_fpdm(pre_depth=1, post_depth=2)
     diffusion = _process(5)
-    options = {"adaptive": {"solver": REGISTRY.create("solver", "anderson"), "tol": 1e-3, "adaptive": True,
-                            "iterations": [8] * 5},
-               "guided": {"cfg_scale": 3.0}}.get(case, {})
+    options = {
+        "adaptive": {
+            "solver": REGISTRY.create("solver", "anderson"),
+            "tol": 1e-3,
+            "adaptive": True,
+            "iterations": [8] * 5,
+        },
+        "guided": {"cfg_scale": 3.0},
+    }.get(case, {})
     counter = _BlockCounter(model)
     try:
         result = _sample(model, diffusion, REGISTRY.create("sampler", "ddpm"), **options)
@@ -408,7 +523,8 @@ def _old_style_ddim(diffusion, model_output, x, i, *, noise, clip_x0):  # type: 
     if clip_x0:
         x0 = x0.clamp(-1, 1)
     eps = (diffusion.extract("sqrt_recip_alphas_cumprod", t, x) * x - x0) / diffusion.extract(
-        "sqrt_recipm1_alphas_cumprod", t, x)
+        "sqrt_recipm1_alphas_cumprod", t, x
+    )
     ac_prev = diffusion.extract("alphas_cumprod_prev", t, x)
     return x0 * torch.sqrt(ac_prev) + torch.sqrt((1 - ac_prev).clamp_min(0)) * eps
 
@@ -475,8 +591,9 @@ def test_the_plan_and_the_warm_start_are_per_evaluation_not_per_step():
 
     model, diffusion = contractive_fpdm(), _process(3)
     plan = [20, 7, 20, 6, 20, 5]
-    result = _sample(model, diffusion, TwoPerStep(), iterations=plan, tol=1e-5,
-                     solver=REGISTRY.create("solver", "anderson"))
+    result = _sample(
+        model, diffusion, TwoPerStep(), iterations=plan, tol=1e-5, solver=REGISTRY.create("solver", "anderson")
+    )
     assert [s.iterations for s in result.steps] == plan and [s.index for s in result.steps] == list(range(6))
     assert all(s.iterations_max <= 1 for s in result.steps[1::2])  # the repeat starts from its own solution
     assert (result.blocks == sum(s.iterations_mean for s in result.steps) + 6 * 2).all()
@@ -527,8 +644,11 @@ def test_divergence_names_the_evaluation_and_the_part(at, where):
     model, diffusion = contractive_fpdm(), _process(3)
     if where == "the model output":
         torch.nn.init.constant_(model.final_layer.linear.bias, math.inf)
-    with pytest.raises(FpdmRuntimeError, match=rf"sampling diverged at step {at + 1} of 3 \(timestep \d+\): "
-                                               rf"non-finite values in {where}, fixed-point residual max"):
+    with pytest.raises(
+        FpdmRuntimeError,
+        match=rf"sampling diverged at step {at + 1} of 3 \(timestep \d+\): "
+        rf"non-finite values in {where}, fixed-point residual max",
+    ):
         _sample(model, diffusion, Exploding())
 
 
@@ -545,12 +665,16 @@ def test_the_exported_loop_module_runs_the_same_sampler_as_sample():
         gens = _gens()
         x_T = step_noise(gens, (1, 8, 8), torch.device("cpu"))
         noise = torch.stack([step_noise(gens, (1, 8, 8), torch.device("cpu")) for _ in range(4)])  # (S, B, C, H, W)
-        loop = SamplingLoop(model, diffusion, sampler=sampler, solver=solver, iterations=[2] * 4, reuse=reuse,
-                            cfg_scale=2.0)
+        loop = SamplingLoop(
+            model, diffusion, sampler=sampler, solver=solver, iterations=[2] * 4, reuse=reuse, cfg_scale=2.0
+        )
         with torch.no_grad():
             images, residual = loop(x_T, torch.arange(3) % 3, noise)
         torch.testing.assert_close(images, want.images, rtol=0, atol=1e-5)
         assert residual.shape == (4, 3)
-        torch.testing.assert_close(residual.max(1).values.double(),
-                                   torch.tensor([s.residual_max for s in want.steps], dtype=torch.float64),
-                                   rtol=0.05, atol=1e-6)  # residuals near 1e-5: float32 rounding shows
+        torch.testing.assert_close(
+            residual.max(1).values.double(),
+            torch.tensor([s.residual_max for s in want.steps], dtype=torch.float64),
+            rtol=0.05,
+            atol=1e-6,
+        )  # residuals near 1e-5: float32 rounding shows

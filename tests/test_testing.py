@@ -96,8 +96,9 @@ def test_check_functions_run_every_contract_pass_options_and_stop_at_the_first_b
     outcome = fpdm.testing.check_allocator(LinearRamp, start=2.0, end=0.25)
     assert list(outcome) == [c.__name__ for c in fpdm.testing.contracts("allocator")]
     assert set(outcome.values()) == {"passed"}
-    with pytest.raises(AssertionError, match="^allocator contract 'tolerances_are_finite_one_per_step' broken by "
-                       "NanTolerances"):
+    with pytest.raises(
+        AssertionError, match="^allocator contract 'tolerances_are_finite_one_per_step' broken by NanTolerances"
+    ):
         fpdm.testing.check_allocator(NanTolerances)
 
 
@@ -168,11 +169,16 @@ def test_exporter_suite_catches_a_missing_file_and_skips_without_onnxruntime(mon
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     outcome = fpdm.testing.check_exporter(WritesBytes)
-    assert outcome == {"writes_the_out_file_and_reports_it": "passed",
-                       "exported_step_reproduces_the_denoiser": "skipped: needs onnxruntime",
-                       "refuses_a_solver_that_cannot_unroll": "passed"}
-    (case,) = [p.values[0] for p in fpdm.testing.cases("exporter", WritesBytes)
-               if p.id == "WritesBytes-exported_step_reproduces_the_denoiser"]
+    assert outcome == {
+        "writes_the_out_file_and_reports_it": "passed",
+        "exported_step_reproduces_the_denoiser": "skipped: needs onnxruntime",
+        "refuses_a_solver_that_cannot_unroll": "passed",
+    }
+    (case,) = [
+        p.values[0]
+        for p in fpdm.testing.cases("exporter", WritesBytes)
+        if p.id == "WritesBytes-exported_step_reproduces_the_denoiser"
+    ]
     with pytest.raises(pytest.skip.Exception, match="needs onnxruntime"):
         case()
 

@@ -29,8 +29,12 @@ def test_train_solver_and_its_documented_synonym_plugin(parsers: dict, capsys: p
     assert (args.batch_size, args.seed, args.steps, args.device) == (8, 3, 2, None)
 
 
-def test_train_shortcuts_become_config_overrides(tmp_path, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
-                                                  parsers: dict, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[type-arg]
+def test_train_shortcuts_become_config_overrides(
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    parsers: dict,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # type: ignore[type-arg]
     """--solver/--plugin, --batch-size, --seed and --out land in the config `fpdm.train` receives."""
     import fpdm.training.loop as loop
 
@@ -41,8 +45,9 @@ def test_train_shortcuts_become_config_overrides(tmp_path, monkeypatch: pytest.M
         return SimpleNamespace(history=[], checkpoint="ckpt")
 
     monkeypatch.setattr(loop, "train", fake_train)
-    args = parsers["train"].parse_args(["--plugin", "anderson", "--batch-size", "8", "--seed", "5", "--no-progress",
-                                        "--out", str(tmp_path / "run")])
+    args = parsers["train"].parse_args(
+        ["--plugin", "anderson", "--batch-size", "8", "--seed", "5", "--no-progress", "--out", str(tmp_path / "run")]
+    )
     assert args._run(args) == 0
     config, resume, progress = seen[0]
     assert config.solver.name == "anderson" and config.train.batch_size == 8 and config.train.seed == 5
@@ -54,7 +59,14 @@ def test_eval_flags_follow_the_scheme(parsers: dict, capsys: pytest.CaptureFixtu
     parser = parsers["eval"]
     args = parser.parse_args(["samples"])
     assert (args.n, args.batch_size, args.iters, args.seed, args.weights, args.device, args.json) == (
-        None, 64, None, 0, "ema", "auto", None)
+        None,
+        64,
+        None,
+        0,
+        "ema",
+        "auto",
+        None,
+    )
     assert parser.parse_args(["samples", "--json", "out.json"]).json == "out.json"
     assert parser.parse_args(["--json", "-", "samples"]).json == "-"
     capsys.readouterr()
@@ -65,13 +77,15 @@ def test_eval_flags_follow_the_scheme(parsers: dict, capsys: pytest.CaptureFixtu
 
 
 def test_command_modules_import_without_torch() -> None:
-    code = ("import sys, argparse\n"
-            "from fpdm.apps.eval_cmd import eval_command\n"
-            "from fpdm.apps.encode_cmd import encode_command\n"
-            "from fpdm.apps.train_cmd import train_command\n"
-            "for factory in (eval_command, encode_command, train_command):\n"
-            "    factory(argparse.ArgumentParser())\n"
-            "print(sorted(m for m in ('torch', 'numpy', 'torch_fidelity') if m in sys.modules))\n")
+    code = (
+        "import sys, argparse\n"
+        "from fpdm.apps.eval_cmd import eval_command\n"
+        "from fpdm.apps.encode_cmd import encode_command\n"
+        "from fpdm.apps.train_cmd import train_command\n"
+        "for factory in (eval_command, encode_command, train_command):\n"
+        "    factory(argparse.ArgumentParser())\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'torch_fidelity') if m in sys.modules))\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

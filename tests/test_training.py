@@ -49,11 +49,15 @@ def test_resume_continues_exactly(images, tmp_path):
 
 
 def test_anderson_and_dit_train(images, tmp_path):
-    result = train(tiny(images, tmp_path / "a", "solver.name=anderson", "train.no_grad_tol=1e-3"), registry=REGISTRY,
-                   progress=False)
+    result = train(
+        tiny(images, tmp_path / "a", "solver.name=anderson", "train.no_grad_tol=1e-3"),
+        registry=REGISTRY,
+        progress=False,
+    )
     assert load_checkpoint(result.checkpoint).config["solver"]["name"] == "anderson"
-    result = train(tiny(images, tmp_path / "d", "model.arch=DiT-XS/2", "model.depth=2"), registry=REGISTRY,
-                   progress=False)
+    result = train(
+        tiny(images, tmp_path / "d", "model.arch=DiT-XS/2", "model.depth=2"), registry=REGISTRY, progress=False
+    )
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
 
 
@@ -87,10 +91,14 @@ def test_nan_loss_stops_without_a_poisoned_checkpoint(images, tmp_path):
 
     import fpdm
 
-    registry.add_plugin(types.SimpleNamespace(register_denoisers=fpdm.hookimpl(
-        lambda register: register("boom", ExplodingFPDM))), name="boom")
+    registry.add_plugin(
+        types.SimpleNamespace(register_denoisers=fpdm.hookimpl(lambda register: register("boom", ExplodingFPDM))),
+        name="boom",
+    )
     config = tiny(images, tmp_path / "nan", "model.arch=boom-XS/2", "model.pre_depth=1", "train.ckpt_every=2")
-    with pytest.raises(FpdmRuntimeError, match=r"non-finite values in the loss at step 3 .*last good checkpoint: .*step-00000002"):
+    with pytest.raises(
+        FpdmRuntimeError, match=r"non-finite values in the loss at step 3 .*last good checkpoint: .*step-00000002"
+    ):
         train(config, registry=registry, progress=False)
     assert [p.name for p in list_checkpoints(tmp_path / "nan" / "checkpoints")] == ["step-00000002"]
     load_checkpoint(tmp_path / "nan")  # intact
@@ -135,10 +143,29 @@ fpdm_cli = run_cli
 
 @pytest.mark.slow
 def test_cli_trains_resumes_and_plots(images, tmp_path):
-    common = ["--set", "model.hidden_size=32", "--set", "model.num_heads=2", "--set", "data.name=image_folder",
-              "--set", f"data.path={json.dumps(str(images))}", "--set", "data.image_size=8", "--set", "train.batch_size=8",
-              "--set", "train.log_every=2", "--set", "train.no_grad_iters=[0, 2]", "--set", "train.grad_iters=[1, 2]",
-              "--out", str(tmp_path / "cli"), "--no-progress"]
+    common = [
+        "--set",
+        "model.hidden_size=32",
+        "--set",
+        "model.num_heads=2",
+        "--set",
+        "data.name=image_folder",
+        "--set",
+        f"data.path={json.dumps(str(images))}",
+        "--set",
+        "data.image_size=8",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.log_every=2",
+        "--set",
+        "train.no_grad_iters=[0, 2]",
+        "--set",
+        "train.grad_iters=[1, 2]",
+        "--out",
+        str(tmp_path / "cli"),
+        "--no-progress",
+    ]
     first = fpdm_cli("train", "--plugin", "anderson", "--steps", "4", *common)
     assert first.returncode == 0, first.stderr
     assert "loss curve" in first.stdout and (tmp_path / "cli" / "loss.png").is_file()
@@ -176,5 +203,9 @@ def test_compiled_blocks_train_and_save_plain_state_dicts(images, tmp_path):
     train(tiny(images, tmp_path / "c", "train.compile=true", "train.steps=3"), registry=REGISTRY, progress=False)
     ckpt = load_checkpoint(tmp_path / "c")
     assert not any("_orig_mod" in key for key in ckpt.model)  # per-block compile keeps the official names
-    assert ckpt.model.keys() == FPDM(input_size=8, in_channels=1, patch_size=2, hidden_size=32, num_heads=2,
-                                     num_classes=2).state_dict().keys()
+    assert (
+        ckpt.model.keys()
+        == FPDM(input_size=8, in_channels=1, patch_size=2, hidden_size=32, num_heads=2, num_classes=2)
+        .state_dict()
+        .keys()
+    )

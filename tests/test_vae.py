@@ -76,14 +76,22 @@ def test_save_and_load_round_trip(tmp_path, layout):
 
 def test_state_dict_keys_are_diffusers_names():
     keys = set(tiny_vae().state_dict())
-    for key in ("encoder.conv_in.weight", "encoder.down_blocks.0.resnets.0.norm1.weight",
-                "encoder.down_blocks.0.downsamplers.0.conv.weight",
-                "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
-                "encoder.mid_block.attentions.0.group_norm.weight", "encoder.mid_block.attentions.0.to_out.0.bias",
-                "encoder.mid_block.resnets.1.conv2.weight", "encoder.conv_norm_out.weight", "quant_conv.weight",
-                "post_quant_conv.weight", "decoder.up_blocks.0.upsamplers.0.conv.weight",
-                "decoder.up_blocks.1.resnets.1.conv2.weight", "decoder.up_blocks.1.resnets.0.conv_shortcut.weight",
-                "decoder.conv_out.bias"):
+    for key in (
+        "encoder.conv_in.weight",
+        "encoder.down_blocks.0.resnets.0.norm1.weight",
+        "encoder.down_blocks.0.downsamplers.0.conv.weight",
+        "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+        "encoder.mid_block.attentions.0.group_norm.weight",
+        "encoder.mid_block.attentions.0.to_out.0.bias",
+        "encoder.mid_block.resnets.1.conv2.weight",
+        "encoder.conv_norm_out.weight",
+        "quant_conv.weight",
+        "post_quant_conv.weight",
+        "decoder.up_blocks.0.upsamplers.0.conv.weight",
+        "decoder.up_blocks.1.resnets.1.conv2.weight",
+        "decoder.up_blocks.1.resnets.0.conv_shortcut.weight",
+        "decoder.conv_out.bias",
+    ):
         assert key in keys, key
     assert not any("downsamplers" in k for k in keys if k.startswith("encoder.down_blocks.1."))  # last: no resample
     assert not any("upsamplers" in k for k in keys if k.startswith("decoder.up_blocks.1."))
@@ -185,8 +193,14 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
 def test_parity_with_diffusers(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    kwargs = {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 4,
-              "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}
+    kwargs = {
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "latent_channels": 4,
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+    }
     reference = diffusers.AutoencoderKL(**kwargs).eval()
     with torch.no_grad():
         for p in reference.parameters():  # away from diffusers' init (GroupNorm at 1/0, zero biases)

@@ -48,19 +48,24 @@ def find_feature_dirs(path: str | Path) -> tuple[Path, Path, str]:
     `<name>_labels` pair, or a `<name>_features` folder itself."""
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise UsageError(f"data.path {root} {'is not a directory' if root.exists() else 'does not exist'}; "
-                         "expected a folder holding <name>_features/ and <name>_labels/")
+        raise UsageError(
+            f"data.path {root} {'is not a directory' if root.exists() else 'does not exist'}; "
+            "expected a folder holding <name>_features/ and <name>_labels/"
+        )
     if root.name.endswith(FEATURES):
         name = root.name[: -len(FEATURES)]
         features, labels = root, root.parent / f"{name}{LABELS}"
     else:
         names = sorted(d.name[: -len(FEATURES)] for d in root.iterdir() if d.is_dir() and d.name.endswith(FEATURES))
         if not names:
-            raise UsageError(f"{root} holds no <name>_features folder; expected <name>_features/ and <name>_labels/ "
-                             "of .npy files (the official DiT/FPDM feature format)")
+            raise UsageError(
+                f"{root} holds no <name>_features folder; expected <name>_features/ and <name>_labels/ "
+                "of .npy files (the official DiT/FPDM feature format)"
+            )
         if len(names) > 1:
-            raise UsageError(f"{root} holds several feature sets ({', '.join(names)}); point data.path at one "
-                             "<name>_features folder")
+            raise UsageError(
+                f"{root} holds several feature sets ({', '.join(names)}); point data.path at one <name>_features folder"
+            )
         name = names[0]
         features, labels = root / f"{name}{FEATURES}", root / f"{name}{LABELS}"
     if not labels.is_dir():
@@ -115,8 +120,10 @@ def latent_folder(config: DataConfig) -> LatentDataset:
     if unpaired:
         stem = unpaired[0]
         have, lack = (features_dir, labels_dir) if stem in features else (labels_dir, features_dir)
-        raise UsageError(f"{have / (stem + '.npy')} has no partner in {lack} ({len(unpaired)} unpaired files); "
-                         "features and labels are matched by file name")
+        raise UsageError(
+            f"{have / (stem + '.npy')} has no partner in {lack} ({len(unpaired)} unpaired files); "
+            "features and labels are matched by file name"
+        )
     stems = _order(set(features))
     shape = (config.channels, config.image_size, config.image_size)
     latents = torch.empty((len(stems), *shape), dtype=torch.float32)  # (N, C, H, W)
@@ -127,15 +134,21 @@ def latent_folder(config: DataConfig) -> LatentDataset:
     info = _read_info(features_dir, name)
     scale = info.get("scale_factor")
     if scale is not None and not math.isclose(float(scale), config.scale_factor, rel_tol=1e-6):
-        raise UsageError(f"the latents in {features_dir} were scaled by {scale} (see {name}{INFO}); "
-                         f"set data.scale_factor={scale}")
+        raise UsageError(
+            f"the latents in {features_dir} were scaled by {scale} (see {name}{INFO}); set data.scale_factor={scale}"
+        )
     count = int(values.max()) + 1
     class_names = info.get("class_names") or [str(i) for i in range(count)]
     if count > len(class_names):
-        raise UsageError(f"label {count - 1} in {labels_dir} is out of range for the {len(class_names)} "
-                         f"class names of {name}{INFO}")
-    return LatentDataset(latents, torch.from_numpy(values), scale_factor=config.scale_factor,
-                         class_names=class_names if config.class_conditional else [])
+        raise UsageError(
+            f"label {count - 1} in {labels_dir} is out of range for the {len(class_names)} class names of {name}{INFO}"
+        )
+    return LatentDataset(
+        latents,
+        torch.from_numpy(values),
+        scale_factor=config.scale_factor,
+        class_names=class_names if config.class_conditional else [],
+    )
 
 
 def _check_feature(array: np.ndarray, path: Path, shape: tuple[int, int, int]) -> np.ndarray:
@@ -143,8 +156,10 @@ def _check_feature(array: np.ndarray, path: Path, shape: tuple[int, int, int]) -
         raise UsageError(f"{path} holds {array.dtype}; latents must be float16/32/64")
     if array.shape not in ((1, *shape), shape):
         c, h, _ = shape
-        raise UsageError(f"{path} has shape {array.shape}, expected (1, {c}, {h}, {h}) as data.channels={c} and "
-                         f"data.image_size={h} ask (set them to the latents' channels and side)")
+        raise UsageError(
+            f"{path} has shape {array.shape}, expected (1, {c}, {h}, {h}) as data.channels={c} and "
+            f"data.image_size={h} ask (set them to the latents' channels and side)"
+        )
     if not np.isfinite(array).all():
         raise UsageError(f"{path} holds NaN or infinite values")
     return array.reshape(shape).astype(np.float32)

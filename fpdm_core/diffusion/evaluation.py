@@ -52,9 +52,17 @@ def guide(output: Tensor, scale: float, *, channels: int | None, learn_sigma: bo
     return torch.cat([eps, cond[:, k:]], dim=1)
 
 
-def unrolled_call(model: Denoiser, x: Tensor, t: Tensor, y: Tensor | None, *, solver: Solver | None, iters: int,
-                  z0: Tensor | None = None, use_z0: Tensor | None = None
-                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def unrolled_call(
+    model: Denoiser,
+    x: Tensor,
+    t: Tensor,
+    y: Tensor | None,
+    *,
+    solver: Solver | None,
+    iters: int,
+    z0: Tensor | None = None,
+    use_z0: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The denoiser with `solver.unrolled` in place of its solve: (pred, z, residual of the last iteration (B,)).
 
     z0 None is the cold start (the pre-layer output); with `use_z0` (B,) in {0, 1}, row b starts from z0 where
@@ -90,11 +98,24 @@ class ModelEvaluation:
     `residuals` (the last iteration's, (B,) per evaluation) and `blocks` (per sample) when unrolled.
     """
 
-    def __init__(self, model: Denoiser, diffusion: GaussianDiffusion, *, labels: Tensor | None,
-                 solver: Solver | None, iterations: Sequence[int], reuse: ReusePolicy,
-                 tol: float | Sequence[float] = 0.0, adaptive: bool = False, cfg_scale: float = 1.0,
-                 cfg_channels: int | None = None, clip_x0: bool = False, solve: SolveMode = "solving",
-                 dtype: torch.dtype | None = None, callback: Callable[[StepStats], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: Denoiser,
+        diffusion: GaussianDiffusion,
+        *,
+        labels: Tensor | None,
+        solver: Solver | None,
+        iterations: Sequence[int],
+        reuse: ReusePolicy,
+        tol: float | Sequence[float] = 0.0,
+        adaptive: bool = False,
+        cfg_scale: float = 1.0,
+        cfg_channels: int | None = None,
+        clip_x0: bool = False,
+        solve: SolveMode = "solving",
+        dtype: torch.dtype | None = None,
+        callback: Callable[[StepStats], None] | None = None,
+    ) -> None:
         if solve not in ("solving", "unrolled"):
             raise UsageError(f"solve must be 'solving' or 'unrolled', got {solve!r}")
         self.iterations = list(iterations)
@@ -149,8 +170,9 @@ class ModelEvaluation:
         self.blocks += self.model.blocks_per_call(iters)
         return pred, z
 
-    def _solving(self, x: Tensor, x_in: Tensor, t_in: Tensor, z0: Tensor | None, k: int,
-                 timestep: int) -> tuple[Tensor, Tensor | None]:
+    def _solving(
+        self, x: Tensor, x_in: Tensor, t_in: Tensor, z0: Tensor | None, k: int, timestep: int
+    ) -> tuple[Tensor, Tensor | None]:
         n, cap = x.shape[0], self.iterations[k]
         if self._carry is None or self.spent is None:  # the batch is known from the first call on
             self._carry = torch.zeros(x_in.shape[0], dtype=torch.long, device=x.device)
@@ -180,14 +202,17 @@ class ModelEvaluation:
             return Denoised(x0, d.predict_eps(pred, x, index), output)
         x0 = x0.clamp(-1, 1)
         eps = (d.extract("sqrt_recip_alphas_cumprod", index, x) * x - x0) / d.extract(
-            "sqrt_recipm1_alphas_cumprod", index, x)  # the noise consistent with the clamped x0
+            "sqrt_recipm1_alphas_cumprod", index, x
+        )  # the noise consistent with the clamped x0
         return Denoised(x0, eps, output)
 
     def check_output(self, x: Tensor) -> None:
         """After the sampler returned x_0: every planned evaluation ran, and x_0 is finite (solving only)."""
         if self.evaluations != len(self.iterations):
-            raise PluginError(f"the sampler made {self.evaluations} model evaluations; the plan has "
-                              f"{len(self.iterations)} (one per evaluation it declares)")
+            raise PluginError(
+                f"the sampler made {self.evaluations} model evaluations; the plan has "
+                f"{len(self.iterations)} (one per evaluation it declares)"
+            )
         if not self.unrolled and not bool(torch.isfinite(x).all()):
             self._diverge(x, self.evaluations, 0, None)
 
@@ -214,13 +239,21 @@ class ModelEvaluation:
         raise FpdmRuntimeError(
             f"sampling diverged at step {k + 1} of {len(self.iterations)} (timestep {timestep}): non-finite values "
             f"in {where}, {residual}; no images written (try more iterations, a damped or another solver, or "
-            "fewer steps)")
+            "fewer steps)"
+        )
 
 
 def _step_stats(index: int, timestep: int, cap: int, out: DenoiserOutput, blocks: Tensor) -> StepStats:
     if out.stats is None:
         return StepStats(index, timestep, cap, 0.0, 0, float("nan"), float("nan"), blocks.double().mean().item())
     s = out.stats
-    return StepStats(index, timestep, cap, s.iterations.double().mean().item(), int(s.iterations.max()),
-                     s.residual.double().nanmean().item(), s.residual.double().nan_to_num(nan=0.0).max().item(),
-                     blocks.double().mean().item())
+    return StepStats(
+        index,
+        timestep,
+        cap,
+        s.iterations.double().mean().item(),
+        int(s.iterations.max()),
+        s.residual.double().nanmean().item(),
+        s.residual.double().nan_to_num(nan=0.0).max().item(),
+        blocks.double().mean().item(),
+    )

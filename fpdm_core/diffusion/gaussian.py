@@ -124,8 +124,10 @@ class GaussianDiffusion:
         return int(self.betas.shape[0])
 
     def __repr__(self) -> str:
-        return (f"GaussianDiffusion(num_timesteps={self.num_timesteps}, prediction={self.prediction!r}, "
-                f"learn_sigma={self.learn_sigma})")
+        return (
+            f"GaussianDiffusion(num_timesteps={self.num_timesteps}, prediction={self.prediction!r}, "
+            f"learn_sigma={self.learn_sigma})"
+        )
 
     # ---------------------------------------------------------------------------------------------- tables
     def _table(self, name: str, device: torch.device) -> Tensor:
@@ -168,8 +170,10 @@ class GaussianDiffusion:
         """x0 from the model's prediction (C channels): inverts q_sample for eps;
         x0 = sqrt(ac) x_t - sqrt(1 - ac) v for v."""
         if self.prediction == "eps":
-            return (self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
-                    - self.extract("sqrt_recipm1_alphas_cumprod", t, x_t) * model_pred)
+            return (
+                self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self.extract("sqrt_recipm1_alphas_cumprod", t, x_t) * model_pred
+            )
         return (
             self.extract("sqrt_alphas_cumprod", t, x_t) * x_t
             - self.extract("sqrt_one_minus_alphas_cumprod", t, x_t) * model_pred

@@ -59,8 +59,9 @@ def _diffusion(config: Config, schedule: Schedule) -> GaussianDiffusion:
     return GaussianDiffusion(schedule, prediction=config.diffusion.prediction, learn_sigma=config.model.learn_sigma)
 
 
-def sampling_parts(config: Config, model: Denoiser, options: SampleConfig, *, registry: Registry,
-                   iters: int) -> SamplingParts:
+def sampling_parts(
+    config: Config, model: Denoiser, options: SampleConfig, *, registry: Registry, iters: int
+) -> SamplingParts:
     """The respaced process, step update, allocator, reuse policy and plan for `options` (`iters` per step
     without a budget)."""
     if options.cfg_scale != 1.0 and not model.num_classes:
@@ -70,21 +71,32 @@ def sampling_parts(config: Config, model: Denoiser, options: SampleConfig, *, re
     if options.steps > base.num_timesteps:
         raise UsageError(f"steps must be <= {base.num_timesteps}, the training timesteps; got {options.steps}")
     timesteps = sorted(schedule.sampling_timesteps(options.steps).tolist())
-    chosen, sampler = _build(registry, "sampler", options.sampler,
-                             {} if options.eta is None else {"eta": options.eta}, "eta")
+    chosen, sampler = _build(
+        registry, "sampler", options.sampler, {} if options.eta is None else {"eta": options.eta}, "eta"
+    )
     allocator, allocator_name = _build(registry, "allocator", options.allocator, {}, "")
     if options.budget is None and allocator.tol <= 0 and allocator_name != "uniform":
-        raise UsageError(f"allocator {allocator_name!r} spreads a budget over the steps; give a budget "
-                         "(--budget N; without one every step gets iters)")
+        raise UsageError(
+            f"allocator {allocator_name!r} spreads a budget over the steps; give a budget "
+            "(--budget N; without one every step gets iters)"
+        )
     if allocator.tol > 0 and options.tol:  # `tol` tunes an adaptive allocator's own tolerance
         allocator, _ = _build(registry, "allocator", options.allocator, {"tol": options.tol}, "tol")
     reuse, reuse_name = _build(registry, "reuse_policy", options.reuse, {}, "")
     order = timesteps[::-1]
     iterations = plan_iterations(model, order, budget=options.budget, iters=iters, allocator=allocator)
     tolerances = plan_tolerances(allocator, iterations, order, tol=options.tol)
-    names = {"steps": options.steps, "budget": options.budget, "sampler": sampler, "eta": options.eta,
-             "allocator": allocator_name, "reuse": reuse_name, "cfg_scale": options.cfg_scale,
-             "cfg_channels": options.cfg_channels, "clip_x0": options.clip_x0}
+    names = {
+        "steps": options.steps,
+        "budget": options.budget,
+        "sampler": sampler,
+        "eta": options.eta,
+        "allocator": allocator_name,
+        "reuse": reuse_name,
+        "cfg_scale": options.cfg_scale,
+        "cfg_channels": options.cfg_channels,
+        "clip_x0": options.clip_x0,
+    }
     return SamplingParts(base.respace(timesteps), order, chosen, allocator, reuse, iterations, tolerances, names)
 
 
@@ -94,6 +106,8 @@ def _build(registry: Registry, kind: str, value: Any, options: dict[str, Any], o
     if isinstance(value, str):
         return registry.create(kind, value, **options), value
     if options:
-        raise UsageError(f"{option} applies to a {kind.replace('_', ' ')} given by name; set it on the "
-                         f"{type(value).__name__} instance instead")
+        raise UsageError(
+            f"{option} applies to a {kind.replace('_', ' ')} given by name; set it on the "
+            f"{type(value).__name__} instance instead"
+        )
     return value, type(value).__name__

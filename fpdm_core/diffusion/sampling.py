@@ -32,13 +32,28 @@ from fpdm.interfaces import (
     is_fixed_point,
 )
 
-__all__ = ["GenerateResult", "GeneratorNoise", "SampleResult", "StepStats", "StepUpdate", "StepUpdateSampler",
-           "TensorNoise", "as_sampler", "generate", "generate_batches", "guide", "plan_iterations",
-           "plan_tolerances", "sample", "step_noise"]
+__all__ = [
+    "GenerateResult",
+    "GeneratorNoise",
+    "SampleResult",
+    "StepStats",
+    "StepUpdate",
+    "StepUpdateSampler",
+    "TensorNoise",
+    "as_sampler",
+    "generate",
+    "generate_batches",
+    "guide",
+    "plan_iterations",
+    "plan_tolerances",
+    "sample",
+    "step_noise",
+]
 
 
-def plan_iterations(model: Denoiser, timesteps: Sequence[int], *, budget: int | None, iters: int,
-                    allocator: BudgetAllocator) -> list[int]:
+def plan_iterations(
+    model: Denoiser, timesteps: Sequence[int], *, budget: int | None, iters: int, allocator: BudgetAllocator
+) -> list[int]:
     """Fixed-point iterations per model evaluation (`timesteps` holds one entry per evaluation). Without a
     budget: `iters` each. With one: the allocator splits what is left after the pre/post blocks of every
     evaluation; a budget that cannot pay one iteration per evaluation fails."""
@@ -48,16 +63,20 @@ def plan_iterations(model: Denoiser, timesteps: Sequence[int], *, budget: int | 
     per_step = model.blocks_per_call(0)
     if not is_fixed_point(model):  # DiT: depth per step, nothing to allocate
         if budget is not None and steps * per_step > budget:
-            raise UsageError(f"budget {budget} cannot pay for {steps} DiT steps of {per_step} blocks "
-                             f"({steps * per_step} needed); use --steps {max(1, budget // per_step)} or a larger "
-                             "budget")
+            raise UsageError(
+                f"budget {budget} cannot pay for {steps} DiT steps of {per_step} blocks "
+                f"({steps * per_step} needed); use --steps {max(1, budget // per_step)} or a larger "
+                "budget"
+            )
         return [0] * steps
     if budget is None:
         return [iters] * steps
     total = budget - steps * per_step
     if total < steps:
-        raise UsageError(f"budget {budget} cannot pay for {steps} FPDM steps: each needs {per_step} pre/post blocks "
-                         f"and at least 1 iteration, {steps * (per_step + 1)} in all")
+        raise UsageError(
+            f"budget {budget} cannot pay for {steps} FPDM steps: each needs {per_step} pre/post blocks "
+            f"and at least 1 iteration, {steps * (per_step + 1)} in all"
+        )
     plan = allocator.allocate(total, list(timesteps))
     name = type(allocator).__name__
     if len(plan) != steps or any(not isinstance(n, int) or n < 1 for n in plan) or sum(plan) > total:
@@ -65,16 +84,19 @@ def plan_iterations(model: Denoiser, timesteps: Sequence[int], *, budget: int | 
     return plan
 
 
-def plan_tolerances(allocator: BudgetAllocator, iterations: Sequence[int], timesteps: Sequence[int], *,
-                    tol: float = 0.0) -> list[float]:
+def plan_tolerances(
+    allocator: BudgetAllocator, iterations: Sequence[int], timesteps: Sequence[int], *, tol: float = 0.0
+) -> list[float]:
     """Stopping tolerance per step for `sample`: an adaptive allocator's own (tol > 0), checked, else `tol`
     at every step (0 = spend every cap)."""
     if allocator.tol <= 0:
         return [float(tol)] * len(timesteps)
     tols = allocator.tolerances(list(iterations), list(timesteps))
     if len(tols) != len(timesteps) or any(not isinstance(t, (int, float)) or not 0 <= t < math.inf for t in tols):
-        raise PluginError(f"allocator {type(allocator).__name__} returned tolerances {tols!r}: "
-                          f"need {len(timesteps)} finite numbers >= 0")
+        raise PluginError(
+            f"allocator {type(allocator).__name__} returned tolerances {tols!r}: "
+            f"need {len(timesteps)} finite numbers >= 0"
+        )
     return [float(t) for t in tols]
 
 
@@ -82,8 +104,9 @@ class StepUpdate(Protocol):
     """The old step-update plugin: x_{t-1} from x_t and the guided model output at respaced index i.
     Still accepted wherever a sampler is (`as_sampler` adapts it)."""
 
-    def __call__(self, diffusion: GaussianDiffusion, model_output: Tensor, x: Tensor, i: int, *,
-                 noise: Tensor, clip_x0: bool) -> Tensor: ...
+    def __call__(
+        self, diffusion: GaussianDiffusion, model_output: Tensor, x: Tensor, i: int, *, noise: Tensor, clip_x0: bool
+    ) -> Tensor: ...
 
 
 @attrs.frozen
@@ -98,8 +121,7 @@ class StepUpdateSampler(Sampler):
     def deterministic(self) -> bool:
         return False  # it may use the noise it is given: nothing says it does not
 
-    def __call__(self, evaluate: Evaluate, x: Tensor, diffusion: GaussianDiffusion, *,
-                 noise: NoiseSource) -> Tensor:
+    def __call__(self, evaluate: Evaluate, x: Tensor, diffusion: GaussianDiffusion, *, noise: NoiseSource) -> Tensor:
         for step, i in enumerate(reversed(range(diffusion.num_timesteps))):
             output = evaluate(x, i).output
             added = noise(step) if i > 0 else torch.zeros_like(x)
@@ -152,12 +174,27 @@ class SampleResult:
     blocks: Tensor  # (B,) block evaluations spent per sample over the whole trajectory
 
 
-def sample(model: Denoiser, diffusion: GaussianDiffusion, *, generators: list[torch.Generator],
-           shape: tuple[int, ...], labels: Tensor | None, sampler: Sampler | StepUpdate, solver: Solver | None,
-           iterations: Sequence[int], reuse: ReusePolicy, tol: float | Sequence[float] = 0.0,
-           cfg_scale: float = 1.0, cfg_channels: int | None = None, clip_x0: bool = False, adaptive: bool = False,
-           device: torch.device | str = "cpu", clip_output: bool = True,
-           callback: Callable[[StepStats], None] | None = None, x_T: Tensor | None = None) -> SampleResult:
+def sample(
+    model: Denoiser,
+    diffusion: GaussianDiffusion,
+    *,
+    generators: list[torch.Generator],
+    shape: tuple[int, ...],
+    labels: Tensor | None,
+    sampler: Sampler | StepUpdate,
+    solver: Solver | None,
+    iterations: Sequence[int],
+    reuse: ReusePolicy,
+    tol: float | Sequence[float] = 0.0,
+    cfg_scale: float = 1.0,
+    cfg_channels: int | None = None,
+    clip_x0: bool = False,
+    adaptive: bool = False,
+    device: torch.device | str = "cpu",
+    clip_output: bool = True,
+    callback: Callable[[StepStats], None] | None = None,
+    x_T: Tensor | None = None,
+) -> SampleResult:
     """Run `sampler` over the respaced `diffusion` for len(generators) samples of `shape` (C, H, W).
 
     iterations[k] is the k-th model evaluation's iteration cap (in sampling order); `tol` is one stopping
@@ -176,9 +213,21 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, *, generators: list[to
         raise UsageError(f"{len(iterations)} iteration counts for {diffusion.num_timesteps} steps{per}")
     if cfg_channels is not None and not 1 <= cfg_channels <= shape[0]:  # 0 would silently mean "all channels"
         raise UsageError(f"guided channels must be 1..{shape[0]} (the image channels), got {cfg_channels}")
-    evaluate = ModelEvaluation(model, diffusion, labels=labels, solver=solver, iterations=iterations, reuse=reuse,
-                               tol=tol, adaptive=adaptive, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                               clip_x0=clip_x0, solve="solving", callback=callback)
+    evaluate = ModelEvaluation(
+        model,
+        diffusion,
+        labels=labels,
+        solver=solver,
+        iterations=iterations,
+        reuse=reuse,
+        tol=tol,
+        adaptive=adaptive,
+        cfg_scale=cfg_scale,
+        cfg_channels=cfg_channels,
+        clip_x0=clip_x0,
+        solve="solving",
+        callback=callback,
+    )
     x = step_noise(generators, shape, device)  # (B, C, H, W) x_T, each sample's first draw
     if x_T is not None:
         if tuple(x_T.shape) != tuple(x.shape):
@@ -203,36 +252,87 @@ class BatchSampler(Protocol):
     """One batch of samples from their generators, labels and, when given, starting noise x_T (`sample` with
     everything else fixed, or an exported whole loop)."""
 
-    def __call__(self, generators: list[torch.Generator], labels: Tensor | None, x_T: Tensor | None, /
-                 ) -> SampleResult: ...
+    def __call__(
+        self, generators: list[torch.Generator], labels: Tensor | None, x_T: Tensor | None, /
+    ) -> SampleResult: ...
 
 
-def generate(model: Denoiser, diffusion: GaussianDiffusion, *, n: int, batch_size: int, seed: int,
-             labels: Sequence[int] | None, shape: tuple[int, ...], sampler: Sampler | StepUpdate,
-             solver: Solver | None, iterations: Sequence[int], reuse: ReusePolicy,
-             tol: float | Sequence[float] = 0.0, cfg_scale: float = 1.0, cfg_channels: int | None = None,
-             clip_x0: bool = False, adaptive: bool = False, device: torch.device | str = "cpu",
-             clip_output: bool = True, callback: Callable[[StepStats], None] | None = None,
-             progress: Callable[[int], object] | None = None, generators: Sequence[torch.Generator] | None = None,
-             x_T: Tensor | None = None) -> GenerateResult:
+def generate(
+    model: Denoiser,
+    diffusion: GaussianDiffusion,
+    *,
+    n: int,
+    batch_size: int,
+    seed: int,
+    labels: Sequence[int] | None,
+    shape: tuple[int, ...],
+    sampler: Sampler | StepUpdate,
+    solver: Solver | None,
+    iterations: Sequence[int],
+    reuse: ReusePolicy,
+    tol: float | Sequence[float] = 0.0,
+    cfg_scale: float = 1.0,
+    cfg_channels: int | None = None,
+    clip_x0: bool = False,
+    adaptive: bool = False,
+    device: torch.device | str = "cpu",
+    clip_output: bool = True,
+    callback: Callable[[StepStats], None] | None = None,
+    progress: Callable[[int], object] | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+    x_T: Tensor | None = None,
+) -> GenerateResult:
     """`n` samples in batches through `sample` (the keywords they share are sample's); sample k uses generator
     (seed, k), so the images do not depend on the batch size. `generators` (one per sample) replace the seeded
     ones; `x_T` (n, C, H, W) is the starting noise."""
 
     def run(gens: list[torch.Generator], y: Tensor | None, start: Tensor | None) -> SampleResult:
-        return sample(model, diffusion, generators=gens, shape=shape, labels=y, sampler=sampler, solver=solver,
-                      iterations=iterations, reuse=reuse, tol=tol, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                      clip_x0=clip_x0, adaptive=adaptive, device=device, clip_output=clip_output,
-                      callback=callback, x_T=start)
+        return sample(
+            model,
+            diffusion,
+            generators=gens,
+            shape=shape,
+            labels=y,
+            sampler=sampler,
+            solver=solver,
+            iterations=iterations,
+            reuse=reuse,
+            tol=tol,
+            cfg_scale=cfg_scale,
+            cfg_channels=cfg_channels,
+            clip_x0=clip_x0,
+            adaptive=adaptive,
+            device=device,
+            clip_output=clip_output,
+            callback=callback,
+            x_T=start,
+        )
 
-    return generate_batches(run, n=n, batch_size=batch_size, seed=seed, labels=labels, device=device,
-                            progress=progress, generators=generators, x_T=x_T)
+    return generate_batches(
+        run,
+        n=n,
+        batch_size=batch_size,
+        seed=seed,
+        labels=labels,
+        device=device,
+        progress=progress,
+        generators=generators,
+        x_T=x_T,
+    )
 
 
-def generate_batches(run: BatchSampler, *, n: int, batch_size: int, seed: int, labels: Sequence[int] | None,
-                     device: torch.device | str = "cpu", progress: Callable[[int], object] | None = None,
-                     generators: Sequence[torch.Generator] | None = None,
-                     x_T: Tensor | None = None) -> GenerateResult:
+def generate_batches(
+    run: BatchSampler,
+    *,
+    n: int,
+    batch_size: int,
+    seed: int,
+    labels: Sequence[int] | None,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], object] | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+    x_T: Tensor | None = None,
+) -> GenerateResult:
     """`n` samples from `run` in batches of `batch_size`; sample k gets generator (seed, k) (or generators[k]),
     x_T[k] when given, and label labels[k % len(labels)], whatever batch it falls in."""
     if n < 1 or batch_size < 1:
@@ -257,8 +357,9 @@ def generate_batches(run: BatchSampler, *, n: int, batch_size: int, seed: int, l
         per_step.append((len(ks), result.steps))
         if progress is not None:
             progress(len(ks))
-    return GenerateResult(torch.cat(images), label_tensor, _merge_steps(per_step), torch.cat(blocks),
-                          time.perf_counter() - start)
+    return GenerateResult(
+        torch.cat(images), label_tensor, _merge_steps(per_step), torch.cat(blocks), time.perf_counter() - start
+    )
 
 
 def _merge_steps(batches: list[tuple[int, list[StepStats]]]) -> list[dict[str, float]]:
@@ -270,10 +371,16 @@ def _merge_steps(batches: list[tuple[int, list[StepStats]]]) -> list[dict[str, f
         def mean(name: str, rows: list[tuple[int, StepStats]] = rows) -> float:  # sample-weighted over batches
             return sum(size * getattr(s, name) for size, s in rows) / total
 
-        merged.append({
-            "step": i, "timestep": first.timestep, "iterations": first.iterations,
-            "iterations_mean": mean("iterations_mean"), "iterations_max": max(s.iterations_max for _, s in rows),
-            "residual_mean": mean("residual_mean"), "residual_max": max(s.residual_max for _, s in rows),
-            "blocks_mean": mean("blocks_mean"),
-        })
+        merged.append(
+            {
+                "step": i,
+                "timestep": first.timestep,
+                "iterations": first.iterations,
+                "iterations_mean": mean("iterations_mean"),
+                "iterations_max": max(s.iterations_max for _, s in rows),
+                "residual_mean": mean("residual_mean"),
+                "residual_max": max(s.residual_max for _, s in rows),
+                "blocks_mean": mean("blocks_mean"),
+            }
+        )
     return merged

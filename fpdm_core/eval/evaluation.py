@@ -50,8 +50,10 @@ if TYPE_CHECKING:
 
 Log = Callable[[str], None]
 N_HINT = "FID needs about 1000 samples or more"
-NO_INCEPTION = ("Inception-v3 weights are not on this machine and fpdm never downloads them: pass "
-                "--inception-weights PATH, or use --extractor fpdm-fmnist-cnn for gray 32x32 images")
+NO_INCEPTION = (
+    "Inception-v3 weights are not on this machine and fpdm never downloads them: pass "
+    "--inception-weights PATH, or use --extractor fpdm-fmnist-cnn for gray 32x32 images"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,10 +105,13 @@ class EvalResult:
     def lines(self) -> list[str]:
         """The human-readable report."""
         suffix = self.extractor.metric_suffix
-        lines = [f"samples:   {self.samples.describe()}", f"reference: {self.reference.describe()}",
-                 f"features:  {self.extractor.description}, {self.extractor.features}-d; metrics by torch-fidelity",
-                 f"FID ({suffix}): {self.fid:.4f}  [{self.samples.n} samples vs {self.reference.n} reference images]",
-                 f"KID ({suffix}): {self.kid_mean:.5f} +- {self.kid_std:.5f}  [100 subsets of {self.kid_subset_size}]"]
+        lines = [
+            f"samples:   {self.samples.describe()}",
+            f"reference: {self.reference.describe()}",
+            f"features:  {self.extractor.description}, {self.extractor.features}-d; metrics by torch-fidelity",
+            f"FID ({suffix}): {self.fid:.4f}  [{self.samples.n} samples vs {self.reference.n} reference images]",
+            f"KID ({suffix}): {self.kid_mean:.5f} +- {self.kid_std:.5f}  [100 subsets of {self.kid_subset_size}]",
+        ]
         if self.precision is not None:
             lines.append(f"precision / recall ({suffix}, k=3): {self.precision:.4f} / {self.recall:.4f}")
         return lines
@@ -114,16 +119,29 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         """The JSON report: metrics (also under their full names), extractor, both sides, and the text lines."""
         suffix = self.extractor.metric_suffix
-        metrics: dict[str, Any] = {f"FID ({suffix})": self.fid, f"KID ({suffix})": self.kid_mean, "fid": self.fid,
-                                   "kid_mean": self.kid_mean, "kid_std": self.kid_std,
-                                   "kid_subset_size": self.kid_subset_size}
+        metrics: dict[str, Any] = {
+            f"FID ({suffix})": self.fid,
+            f"KID ({suffix})": self.kid_mean,
+            "fid": self.fid,
+            "kid_mean": self.kid_mean,
+            "kid_std": self.kid_std,
+            "kid_subset_size": self.kid_subset_size,
+        }
         if self.precision is not None:
             metrics.update(precision=self.precision, recall=self.recall)
         ex = self.extractor
-        extractor = {"name": ex.name, "description": ex.description, "features": ex.features, "weights": ex.weights,
-                     "sha256": ex.sha256, **({} if ex.test_accuracy is None else {"test_accuracy": ex.test_accuracy})}
-        sides = {key: {"n": side.n, "shape": list(side.shape), "source": side.source, **side.details}
-                 for key, side in (("samples", self.samples), ("reference", self.reference))}
+        extractor = {
+            "name": ex.name,
+            "description": ex.description,
+            "features": ex.features,
+            "weights": ex.weights,
+            "sha256": ex.sha256,
+            **({} if ex.test_accuracy is None else {"test_accuracy": ex.test_accuracy}),
+        }
+        sides = {
+            key: {"n": side.n, "shape": list(side.shape), "source": side.source, **side.details}
+            for key, side in (("samples", self.samples), ("reference", self.reference))
+        }
         return {"metrics": metrics, "extractor": extractor, **sides, "lines": self.lines()}
 
 
@@ -156,26 +174,62 @@ def evaluate(
     every class in turn, with the sampling options of `sample` (the model's defaults where None). The options
     are `EvalConfig`'s fields: `config` gives them all at once, and a keyword that differs from its default
     overrides the config's value. `log` receives status lines (default: stderr, nothing without `progress`)."""
-    options = _options(config, ref=ref, ref_split=ref_split, ref_n=ref_n, data_dir=data_dir, extractor=extractor,
-                       inception_weights=inception_weights, cache=cache, prc=prc, kid_subset_size=kid_subset_size,
-                       n=n, batch_size=batch_size, seed=seed, device=device, weights=weights)
+    options = _options(
+        config,
+        ref=ref,
+        ref_split=ref_split,
+        ref_n=ref_n,
+        data_dir=data_dir,
+        extractor=extractor,
+        inception_weights=inception_weights,
+        cache=cache,
+        prc=prc,
+        kid_subset_size=kid_subset_size,
+        n=n,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        weights=weights,
+    )
     say = log or ((lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None))
     images = _cheap_samples(samples, options)  # an ImageSet, or the model still to sample
-    reference = load_reference(options.ref, split=options.ref_split, data_dir=options.data_dir,
-                               limit=options.ref_n, seed=options.seed)
+    reference = load_reference(
+        options.ref, split=options.ref_split, data_dir=options.data_dir, limit=options.ref_n, seed=options.seed
+    )
     _check_extractor_choice(options)
     if not isinstance(images, ImageSet):
         pipeline = _load_pipeline(images, options)
         _check_model_against(pipeline, reference, options)
-        images = sample_images(pipeline, n=options.n or 0, batch_size=options.batch_size, seed=options.seed,
-                               sample=sample, progress=progress, log=say)
+        images = sample_images(
+            pipeline,
+            n=options.n or 0,
+            batch_size=options.batch_size,
+            seed=options.seed,
+            sample=sample,
+            progress=progress,
+            log=say,
+        )
     chosen = _extractor(options, images, say)
-    metrics = compute_metrics(images.images, reference.images, extractor=chosen, seed=options.seed, prc=options.prc,
-                              kid_subset_size=options.kid_subset_size,
-                              device=None if options.device == "auto" else options.device)
-    return EvalResult(metrics["fid"], metrics["kid_mean"], metrics["kid_std"], metrics["kid_subset_size"],
-                      metrics.get("precision"), metrics.get("recall"), _extractor_info(chosen), _info(images),
-                      _info(reference))
+    metrics = compute_metrics(
+        images.images,
+        reference.images,
+        extractor=chosen,
+        seed=options.seed,
+        prc=options.prc,
+        kid_subset_size=options.kid_subset_size,
+        device=None if options.device == "auto" else options.device,
+    )
+    return EvalResult(
+        metrics["fid"],
+        metrics["kid_mean"],
+        metrics["kid_std"],
+        metrics["kid_subset_size"],
+        metrics.get("precision"),
+        metrics.get("recall"),
+        _extractor_info(chosen),
+        _info(images),
+        _info(reference),
+    )
 
 
 def train_fmnist_extractor(cache: str | None = None, *, log: Log | None = None) -> Extractor:
@@ -227,8 +281,10 @@ def _load_pipeline(model: Any, options: EvalConfig) -> Pipeline:
 def _check_model_against(pipeline: Pipeline, reference: ImageSet, options: EvalConfig) -> None:
     """Shapes and counts a model's samples will have, checked against the reference before any sampling."""
     if pipeline.is_latent:
-        raise UsageError("fpdm eval samples pixel-space models; decode latent samples with fpdm sample --vae, "
-                         "then evaluate the images folder")
+        raise UsageError(
+            "fpdm eval samples pixel-space models; decode latent samples with fpdm sample --vae, "
+            "then evaluate the images folder"
+        )
     denoiser: Any = pipeline.denoiser  # FPDM and DiT carry in_channels / input_size; the interface leaves them out
     shape = (options.n or 0, denoiser.in_channels, denoiser.input_size, denoiser.input_size)
     planned = reference.images.new_zeros(1, *shape[1:]).expand(*shape)  # no memory: only its shape counts
@@ -281,13 +337,16 @@ def _extractor(options: EvalConfig, samples: ImageSet, say: Log) -> Extractor:
 
 def _extractor_info(extractor: Extractor) -> ExtractorInfo:
     cnn = extractor.cnn
-    return ExtractorInfo(extractor.kind, cnn.sha256 if cnn is not None else sha256_file(extractor.weights),
-                         extractor.description, extractor.features, str(extractor.weights),
-                         None if cnn is None else cnn.test_accuracy)
+    return ExtractorInfo(
+        extractor.kind,
+        cnn.sha256 if cnn is not None else sha256_file(extractor.weights),
+        extractor.description,
+        extractor.features,
+        str(extractor.weights),
+        None if cnn is None else cnn.test_accuracy,
+    )
 
 
 def _info(images: ImageSet) -> ImagesInfo:
     n, c, h, w = images.images.shape
     return ImagesInfo(n, (c, h, w), images.source, dict(images.details))
-
-

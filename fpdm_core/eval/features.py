@@ -112,8 +112,14 @@ def save_extractor(model: FmnistCNN, path: Path, *, test_accuracy: float, test_i
     """Write weights + metadata atomically; returns the file's sha256."""
     from safetensors.torch import save_file
 
-    meta = {"format": NAME, "widths": json.dumps(list(model.widths)), "features": str(model.features),
-            "test_accuracy": repr(test_accuracy), "test_images": str(test_images), "train_steps": str(train_steps)}
+    meta = {
+        "format": NAME,
+        "widths": json.dumps(list(model.widths)),
+        "features": str(model.features),
+        "test_accuracy": repr(test_accuracy),
+        "test_images": str(test_images),
+        "train_steps": str(train_steps),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
@@ -144,8 +150,9 @@ def load_extractor(path: str | Path) -> ExtractorFile:
         first = str(exc).splitlines()[0]
         raise UsageError(f"{path}: weights do not match the recorded architecture ({first})") from None
     model.eval().requires_grad_(False)
-    return ExtractorFile(model, path, float(meta["test_accuracy"]), int(meta["test_images"]), int(meta["train_steps"]),
-                         sha256_file(path))
+    return ExtractorFile(
+        model, path, float(meta["test_accuracy"]), int(meta["test_images"]), int(meta["train_steps"]), sha256_file(path)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +164,21 @@ class TrainReport:
     sha256: str
 
 
-def train_extractor(path: str | Path, *, data_path: str | None = None, epochs: int = 3, steps: int | None = None,
-                    batch_size: int = 128, lr: float = 2e-3, seed: int = 0, train_limit: int | None = None,
-                    test_limit: int | None = None, widths: tuple[int, int, int] = DEFAULT_WIDTHS,
-                    features: int = DEFAULT_FEATURES, log: Callable[[str], None] | None = None) -> TrainReport:
+def train_extractor(
+    path: str | Path,
+    *,
+    data_path: str | None = None,
+    epochs: int = 3,
+    steps: int | None = None,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    widths: tuple[int, int, int] = DEFAULT_WIDTHS,
+    features: int = DEFAULT_FEATURES,
+    log: Callable[[str], None] | None = None,
+) -> TrainReport:
     """Train the classifier on Fashion-MNIST train with a fixed seed (Adam, cosine-decayed LR), measure its
     accuracy on the test split, and save it to `path`. `steps` (else `epochs` passes), `train_limit` and
     `test_limit` shrink the job for tests; the real extractor uses the defaults."""
@@ -180,8 +198,10 @@ def train_extractor(path: str | Path, *, data_path: str | None = None, epochs: i
     total = steps if steps is not None else epochs * per_epoch
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
-    log(f"training {NAME} on {len(train_x)} Fashion-MNIST train images: {total} steps of batch {batch_size}, "
-        f"seed {seed}")
+    log(
+        f"training {NAME} on {len(train_x)} Fashion-MNIST train images: {total} steps of batch {batch_size}, "
+        f"seed {seed}"
+    )
     model.train()
     order = torch.randperm(len(train_x), generator=gen)
     for step in range(total):
@@ -200,8 +220,9 @@ def train_extractor(path: str | Path, *, data_path: str | None = None, epochs: i
     with torch.no_grad():
         rms = torch.cat([model.embed(test_x[i : i + 1000]) for i in range(0, len(test_x), 1000)]).pow(2).mean().sqrt()
         model.feature_scale.fill_(1.0 / float(rms.clamp_min(1e-6)))
-    sha = save_extractor(model, Path(path).expanduser(), test_accuracy=accuracy, test_images=len(test_x),
-                         train_steps=total)
+    sha = save_extractor(
+        model, Path(path).expanduser(), test_accuracy=accuracy, test_images=len(test_x), train_steps=total
+    )
     seconds = time.perf_counter() - start
     log(f"test accuracy {accuracy:.2%} on {len(test_x)} Fashion-MNIST test images; {seconds:.0f} s; saved {path}")
     return TrainReport(Path(path).expanduser(), accuracy, seconds, total, sha)
@@ -212,7 +233,9 @@ def evaluate(model: FmnistCNN, images: Tensor, labels: Tensor, *, batch_size: in
     """Top-1 accuracy of `model` on float (N, 1, 32, 32) images in [-1, 1]."""
     was_training = model.training
     model.eval()
-    correct = sum(int((model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum())
-                  for i in range(0, len(images), batch_size))
+    correct = sum(
+        int((model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum())
+        for i in range(0, len(images), batch_size)
+    )
     model.train(was_training)
     return correct / max(1, len(images))

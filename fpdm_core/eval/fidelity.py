@@ -49,8 +49,9 @@ def _extractor_class() -> type:
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
     class FpdmCNNExtractor(FeatureExtractorBase):
-        def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
-                     **kwargs: Any) -> None:
+        def __init__(
+            self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **kwargs: Any
+        ) -> None:
             super().__init__(name, features_list)
             if feature_extractor_weights_path is None:
                 raise UsageError(f"{CNN_NAME} needs its weights file (feature_extractor_weights_path)")
@@ -127,29 +128,51 @@ def inception_extractor(path: Path) -> Extractor:
     return Extractor(INCEPTION, path, INCEPTION_FEATURES, f"{INCEPTION} (torch-fidelity FID Inception, {path.name})")
 
 
-def check_pair(samples: Tensor, reference: Tensor, *, extractor: Extractor, sample_name: str = "samples",
-               reference_name: str = "reference") -> None:
+def check_pair(
+    samples: Tensor,
+    reference: Tensor,
+    *,
+    extractor: Extractor,
+    sample_name: str = "samples",
+    reference_name: str = "reference",
+) -> None:
     """One-line `UsageError`s for pairs the metrics cannot compare: shapes, channels, too few samples."""
     for images, name in ((samples, sample_name), (reference, reference_name)):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise UsageError(f"{name} must be uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
     if samples.shape[1] != reference.shape[1]:
         kinds = {1: "grayscale", 3: "RGB"}
-        raise UsageError(f"{sample_name} are {kinds.get(samples.shape[1], samples.shape[1])} but {reference_name} is "
-                         f"{kinds.get(reference.shape[1], reference.shape[1])}; compare like with like")
+        raise UsageError(
+            f"{sample_name} are {kinds.get(samples.shape[1], samples.shape[1])} but {reference_name} is "
+            f"{kinds.get(reference.shape[1], reference.shape[1])}; compare like with like"
+        )
     if samples.shape[2:] != reference.shape[2:]:
-        raise UsageError(f"{sample_name} are {samples.shape[3]}x{samples.shape[2]} but {reference_name} is "
-                         f"{reference.shape[3]}x{reference.shape[2]}; resize one side first")
+        raise UsageError(
+            f"{sample_name} are {samples.shape[3]}x{samples.shape[2]} but {reference_name} is "
+            f"{reference.shape[3]}x{reference.shape[2]}; resize one side first"
+        )
     need = extractor.features + 1
     for images, name in ((samples, sample_name), (reference, reference_name)):
         if images.shape[0] < need:
-            raise UsageError(f"{name} has {images.shape[0]} images; FID with {extractor.kind} features "
-                             f"({extractor.features}-d) needs at least {need} for a full-rank covariance")
+            raise UsageError(
+                f"{name} has {images.shape[0]} images; FID with {extractor.kind} features "
+                f"({extractor.features}-d) needs at least {need} for a full-rank covariance"
+            )
 
 
-def compute_metrics(samples: Tensor, reference: Tensor, *, extractor: Extractor, batch_size: int = 256,
-                    seed: int = 0, prc: bool = True, kid_subset_size: int = 1000, device: str | None = None,
-                    reference_key: str | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
+def compute_metrics(
+    samples: Tensor,
+    reference: Tensor,
+    *,
+    extractor: Extractor,
+    batch_size: int = 256,
+    seed: int = 0,
+    prc: bool = True,
+    kid_subset_size: int = 1000,
+    device: str | None = None,
+    reference_key: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """FID, KID (mean, std) and, with `prc`, precision/recall between uint8 (N, C, H, W) `samples` and
     `reference`, computed by torch-fidelity. KID's subset size is capped at the smaller set's size.
     `reference_key` (which must name the reference images AND the extractor's weights) lets torch-fidelity
@@ -167,13 +190,29 @@ def compute_metrics(samples: Tensor, reference: Tensor, *, extractor: Extractor,
         name, fe_path = CNN_NAME, str(extractor.weights)
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     raw = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(samples.contiguous()), input2=UInt8Images(reference.contiguous()), cuda=cuda,
-        batch_size=batch_size, fid=True, kid=True, prc=prc, feature_extractor=name,
-        feature_extractor_weights_path=fe_path, kid_subset_size=subset, save_cpu_ram=True, verbose=False,
-        rng_seed=seed, cache=reference_key is not None, input2_cache_name=reference_key,
-        cache_root=None if cache_dir is None else str(cache_dir))
-    out = {"fid": raw["frechet_inception_distance"], "kid_mean": raw["kernel_inception_distance_mean"],
-           "kid_std": raw["kernel_inception_distance_std"], "kid_subset_size": subset}
+        input1=UInt8Images(samples.contiguous()),
+        input2=UInt8Images(reference.contiguous()),
+        cuda=cuda,
+        batch_size=batch_size,
+        fid=True,
+        kid=True,
+        prc=prc,
+        feature_extractor=name,
+        feature_extractor_weights_path=fe_path,
+        kid_subset_size=subset,
+        save_cpu_ram=True,
+        verbose=False,
+        rng_seed=seed,
+        cache=reference_key is not None,
+        input2_cache_name=reference_key,
+        cache_root=None if cache_dir is None else str(cache_dir),
+    )
+    out = {
+        "fid": raw["frechet_inception_distance"],
+        "kid_mean": raw["kernel_inception_distance_mean"],
+        "kid_std": raw["kernel_inception_distance_std"],
+        "kid_subset_size": subset,
+    }
     if prc:
         out.update(precision=raw["precision"], recall=raw["recall"])
     return out

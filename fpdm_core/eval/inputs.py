@@ -79,8 +79,10 @@ def load_folder(folder: str | Path) -> ImageSet:
         if first is None:
             first = (size, gray)
         elif size != first[0]:
-            raise UsageError(f"{folder} mixes image sizes: {paths[0].name} is {first[0][0]}x{first[0][1]}, "
-                             f"{path.name} is {size[0]}x{size[1]}")
+            raise UsageError(
+                f"{folder} mixes image sizes: {paths[0].name} is {first[0][0]}x{first[0][1]}, "
+                f"{path.name} is {size[0]}x{size[1]}"
+            )
         elif gray != first[1]:
             raise UsageError(f"{folder} mixes grayscale and color images ({paths[0].name} vs {path.name})")
         arrays.append(array[..., None] if gray else array)  # (H, W, C)
@@ -107,21 +109,35 @@ def load_reference(name: str, *, split: str, data_dir: str | None, limit: int | 
     `limit` keeps a seeded random subset."""
     if is_fashion_mnist(name):
         images, _ = fashion_mnist(DataConfig(path=data_dir, split=split, class_conditional=False)).tensors()
-        ref = ImageSet(to_uint8(images), f"Fashion-MNIST {split} split (28x28 padded to 32x32)",
-                       {"kind": "fashion_mnist", "split": split})
+        ref = ImageSet(
+            to_uint8(images),
+            f"Fashion-MNIST {split} split (28x28 padded to 32x32)",
+            {"kind": "fashion_mnist", "split": split},
+        )
     else:
         if not Path(name).expanduser().exists():
             raise UsageError(f"--ref {name}: not a folder and not a known dataset (known: fashion_mnist)")
         ref = load_folder(name)
     if limit is not None and limit < ref.images.shape[0]:
         keep = torch.randperm(ref.images.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]
-        ref = dataclasses.replace(ref, images=ref.images[keep.sort().values],
-                                  source=f"{ref.source}, a seeded random {limit} of {ref.images.shape[0]}")
+        ref = dataclasses.replace(
+            ref,
+            images=ref.images[keep.sort().values],
+            source=f"{ref.source}, a seeded random {limit} of {ref.images.shape[0]}",
+        )
     return ref
 
 
-def sample_images(pipeline: Pipeline, *, n: int, batch_size: int, seed: int, sample: SampleConfig | None,
-                  progress: bool, log: Callable[[str], None]) -> ImageSet:
+def sample_images(
+    pipeline: Pipeline,
+    *,
+    n: int,
+    batch_size: int,
+    seed: int,
+    sample: SampleConfig | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> ImageSet:
     """Draw `n` images from a pixel-space pipeline with the sampling options of `sample` (the model's defaults
     where None); without classes there, every class in turn (the reference splits are balanced)."""
     where = str(pipeline.path) if pipeline.path is not None else repr(pipeline)
@@ -130,8 +146,15 @@ def sample_images(pipeline: Pipeline, *, n: int, batch_size: int, seed: int, sam
     out = pipeline.sample(sample, n=n, batch_size=batch_size, seed=seed, progress=progress, output_type="tensor")
     blocks = out.blocks.double().mean().item()
     plan = {key: value for key, value in out.plan.items() if key not in ("iterations", "tol")}  # per step: long
-    details = {"kind": pipeline.kind, "checkpoint": where, "step": pipeline.step, "weights": pipeline.weights,
-               "seed": seed, "blocks_per_sample": blocks, **plan, "sampling_seconds": out.seconds}
-    source = (f"{where}{at}, {plan.get('steps')} {plan.get('sampler')} steps, {blocks:.1f} blocks/sample, "
-              f"seed {seed}")
+    details = {
+        "kind": pipeline.kind,
+        "checkpoint": where,
+        "step": pipeline.step,
+        "weights": pipeline.weights,
+        "seed": seed,
+        "blocks_per_sample": blocks,
+        **plan,
+        "sampling_seconds": out.seconds,
+    }
+    source = f"{where}{at}, {plan.get('steps')} {plan.get('sampler')} steps, {blocks:.1f} blocks/sample, seed {seed}"
     return ImageSet(to_uint8(out.images), source, details)

@@ -52,9 +52,11 @@ class Checkpoint:
     def training_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(optimizer state dict, trainer state) for resuming; plain tensors and values only."""
         if not all((self.path / name).is_file() for name in RESUME_ONLY):
-            raise UsageError(f"{self.path} holds weights without optimizer or trainer state (e.g. imported "
-                             "weights, or a copy without optimizer.pt / trainer.pt): it samples and exports but "
-                             "cannot resume training")
+            raise UsageError(
+                f"{self.path} holds weights without optimizer or trainer state (e.g. imported "
+                "weights, or a copy without optimizer.pt / trainer.pt): it samples and exports but "
+                "cannot resume training"
+            )
         return _torch_load(self.path / "optimizer.pt"), _torch_load(self.path / "trainer.pt")
 
 
@@ -81,9 +83,19 @@ def _weights(module: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, Tensor], ema: nn.Module | dict[str, Tensor],
-                    optimizer: torch.optim.Optimizer | None, config: dict[str, Any], spec: dict[str, Any],
-                    trainer_state: dict[str, Any] | None, keep: int, fpdm_version: str) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model: nn.Module | dict[str, Tensor],
+    ema: nn.Module | dict[str, Tensor],
+    optimizer: torch.optim.Optimizer | None,
+    config: dict[str, Any],
+    spec: dict[str, Any],
+    trainer_state: dict[str, Any] | None,
+    keep: int,
+    fpdm_version: str,
+) -> Path:
     """Write checkpoint `step` under `root` atomically and keep only the newest `keep` checkpoints.
     Without an optimizer (imported weights) neither optimizer.pt nor trainer.pt is written. A failed write
     (disk full, quota, I/O error) is an FpdmRuntimeError naming the step; the checkpoints already there stay."""
@@ -103,8 +115,13 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, Tenso
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         (tmp / "model.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
         files = sorted(p.name for p in tmp.iterdir())
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "fpdm_version": fpdm_version, "step": step,
-                "sha256": {f: sha256_file(tmp / f) for f in files}}
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "fpdm_version": fpdm_version,
+            "step": step,
+            "sha256": {f: sha256_file(tmp / f) for f in files},
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))  # written last: marks complete
         for f in (*files, "meta.json"):
             fsync(tmp / f)
@@ -118,8 +135,9 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, Tenso
         if isinstance(exc, (OSError, SafetensorError)):  # disk full, quota, I/O: a run-time failure, said in one line
             kept = list_checkpoints(root)
             previous = f"the newest complete checkpoint is {kept[-1]}" if kept else "no earlier checkpoint exists"
-            raise FpdmRuntimeError(f"could not write checkpoint step {step} to {root}: {_oneline(exc)}; "
-                                   f"{previous}") from exc
+            raise FpdmRuntimeError(
+                f"could not write checkpoint step {step} to {root}: {_oneline(exc)}; {previous}"
+            ) from exc
         raise
     for old in list_checkpoints(root)[:-keep]:
         _discard(old)
@@ -195,8 +213,10 @@ class RunLock:
             else:
                 holder = _read_pid(fd)
                 os.close(fd)
-                raise UsageError(f"{self.path.parent} is in use by a live fpdm run (pid {holder or '?'}, lock "
-                                 f"{self.path}); wait for it to finish or choose another --out")
+                raise UsageError(
+                    f"{self.path.parent} is in use by a live fpdm run (pid {holder or '?'}, lock "
+                    f"{self.path}); wait for it to finish or choose another --out"
+                )
             os.close(fd)
         raise FpdmRuntimeError(f"could not take the run lock {self.path}: it keeps changing hands")
 
@@ -270,8 +290,9 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UsageError(f"{ckpt} is not an fpdm checkpoint")
     if not isinstance(meta.get("version"), int) or meta["version"] > FORMAT_VERSION:
-        raise UsageError(f"{ckpt} has checkpoint format {meta.get('version')!r}; this fpdm reads up to "
-                         f"{FORMAT_VERSION}")
+        raise UsageError(
+            f"{ckpt} has checkpoint format {meta.get('version')!r}; this fpdm reads up to {FORMAT_VERSION}"
+        )
     if verify:
         for name, digest in meta.get("sha256", {}).items():
             file = ckpt / name
@@ -282,8 +303,14 @@ def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
             if sha256_file(file) != digest:
                 raise UsageError(f"checkpoint file corrupt (checksum mismatch): {file}")
     config, spec = _json(ckpt / "config.json"), _json(ckpt / "model.json")
-    return Checkpoint(ckpt, int(meta["step"]), config, spec, _safetensors(ckpt / "model.safetensors"),
-                      _safetensors(ckpt / "ema.safetensors"))
+    return Checkpoint(
+        ckpt,
+        int(meta["step"]),
+        config,
+        spec,
+        _safetensors(ckpt / "model.safetensors"),
+        _safetensors(ckpt / "ema.safetensors"),
+    )
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -36,9 +36,19 @@ class EncodeResult:
     scale_factor: float
 
 
-def encode_folder(images_dir: str | Path, out: str | Path, *, vae: str | Path | AutoencoderKL, image_size: int = 256,
-                  batch_size: int = 16, sample: bool = True, seed: int = 0, name: str | None = None,
-                  device: str | torch.device = "auto", progress: bool = True) -> EncodeResult:
+def encode_folder(
+    images_dir: str | Path,
+    out: str | Path,
+    *,
+    vae: str | Path | AutoencoderKL,
+    image_size: int = 256,
+    batch_size: int = 16,
+    sample: bool = True,
+    seed: int = 0,
+    name: str | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+) -> EncodeResult:
     """Encode every image of `images_dir` (class subfolders, or images directly) into OUT/NAME_* files.
 
     Images are center-cropped and resized to `image_size`; `sample` stores a draw of the encoder's Gaussian
@@ -68,17 +78,47 @@ def encode_folder(images_dir: str | Path, out: str | Path, *, vae: str | Path | 
     if channels not in (1, 3):
         raise UsageError(f"the VAE takes {channels}-channel images; only 1 (gray) or 3 (RGB) can be read")
     files, labels, class_names = image_files(root)
-    info = {"class_names": class_names, "scale_factor": model.config.scaling_factor, "image_size": image_size,
-            "vae": source, "sample": sample}
-    shape = _write(model, files, labels, out, name, info, size=image_size, batch_size=batch_size, sample=sample,
-                   seed=seed, device=target, progress=progress)
-    return EncodeResult(out / f"{name}{FEATURES}", out / f"{name}{LABELS}", len(files), shape, class_names,
-                        model.config.scaling_factor)
+    info = {
+        "class_names": class_names,
+        "scale_factor": model.config.scaling_factor,
+        "image_size": image_size,
+        "vae": source,
+        "sample": sample,
+    }
+    shape = _write(
+        model,
+        files,
+        labels,
+        out,
+        name,
+        info,
+        size=image_size,
+        batch_size=batch_size,
+        sample=sample,
+        seed=seed,
+        device=target,
+        progress=progress,
+    )
+    return EncodeResult(
+        out / f"{name}{FEATURES}", out / f"{name}{LABELS}", len(files), shape, class_names, model.config.scaling_factor
+    )
 
 
-def _write(vae: AutoencoderKL, files: list[Path], labels: list[int], out: Path, name: str, info: dict[str, Any], *,
-           size: int, batch_size: int, sample: bool, seed: int, device: torch.device,
-           progress: bool) -> tuple[int, int, int]:
+def _write(
+    vae: AutoencoderKL,
+    files: list[Path],
+    labels: list[int],
+    out: Path,
+    name: str,
+    info: dict[str, Any],
+    *,
+    size: int,
+    batch_size: int,
+    sample: bool,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[int, int, int]:
     """Encode `files` into a temporary folder inside `out`, then move the finished pieces into place
     (labels and info first, features last: a reader never finds a features folder that is still filling)."""
     from tqdm.auto import tqdm

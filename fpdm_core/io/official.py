@@ -66,13 +66,18 @@ def read_official(path: str | Path) -> OfficialFile:
     if not found and obj and all(isinstance(v, Tensor) for v in obj.values()):
         found = {"state_dict": obj}
     if not found:
-        raise UsageError(f"{path} holds neither a state dict nor 'model'/'ema' entries "
-                         f"(its keys: {', '.join(map(str, list(obj)[:6])) or 'none'})")
+        raise UsageError(
+            f"{path} holds neither a state dict nor 'model'/'ema' entries "
+            f"(its keys: {', '.join(map(str, list(obj)[:6])) or 'none'})"
+        )
     args = obj.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
     step = obj.get("train_steps")
-    return OfficialFile({k: _state_dict(v, f"{path} [{k}]") for k, v in found.items()}, args,
-                        step if isinstance(step, int) and step >= 0 else 0)
+    return OfficialFile(
+        {k: _state_dict(v, f"{path} [{k}]") for k, v in found.items()},
+        args,
+        step if isinstance(step, int) and step >= 0 else 0,
+    )
 
 
 def _torch_load(path: Path) -> Any:
@@ -83,12 +88,15 @@ def _torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as exc:
         code = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if code:
-            raise UsageError(f"{path} is not a plain state dict: loading it needs unpickling code ({code.group(1)}); "
-                             "refused (only tensors, plain values and argparse.Namespace are read)") from None
+            raise UsageError(
+                f"{path} is not a plain state dict: loading it needs unpickling code ({code.group(1)}); "
+                "refused (only tensors, plain values and argparse.Namespace are read)"
+            ) from None
         raise UsageError(f"{path} is not a torch checkpoint readable with weights_only=True") from None
     except Exception as exc:  # torch raises several types for foreign or truncated files
-        raise UsageError(f"{path} is not a torch checkpoint ({type(exc).__name__}: "
-                         f"{(str(exc).splitlines() or [''])[0][:120]})") from None
+        raise UsageError(
+            f"{path} is not a torch checkpoint ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
+        ) from None
 
 
 def _state_dict(obj: dict[Any, Any], where: str) -> dict[str, Tensor]:
@@ -112,7 +120,7 @@ def _need(sd: dict[str, Tensor], key: str, ndim: int) -> Tensor:
 
 
 def _count(sd: dict[str, Tensor], prefix: str) -> int:
-    return len({k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)})
+    return len({k[len(prefix) :].split(".", 1)[0] for k in sd if k.startswith(prefix)})
 
 
 def _size(hidden: int, named: Any) -> tuple[str, int | None]:
@@ -131,8 +139,9 @@ def _size(hidden: int, named: Any) -> tuple[str, int | None]:
     return min(SIZES, key=lambda s: abs(SIZES[s][0] - hidden)), None
 
 
-def infer_config(sd: dict[str, Tensor], *, args: dict[str, Any], arch: str | None,
-                 out: Path) -> tuple[dict[str, Any], int]:
+def infer_config(
+    sd: dict[str, Tensor], *, args: dict[str, Any], arch: str | None, out: Path
+) -> tuple[dict[str, Any], int]:
     """(fpdm config dict, num_classes) for an official state dict; `arch` (FAMILY-SIZE/PATCH) replaces what
     the shapes say about family, width, heads, patch and DiT depth."""
     hidden, channels, patch = _need(sd, "x_embedder.proj.weight", 4).shape[:3]  # (D, C, p, p)
@@ -143,21 +152,29 @@ def infer_config(sd: dict[str, Tensor], *, args: dict[str, Any], arch: str | Non
     if channels != 4:
         raise UsageError(f"x_embedder.proj.weight takes {channels} channels; official models take 4 (SD-VAE latents)")
     if args.get("flow") or "y_embedder.embedding_projection.weight" in sd:
-        raise UsageError("flow-matching and continuous-label (DINO) official models are not supported; "
-                         "DDPM models with class or no labels are")
+        raise UsageError(
+            "flow-matching and continuous-label (DINO) official models are not supported; "
+            "DDPM models with class or no labels are"
+        )
     fpdm = any(k.startswith("block_fixed_point.") for k in sd)
     first = "block_fixed_point" if fpdm else "blocks.0"
     out_dim = _need(sd, "final_layer.linear.weight", 2).shape[0]  # p*p*C_out
     if out_dim not in (patch * patch * channels, 2 * patch * patch * channels):
-        raise UsageError(f"final_layer.linear.weight has {out_dim} outputs; patch {patch} and {channels} channels "
-                         f"need {patch * patch * channels} or {2 * patch * patch * channels}")
+        raise UsageError(
+            f"final_layer.linear.weight has {out_dim} outputs; patch {patch} and {channels} channels "
+            f"need {patch * patch * channels} or {2 * patch * patch * channels}"
+        )
     table = sd.get("y_embedder.embedding_table.weight")  # (classes + 1, D)
     pre, post = _count(sd, "blocks_pre."), _count(sd, "blocks_post.")
     size, heads = _size(hidden, args.get("model"))
     model: dict[str, Any] = {
-        "arch": f"{'FPDM' if fpdm else 'DiT'}-{size}/{patch}", "hidden_size": hidden, "num_heads": heads,
-        "depth": None if fpdm else _count(sd, "blocks."), "pre_depth": pre if fpdm else 1,
-        "post_depth": post if fpdm else 1, "mlp_ratio": _need(sd, f"{first}.mlp.fc1.weight", 2).shape[0] / hidden,
+        "arch": f"{'FPDM' if fpdm else 'DiT'}-{size}/{patch}",
+        "hidden_size": hidden,
+        "num_heads": heads,
+        "depth": None if fpdm else _count(sd, "blocks."),
+        "pre_depth": pre if fpdm else 1,
+        "post_depth": post if fpdm else 1,
+        "mlp_ratio": _need(sd, f"{first}.mlp.fc1.weight", 2).shape[0] / hidden,
         "learn_sigma": out_dim == 2 * patch * patch * channels,
         "prepost_timestep": bool(args.get("fixed_point_pre_post_timestep_conditioning", False)),
     }
@@ -167,11 +184,18 @@ def infer_config(sd: dict[str, Tensor], *, args: dict[str, Any], arch: str | Non
     num_classes = 0 if table is None else table.shape[0] - 1
     config = {
         "model": model,
-        "diffusion": {"schedule": "linear", "num_train_timesteps": 1000,
-                      "prediction": "v" if args.get("predict_v") else "eps",
-                      "zero_terminal_snr": bool(args.get("use_zero_terminal_snr", False))},
-        "data": {"name": "latents", "image_size": grid * patch, "channels": channels,
-                 "class_conditional": num_classes > 0},
+        "diffusion": {
+            "schedule": "linear",
+            "num_train_timesteps": 1000,
+            "prediction": "v" if args.get("predict_v") else "eps",
+            "zero_terminal_snr": bool(args.get("use_zero_terminal_snr", False)),
+        },
+        "data": {
+            "name": "latents",
+            "image_size": grid * patch,
+            "channels": channels,
+            "class_conditional": num_classes > 0,
+        },
         "solver": {"name": "fixed_point", "max_iter": max(1, OFFICIAL_BLOCKS - pre - post) if fpdm else 12},
         "train": {"out_dir": str(out)},
     }
@@ -183,11 +207,16 @@ def check_keys(model: nn.Module, sd: dict[str, Tensor], *, source: str, arch: st
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in sd and sd[k].shape != v.shape]
-    parts = [f"{what} {len(keys)}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-             for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                ("wrong shape (file vs model)", shapes)) if keys]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    parts = [
+        f"{what} {len(keys)}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs model)", shapes))
+        if keys
+    ]
     if parts:
         raise UsageError(f"{source} does not fit {arch}: " + "; ".join(parts))
     seen: set[int] = set()
@@ -200,8 +229,9 @@ def check_keys(model: nn.Module, sd: dict[str, Tensor], *, source: str, arch: st
     return out
 
 
-def _choose(found: OfficialFile, weights: str | None, source: Path,
-            log: Callable[[str], None]) -> tuple[dict[str, dict[str, Tensor]], str]:
+def _choose(
+    found: OfficialFile, weights: str | None, source: Path, log: Callable[[str], None]
+) -> tuple[dict[str, dict[str, Tensor]], str]:
     """{"model": ..., "ema": ...} for the two weight files, and a description of the choice."""
     w = found.weights
     if "state_dict" in w:
@@ -217,9 +247,16 @@ def _choose(found: OfficialFile, weights: str | None, source: Path,
     return {"model": w[pick], "ema": w[pick]}, f"'{pick}' (model and ema)"
 
 
-def import_official(source: str | Path, out: str | Path, *, weights: str | None = None, arch: str | None = None,
-                    overrides: Sequence[str] = (), registry: Registry | None = None,
-                    log: Callable[[str], None] = print) -> ImportResult:
+def import_official(
+    source: str | Path,
+    out: str | Path,
+    *,
+    weights: str | None = None,
+    arch: str | None = None,
+    overrides: Sequence[str] = (),
+    registry: Registry | None = None,
+    log: Callable[[str], None] = print,
+) -> ImportResult:
     """Map an official checkpoint to an fpdm run folder `out` (config.json + checkpoints/step-N/).
     weights: None keeps both sets when both exist (else ema, else model); "ema" / "model" writes that set twice."""
     source, out = Path(source), Path(out)
@@ -233,25 +270,34 @@ def import_official(source: str | Path, out: str | Path, *, weights: str | None 
     base, num_classes = infer_config(sets["ema"], args=found.args, arch=arch, out=out)
     config = load_config(overrides=list(overrides), base=base)
     if arch is None and config.model.num_heads is None:
-        raise UsageError(f"cannot tell the attention heads of hidden size {base['model']['hidden_size']} (no official "
-                         "size has it): pass --set model.num_heads=N or --arch FAMILY-SIZE/PATCH")
-    family, options = denoiser_options(config.model, input_size=config.data.image_size,
-                                       in_channels=config.data.channels, num_classes=num_classes)
+        raise UsageError(
+            f"cannot tell the attention heads of hidden size {base['model']['hidden_size']} (no official "
+            "size has it): pass --set model.num_heads=N or --arch FAMILY-SIZE/PATCH"
+        )
+    family, options = denoiser_options(
+        config.model, input_size=config.data.image_size, in_channels=config.data.channels, num_classes=num_classes
+    )
     model = (registry or default_registry()).create("denoiser", family, **options)
     clean = {}
     for name, sd in sets.items():
         clean[name] = check_keys(model, sd, source=f"{source} [{name}]", arch=config.model.arch)
         model.load_state_dict(clean[name], strict=True)
-    spec = {"denoiser": family, "options": options, "class_names": [],
-            "latent": {"scale_factor": getattr(config.data, "scale_factor", LATENT_SCALE)}}
+    spec = {
+        "denoiser": family,
+        "options": options,
+        "class_names": [],
+        "latent": {"scale_factor": getattr(config.data, "scale_factor", LATENT_SCALE)},
+    }
     config_dict = to_dict(config)
     ckpt = _write_run(out, found.step, clean, config_dict, spec)
-    return ImportResult(out, ckpt, config.model.arch, described, config_dict, spec,
-                        sum(p.numel() for p in model.parameters()))
+    return ImportResult(
+        out, ckpt, config.model.arch, described, config_dict, spec, sum(p.numel() for p in model.parameters())
+    )
 
 
-def _write_run(out: Path, step: int, sets: dict[str, dict[str, Tensor]], config: dict[str, Any],
-               spec: dict[str, Any]) -> Path:
+def _write_run(
+    out: Path, step: int, sets: dict[str, dict[str, Tensor]], config: dict[str, Any], spec: dict[str, Any]
+) -> Path:
     """Build the run folder under a hidden name, then swap it into place (an earlier fpdm run at `out` goes)."""
     from fpdm.version import __version__
 
@@ -260,8 +306,18 @@ def _write_run(out: Path, step: int, sets: dict[str, dict[str, Tensor]], config:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        ckpt = save_checkpoint(tmp / "checkpoints", step, model=sets["model"], ema=sets["ema"], optimizer=None,
-                               config=config, spec=spec, trainer_state=None, keep=1, fpdm_version=__version__)
+        ckpt = save_checkpoint(
+            tmp / "checkpoints",
+            step,
+            model=sets["model"],
+            ema=sets["ema"],
+            optimizer=None,
+            config=config,
+            spec=spec,
+            trainer_state=None,
+            keep=1,
+            fpdm_version=__version__,
+        )
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if out.exists():  # an empty folder, or an fpdm run being replaced
             shutil.rmtree(out)

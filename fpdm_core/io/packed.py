@@ -57,9 +57,19 @@ def is_packed(path: str | Path) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def write_packed(out: str | Path, *, state: dict[str, Tensor], config: dict[str, Any], spec: dict[str, Any],
-                 step: int | None, weights: str, dtype: str, parameters: int, command: str,
-                 fpdm_version: str) -> Path:
+def write_packed(
+    out: str | Path,
+    *,
+    state: dict[str, Tensor],
+    config: dict[str, Any],
+    spec: dict[str, Any],
+    step: int | None,
+    weights: str,
+    dtype: str,
+    parameters: int,
+    command: str,
+    fpdm_version: str,
+) -> Path:
     """Write the packed folder `out` atomically: a complete new folder or, on any failure, what was there before.
     An existing `out` is replaced only if it is empty or a packed folder itself."""
     if dtype not in DTYPES:
@@ -71,11 +81,20 @@ def write_packed(out: str | Path, *, state: dict[str, Tensor], config: dict[str,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        cast = {k: (t.to(DTYPES[dtype]) if t.is_floating_point() else t).detach().contiguous().cpu()
-                for k, t in state.items()}
+        cast = {
+            k: (t.to(DTYPES[dtype]) if t.is_floating_point() else t).detach().contiguous().cpu()
+            for k, t in state.items()
+        }
         save_file(cast, tmp / WEIGHTS_NAME, metadata={"format": FORMAT, "weights": weights, "dtype": dtype})
-        info = {"format": FORMAT, "format_version": FORMAT_VERSION, "fpdm_version": fpdm_version,
-                "weights": weights, "dtype": dtype, "parameters": parameters, "command": command}
+        info = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fpdm_version": fpdm_version,
+            "weights": weights,
+            "dtype": dtype,
+            "parameters": parameters,
+            "command": command,
+        }
         if step is not None:
             info["step"] = step
         (tmp / CARD_NAME).write_text(model_card(out, config=config, spec=spec, info=info), encoding="utf-8")
@@ -165,8 +184,9 @@ def _without_nulls(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> tuple[
 
 
 def _with_nulls(data: dict[str, Any], nulls: Any, file: Path) -> dict[str, Any]:
-    if not isinstance(nulls, list) or not all(isinstance(p, list) and p and all(isinstance(k, str) for k in p)
-                                              for p in nulls):
+    if not isinstance(nulls, list) or not all(
+        isinstance(p, list) and p and all(isinstance(k, str) for k in p) for p in nulls
+    ):
         raise UsageError(f"{file}: [fpdm] nulls must be a list of key paths")
     for keys in nulls:
         node = data
@@ -243,28 +263,39 @@ def model_card(out: Path, *, config: dict[str, Any], spec: dict[str, Any], info:
     size, channels = options.get("input_size", "?"), options.get("in_channels", "?")
     where = str(out)
     if spec.get("denoiser") == "fpdm":
-        body = (f"{options.get('pre_depth', '?')} pre block(s), one fixed-point block iterated "
-                f"({solver.get('name', '?')}, {solver.get('max_iter', '?')} iterations), "
-                f"{options.get('post_depth', '?')} post block(s)")
+        body = (
+            f"{options.get('pre_depth', '?')} pre block(s), one fixed-point block iterated "
+            f"({solver.get('name', '?')}, {solver.get('max_iter', '?')} iterations), "
+            f"{options.get('post_depth', '?')} post block(s)"
+        )
     else:
         body = f"{options.get('depth', '?')} blocks"
     shape = f"{channels}x{size}x{size}"
-    samples = (f"{shape} SD-VAE latents (scale {latent.get('scale_factor')}), decoded by an AutoencoderKL"
-               if latent else f"{shape} images in [-1, 1]")
+    samples = (
+        f"{shape} SD-VAE latents (scale {latent.get('scale_factor')}), decoded by an AutoencoderKL"
+        if latent
+        else f"{shape} images in [-1, 1]"
+    )
     steps = f"{config.get('train', {}).get('steps', '?')} steps configured, weights of step {info.get('step', '?')}"
     diffusion = config.get("diffusion", {})
     first = repr(classes[0]) if classes else None
     call = f"n=16{', classes=[' + first + ']' if first else ''}, seed=0"
     vae = ', vae="path/to/vae"' if latent else ""
     rows = [
-        ("architecture", f"{model.get('arch', '?')}: hidden {options.get('hidden_size', '?')}, "
-                         f"{options.get('num_heads', '?')} heads, patch {options.get('patch_size', '?')}; {body}"),
+        (
+            "architecture",
+            f"{model.get('arch', '?')}: hidden {options.get('hidden_size', '?')}, "
+            f"{options.get('num_heads', '?')} heads, patch {options.get('patch_size', '?')}; {body}",
+        ),
         ("parameters", f"{info['parameters']:,}"),
         ("samples", samples),
         ("classes", ", ".join(classes) if classes else "unconditional"),
-        ("training", f"{data.get('name', '?')} data, {steps}; {diffusion.get('schedule', '?')} schedule, "
-                     f"{diffusion.get('num_train_timesteps', '?')} timesteps, {diffusion.get('prediction', '?')} "
-                     "prediction"),
+        (
+            "training",
+            f"{data.get('name', '?')} data, {steps}; {diffusion.get('schedule', '?')} schedule, "
+            f"{diffusion.get('num_train_timesteps', '?')} timesteps, {diffusion.get('prediction', '?')} "
+            "prediction",
+        ),
         ("weights", f"{'EMA' if info['weights'] == 'ema' else 'raw (not EMA)'}, stored as {info['dtype']}"),
         ("made with", f"`{info['command']}` (fpdm {info['fpdm_version']})"),
     ]
@@ -286,7 +317,7 @@ pipe.sample({call}, output_type="pil"{vae}).images[0].save("sample.png")
 ```
 
 ```bash
-fpdm sample {where} --n 16{' --vae path/to/vae' if latent else ''}
+fpdm sample {where} --n 16{" --vae path/to/vae" if latent else ""}
 ```
 
 ## Files

@@ -20,8 +20,10 @@ from fpdm.models.vae import DECODER_BLOCK, ENCODER_BLOCK, AutoencoderKL, VAEConf
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-EXPECTED = ("a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors) "
-            "or a pipeline folder with vae/")
+EXPECTED = (
+    "a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors) "
+    "or a pipeline folder with vae/"
+)
 _BUILT = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
           "norm_num_groups", "sample_size", "scaling_factor", "shift_factor", "use_quant_conv", "use_post_quant_conv",
           "mid_block_add_attention")  # fmt: skip
@@ -38,8 +40,10 @@ def vae_config_from_dict(raw: dict[str, Any], *, source: str = "config.json") ->
     known = {*_BUILT, *_IGNORED, "act_fn", "down_block_types", "up_block_types", "latents_mean", "latents_std"}
     unknown = sorted(k for k in raw if not k.startswith("_") and k not in known)
     if unknown:
-        raise UsageError(f"{source} has unsupported AutoencoderKL option(s) {', '.join(unknown)}; "
-                         f"supported: {', '.join(sorted(known))}")
+        raise UsageError(
+            f"{source} has unsupported AutoencoderKL option(s) {', '.join(unknown)}; "
+            f"supported: {', '.join(sorted(known))}"
+        )
     if raw.get("act_fn", "silu") != "silu":
         raise UsageError(f"{source} has act_fn={raw['act_fn']!r}; only 'silu' is supported")
     for key, block in (("down_block_types", ENCODER_BLOCK), ("up_block_types", DECODER_BLOCK)):
@@ -64,9 +68,12 @@ def vae_config_to_dict(config: VAEConfig) -> dict[str, Any]:
     """`VAEConfig` -> a config.json diffusers' AutoencoderKL.from_pretrained reads."""
     blocks = len(config.block_out_channels)
     return {
-        "_class_name": "AutoencoderKL", "act_fn": "silu",
-        "down_block_types": [ENCODER_BLOCK] * blocks, "up_block_types": [DECODER_BLOCK] * blocks,
-        **{k: getattr(config, k) for k in _BUILT}, "block_out_channels": list(config.block_out_channels),
+        "_class_name": "AutoencoderKL",
+        "act_fn": "silu",
+        "down_block_types": [ENCODER_BLOCK] * blocks,
+        "up_block_types": [DECODER_BLOCK] * blocks,
+        **{k: getattr(config, k) for k in _BUILT},
+        "block_out_channels": list(config.block_out_channels),
     }
 
 
@@ -97,8 +104,9 @@ def resolve_vae_folder(path: str | Path) -> Path:
     raise UsageError(f"VAE folder {root} has no {CONFIG_NAME} (nor vae/{CONFIG_NAME}); expected {EXPECTED}")
 
 
-def load_vae(path: str | Path, *, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+def load_vae(
+    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> AutoencoderKL:
     """An `AutoencoderKL` from a diffusers folder, in eval mode with gradients off."""
     folder = resolve_vae_folder(path)
     try:
@@ -118,12 +126,16 @@ def load_vae(path: str | Path, *, device: torch.device | str = "cpu",
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         what = f"lacks {missing[0]}" if missing else f"has unexpected {unexpected[0]}"
-        raise UsageError(f"{weights} does not fit its config.json: it {what} "
-                         f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+        raise UsageError(
+            f"{weights} does not fit its config.json: it {what} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
+        )
     bad = next((k for k in expected if expected[k].shape != state[k].shape), None)
     if bad is not None:
-        raise UsageError(f"{weights} does not fit its config.json: {bad} has shape {tuple(state[bad].shape)}, "
-                         f"expected {tuple(expected[bad].shape)}")
+        raise UsageError(
+            f"{weights} does not fit its config.json: {bad} has shape {tuple(state[bad].shape)}, "
+            f"expected {tuple(expected[bad].shape)}"
+        )
     vae.load_state_dict(state)
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -155,24 +167,31 @@ def save_vae(vae: AutoencoderKL, folder: str | Path) -> Path:
     return folder
 
 
-def latent_decoder(spec: dict[str, Any], vae_path: str | None, *, in_channels: int, input_size: int,
-                   device: torch.device) -> Callable[[Tensor], Tensor] | None:
+def latent_decoder(
+    spec: dict[str, Any], vae_path: str | None, *, in_channels: int, input_size: int, device: torch.device
+) -> Callable[[Tensor], Tensor] | None:
     """None for a pixel model; for a latent model (spec["latent"]) a function latents (N, C, H, W) -> images
     (N, out_channels, H*f, W*f) in [-1, 1] through the VAE at `vae_path`. Mismatches are one-line UsageErrors."""
     latent = spec.get("latent")
     if latent is None:
         if vae_path is not None:
-            raise UsageError(f"--vae applies to latent models only; this checkpoint generates ({in_channels}, "
-                             f"{input_size}, {input_size}) images directly")
+            raise UsageError(
+                f"--vae applies to latent models only; this checkpoint generates ({in_channels}, "
+                f"{input_size}, {input_size}) images directly"
+            )
         return None
     if vae_path is None:
-        raise UsageError(f"this checkpoint generates latents of shape ({in_channels}, {input_size}, {input_size}); "
-                         "pass --vae DIR holding a diffusers AutoencoderKL "
-                         "(config.json + diffusion_pytorch_model.safetensors)")
+        raise UsageError(
+            f"this checkpoint generates latents of shape ({in_channels}, {input_size}, {input_size}); "
+            "pass --vae DIR holding a diffusers AutoencoderKL "
+            "(config.json + diffusion_pytorch_model.safetensors)"
+        )
     vae = load_vae(vae_path, device=device)
     if vae.config.latent_channels != in_channels:
-        raise UsageError(f"the VAE at {vae_path} has {vae.config.latent_channels} latent channels; this checkpoint "
-                         f"generates {in_channels}")
+        raise UsageError(
+            f"the VAE at {vae_path} has {vae.config.latent_channels} latent channels; this checkpoint "
+            f"generates {in_channels}"
+        )
     scale = float(latent["scale_factor"])
 
     def decode(latents: Tensor, batch_size: int = 16) -> Tensor:

@@ -142,8 +142,18 @@ def sincos_pos_embed(dim: int, grid: int) -> Tensor:
 class _Backbone(Denoiser):
     """Embeddings, final layer, unpatchify and initialisation shared by FPDM and DiT."""
 
-    def __init__(self, *, input_size: int, in_channels: int, patch_size: int, hidden_size: int, num_heads: int,
-                 num_classes: int, learn_sigma: bool, mlp_ratio: float) -> None:
+    def __init__(
+        self,
+        *,
+        input_size: int,
+        in_channels: int,
+        patch_size: int,
+        hidden_size: int,
+        num_heads: int,
+        num_classes: int,
+        learn_sigma: bool,
+        mlp_ratio: float,
+    ) -> None:
         super().__init__()
         if patch_size < 1 or input_size % patch_size:
             raise UsageError(f"input size {input_size} is not divisible by patch size {patch_size}")
@@ -224,12 +234,32 @@ class FixedPointMap:
 class FPDM(_Backbone, FixedPointDenoiser):
     """Pre blocks -> input injection -> one block iterated to a fixed point -> post blocks -> final layer."""
 
-    def __init__(self, *, input_size: int = 32, in_channels: int = 4, patch_size: int = 2, hidden_size: int = 1152,
-                 num_heads: int = 16, pre_depth: int = 1, post_depth: int = 1, num_classes: int = 1000,
-                 learn_sigma: bool = True, mlp_ratio: float = 4.0, prepost_timestep: bool = False,
-                 checkpoint: bool = False) -> None:
-        super().__init__(input_size=input_size, in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size,
-                         num_heads=num_heads, num_classes=num_classes, learn_sigma=learn_sigma, mlp_ratio=mlp_ratio)
+    def __init__(
+        self,
+        *,
+        input_size: int = 32,
+        in_channels: int = 4,
+        patch_size: int = 2,
+        hidden_size: int = 1152,
+        num_heads: int = 16,
+        pre_depth: int = 1,
+        post_depth: int = 1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        mlp_ratio: float = 4.0,
+        prepost_timestep: bool = False,
+        checkpoint: bool = False,
+    ) -> None:
+        super().__init__(
+            input_size=input_size,
+            in_channels=in_channels,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            num_heads=num_heads,
+            num_classes=num_classes,
+            learn_sigma=learn_sigma,
+            mlp_ratio=mlp_ratio,
+        )
         if pre_depth < 0 or post_depth < 0:
             raise UsageError(f"pre_depth and post_depth must be >= 0, got {pre_depth} and {post_depth}")
         self.pre_depth, self.post_depth = pre_depth, post_depth
@@ -265,8 +295,18 @@ class FPDM(_Backbone, FixedPointDenoiser):
             out = self.run_block(block, out, c_pp, self.checkpoint)
         return self.unpatchify(self.final_layer(out, c_pp))
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, z0: Tensor | None = None, iters: int | Tensor,
-                solver: Solver | None = None, tol: float = 0.0, grad_iters: int = 0) -> DenoiserOutput:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None,
+        *,
+        z0: Tensor | None = None,
+        iters: int | Tensor,
+        solver: Solver | None = None,
+        tol: float = 0.0,
+        grad_iters: int = 0,
+    ) -> DenoiserOutput:
         problem = self.prepare(x, t, y)
         f = problem.f
         z = problem.start if z0 is None else z0  # (B, T, D)
@@ -277,8 +317,10 @@ class FPDM(_Backbone, FixedPointDenoiser):
             with torch.no_grad():  # S-JFB's no-grad phase: no activations kept, whatever the caller's mode
                 result = solver.solve(f, z.detach(), max_iter=iters, tol=tol)
             if not isinstance(result, SolverResult):  # a plugin's bug, named here rather than deep in the caller
-                raise PluginError(f"solver {type(solver).__name__} (module {type(solver).__module__}) returned "
-                                  f"{type(result).__name__} from solve, not an fpdm SolverResult")
+                raise PluginError(
+                    f"solver {type(solver).__name__} (module {type(solver).__module__}) returned "
+                    f"{type(result).__name__} from solve, not an fpdm SolverResult"
+                )
             z, stats = result.z, result.stats
         for _ in range(grad_iters):  # S-JFB's grad phase: unrolled backprop through these iterations only
             z = grad_checkpoint(f, z, use_reentrant=False) if self.checkpoint and torch.is_grad_enabled() else f(z)
@@ -291,11 +333,30 @@ class FPDM(_Backbone, FixedPointDenoiser):
 class DiT(_Backbone):
     """The DiT baseline: a plain stack of `depth` blocks. Ignores the fixed-point arguments; z is None."""
 
-    def __init__(self, *, input_size: int = 32, in_channels: int = 4, patch_size: int = 2, hidden_size: int = 1152,
-                 num_heads: int = 16, depth: int = 28, num_classes: int = 1000, learn_sigma: bool = True,
-                 mlp_ratio: float = 4.0, checkpoint: bool = False) -> None:
-        super().__init__(input_size=input_size, in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size,
-                         num_heads=num_heads, num_classes=num_classes, learn_sigma=learn_sigma, mlp_ratio=mlp_ratio)
+    def __init__(
+        self,
+        *,
+        input_size: int = 32,
+        in_channels: int = 4,
+        patch_size: int = 2,
+        hidden_size: int = 1152,
+        num_heads: int = 16,
+        depth: int = 28,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        mlp_ratio: float = 4.0,
+        checkpoint: bool = False,
+    ) -> None:
+        super().__init__(
+            input_size=input_size,
+            in_channels=in_channels,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            num_heads=num_heads,
+            num_classes=num_classes,
+            learn_sigma=learn_sigma,
+            mlp_ratio=mlp_ratio,
+        )
         if depth < 1:
             raise UsageError(f"depth must be >= 1, got {depth}")
         self.depth, self.checkpoint = depth, checkpoint
@@ -308,8 +369,18 @@ class DiT(_Backbone):
     def block_modules(self) -> list[nn.Module]:
         return list(self.blocks)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, *, z0: Tensor | None = None, iters: int | Tensor = 0,
-                solver: Solver | None = None, tol: float = 0.0, grad_iters: int = 0) -> DenoiserOutput:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None,
+        *,
+        z0: Tensor | None = None,
+        iters: int | Tensor = 0,
+        solver: Solver | None = None,
+        tol: float = 0.0,
+        grad_iters: int = 0,
+    ) -> DenoiserOutput:
         h, t_emb, y_emb = self.embed(x, t, y)
         c = t_emb if y_emb is None else t_emb + y_emb  # (B, D)
         for block in self.blocks:
@@ -324,6 +395,8 @@ def parse_arch(arch: str) -> tuple[str, str, int]:
     family, _, rest = arch.partition("-")
     size, _, patch = rest.partition("/")
     if not family or size not in SIZES or not patch.isdigit():
-        raise UsageError(f"bad model arch {arch!r}: expected FAMILY-SIZE/PATCH such as FPDM-XL/2 or DiT-S/4; "
-                         f"sizes {', '.join(SIZES)}")
+        raise UsageError(
+            f"bad model arch {arch!r}: expected FAMILY-SIZE/PATCH such as FPDM-XL/2 or DiT-S/4; "
+            f"sizes {', '.join(SIZES)}"
+        )
     return family.lower(), size, int(patch)

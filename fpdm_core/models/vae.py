@@ -139,8 +139,9 @@ class Upsample(nn.Module):
 class ResampleBlock(nn.Module):
     """`resnets`, then an optional resampler: DownEncoderBlock2D (`downsamplers`), UpDecoderBlock2D (`upsamplers`)."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, layers: int, groups: int, down: bool,
-                 resample: bool) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, *, layers: int, groups: int, down: bool, resample: bool
+    ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups=groups) for i in range(layers)
@@ -176,8 +177,14 @@ class Encoder(nn.Module):
         widths, groups = config.block_out_channels, config.norm_num_groups
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            ResampleBlock(widths[max(i - 1, 0)], width, layers=config.layers_per_block, groups=groups, down=True,
-                          resample=i < len(widths) - 1)
+            ResampleBlock(
+                widths[max(i - 1, 0)],
+                width,
+                layers=config.layers_per_block,
+                groups=groups,
+                down=True,
+                resample=i < len(widths) - 1,
+            )
             for i, width in enumerate(widths)
         )
         self.mid_block = MidBlock(widths[-1], groups=groups, attention=config.mid_block_add_attention)
@@ -199,8 +206,14 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock(widths[0], groups=groups, attention=config.mid_block_add_attention)
         self.up_blocks = nn.ModuleList(
-            ResampleBlock(widths[max(i - 1, 0)], width, layers=config.layers_per_block + 1, groups=groups, down=False,
-                          resample=i < len(widths) - 1)
+            ResampleBlock(
+                widths[max(i - 1, 0)],
+                width,
+                layers=config.layers_per_block + 1,
+                groups=groups,
+                down=False,
+                resample=i < len(widths) - 1,
+            )
             for i, width in enumerate(widths)
         )
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=EPS)
@@ -235,8 +248,10 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: Tensor) -> LatentDistribution:
         f = self.config.downscale
         if x.ndim != 4 or x.shape[1] != self.config.in_channels or x.shape[2] % f or x.shape[3] % f:
-            raise UsageError(f"the VAE encodes (B, {self.config.in_channels}, H, W) images with H and W multiples of "
-                             f"{f}, got {tuple(x.shape)}")
+            raise UsageError(
+                f"the VAE encodes (B, {self.config.in_channels}, H, W) images with H and W multiples of "
+                f"{f}, got {tuple(x.shape)}"
+            )
         moments = self.encoder(x)  # (B, 2 * latent, H/f, W/f)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -255,8 +270,9 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator=generator) if sample else posterior.mean)
 
-    def encode_latents(self, images: Tensor, *, sample: bool = False,
-                       generator: torch.Generator | None = None) -> Tensor:
+    def encode_latents(
+        self, images: Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Images in [-1, 1] -> latents scaled for diffusion: (z - shift) * scaling_factor."""
         posterior = self.encode(images)
         z = posterior.sample(generator=generator) if sample else posterior.mean  # (B, latent, H/f, W/f)

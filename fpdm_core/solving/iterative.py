@@ -40,8 +40,10 @@ def check_solve_args(max_iter: Any, tol: Any, check_every: Any, batch: int | Non
     """Reject bad solve arguments with one line that says what is allowed."""
     if isinstance(max_iter, Tensor):
         if max_iter.dtype.is_floating_point or max_iter.dtype == torch.bool or max_iter.shape != (batch,):
-            raise UsageError(f"per-sample max_iter must be an integer tensor of shape ({batch},), "
-                             f"got {max_iter.dtype} {tuple(max_iter.shape)}")
+            raise UsageError(
+                f"per-sample max_iter must be an integer tensor of shape ({batch},), "
+                f"got {max_iter.dtype} {tuple(max_iter.shape)}"
+            )
         if bool((max_iter < 0).any()):
             raise UsageError("per-sample max_iter must be >= 0")
     elif isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:

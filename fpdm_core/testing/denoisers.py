@@ -148,7 +148,8 @@ def grad_phase_carries_the_gradient(make: Make) -> None:
         assert out.pred.requires_grad, f"grad_iters={grad_iters}: the prediction must be differentiable"
         if fixed_point:
             assert out.z is not None and out.z.requires_grad == (grad_iters > 0), (
-                f"grad_iters={grad_iters}: z.requires_grad is {out.z is not None and out.z.requires_grad}")
+                f"grad_iters={grad_iters}: z.requires_grad is {out.z is not None and out.z.requires_grad}"
+            )
         out.pred.square().mean().backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads), "no finite gradient reached the parameters"

@@ -30,8 +30,14 @@ TOLERANCE = 1e-3  # max error relative to the largest |pred|: fp32 graphs differ
 
 def tiny_models() -> dict[str, Denoiser]:
     """A class-conditional FPDM and DiT on 8x8 single-channel images, hidden size 32."""
-    small: dict[str, Any] = {"input_size": 8, "in_channels": 1, "patch_size": 2, "hidden_size": 32, "num_heads": 2,
-                             "num_classes": 3}
+    small: dict[str, Any] = {
+        "input_size": 8,
+        "in_channels": 1,
+        "patch_size": 2,
+        "hidden_size": 32,
+        "num_heads": 2,
+        "num_classes": 3,
+    }
     return {"FPDM": build(lambda: FPDM(**small)), "DiT": build(lambda: DiT(depth=2, **small))}
 
 
@@ -43,9 +49,15 @@ def _needs(*modules: str) -> None:
 
 def export(make: Make, model: Denoiser, out: Path, *, solver: Solver | None = None) -> dict[str, Any]:
     spec = {"denoiser": type(model).__name__.lower(), "options": {}, "class_names": ["a", "b", "c"]}
-    report = make().export(model, solver=solver or Iterate(), solver_info={"name": "iterate", "options": {}},
-                           config=to_dict(Config()), spec=spec, source={"checkpoint": "fpdm.testing", "step": 0},
-                           out=out)
+    report = make().export(
+        model,
+        solver=solver or Iterate(),
+        solver_info={"name": "iterate", "options": {}},
+        config=to_dict(Config()),
+        spec=spec,
+        source={"checkpoint": "fpdm.testing", "step": 0},
+        out=out,
+    )
     assert isinstance(report, dict), f"export returned {type(report).__name__}, not a report dict"
     return report
 
@@ -53,9 +65,11 @@ def export(make: Make, model: Denoiser, out: Path, *, solver: Solver | None = No
 def _feed(session: Any, model: Denoiser, batch: int, seed: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     s, c = model.input_size, model.in_channels
-    values: dict[str, Tensor] = {"x_t": torch.randn(batch, c, s, s, generator=gen),
-                                 "t": torch.randint(0, 1000, (batch,), generator=gen),
-                                 "y": torch.randint(0, model.num_classes + 1, (batch,), generator=gen)}
+    values: dict[str, Tensor] = {
+        "x_t": torch.randn(batch, c, s, s, generator=gen),
+        "t": torch.randint(0, 1000, (batch,), generator=gen),
+        "y": torch.randint(0, model.num_classes + 1, (batch,), generator=gen),
+    }
     if isinstance(model, FixedPointDenoiser):
         with torch.no_grad():
             start = model.prepare(values["x_t"], values["t"], values["y"]).start
@@ -114,8 +128,9 @@ def exported_step_reproduces_the_denoiser(make: Make) -> None:
 
 
 class _NoUnroll(Solver):
-    def solve(self, f: Any, z0: Tensor, *, max_iter: int | Tensor, tol: float, check_every: int = 1,
-              trace: bool = False) -> SolverResult:
+    def solve(
+        self, f: Any, z0: Tensor, *, max_iter: int | Tensor, tol: float, check_every: int = 1, trace: bool = False
+    ) -> SolverResult:
         return Iterate().solve(f, z0, max_iter=max_iter, tol=tol, check_every=check_every, trace=trace)
 
 

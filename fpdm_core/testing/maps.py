@@ -85,8 +85,16 @@ class Plain:
         return self.f(z)
 
 
-def linear(batch: int, tokens: int, n: int, rate: float, seed: int, *, symmetric: bool = False,
-           dtype: torch.dtype = torch.float64) -> Linear:
+def linear(
+    batch: int,
+    tokens: int,
+    n: int,
+    rate: float,
+    seed: int,
+    *,
+    symmetric: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> Linear:
     """A random affine contraction with spectral norm `rate` (symmetric: spectral radius `rate` too, so plain
     iteration needs about log(tol) / log(rate) steps). b (batch, tokens, n)."""
     gen = torch.Generator().manual_seed(seed)

@@ -37,8 +37,7 @@ def start_has_the_solution_shape(make: Make) -> None:
     if policy.history == 0:
         return
 
-    @given(batch=st.integers(1, 4), step=st.integers(1, 50), seed=st.integers(0, 2**31 - 1),
-           half=st.booleans())
+    @given(batch=st.integers(1, 4), step=st.integers(1, 50), seed=st.integers(0, 2**31 - 1), half=st.booleans())
     def prop(batch: int, step: int, seed: int, half: bool) -> None:
         for count in range(1, policy.history + 1):
             solutions = _solutions(count, batch, seed, torch.bfloat16 if half else torch.float32)

@@ -34,8 +34,14 @@ def linear_contraction_reaches_tol_and_the_exact_fixed_point(make: Make) -> None
     """On linear contractions, every sample converges to tol and lands within the contraction bound of z*."""
     st = strategies()
 
-    @given(batch=st.integers(1, 4), t=st.integers(1, 3), n=st.integers(2, 12), rate=st.floats(0.0, 0.95),
-           seed=_seeds(), tol=st.sampled_from([1e-3, 1e-6]))
+    @given(
+        batch=st.integers(1, 4),
+        t=st.integers(1, 3),
+        n=st.integers(2, 12),
+        rate=st.floats(0.0, 0.95),
+        seed=_seeds(),
+        tol=st.sampled_from([1e-3, 1e-6]),
+    )
     def prop(batch: int, t: int, n: int, rate: float, seed: int, tol: float) -> None:
         f = linear(batch, t, n, rate, seed)
         result = make().solve(f, torch.zeros_like(f.b), max_iter=2000, tol=tol)
@@ -50,8 +56,7 @@ def tanh_contraction_reaches_tol_and_the_reference(make: Make) -> None:
     """On tanh contractions, every sample converges and the residual of the returned z itself is <= L * tol."""
     st = strategies()
 
-    @given(batch=st.integers(1, 4), t=st.integers(1, 3), n=st.integers(2, 12), rate=st.floats(0.0, 0.95),
-           seed=_seeds())
+    @given(batch=st.integers(1, 4), t=st.integers(1, 3), n=st.integers(2, 12), rate=st.floats(0.0, 0.95), seed=_seeds())
     def prop(batch: int, t: int, n: int, rate: float, seed: int) -> None:
         f, tol = tanh(batch, t, n, rate, seed), 1e-6
         result = make().solve(f, torch.zeros_like(f.inj), max_iter=2000, tol=tol)
@@ -271,8 +276,13 @@ def per_sample_caps_are_respected(make: Make) -> None:
     """An int64 (B,) max_iter caps each sample; with tol = 0 each row is the fixed-count solve of its own cap."""
     st = strategies()
 
-    @given(batch=st.integers(1, 4), n=st.integers(2, 12), seed=_seeds(),
-           limits=st.lists(st.integers(0, 12), min_size=4, max_size=4), tol=st.sampled_from([0.0, 1e-6]))
+    @given(
+        batch=st.integers(1, 4),
+        n=st.integers(2, 12),
+        seed=_seeds(),
+        limits=st.lists(st.integers(0, 12), min_size=4, max_size=4),
+        tol=st.sampled_from([0.0, 1e-6]),
+    )
     def prop(batch: int, n: int, seed: int, limits: list[int], tol: float) -> None:
         f = tanh(batch, 2, n, 0.9, seed)
         cap = torch.tensor(limits[:batch])
@@ -281,8 +291,12 @@ def per_sample_caps_are_respected(make: Make) -> None:
         if tol == 0:
             assert torch.equal(result.stats.iterations, cap), (result.stats.iterations, cap)
             for row in range(batch):
-                alone = make().solve(f.restrict(torch.tensor([row])), torch.zeros_like(f.inj[row : row + 1]),
-                                     max_iter=int(cap[row]), tol=0)
+                alone = make().solve(
+                    f.restrict(torch.tensor([row])),
+                    torch.zeros_like(f.inj[row : row + 1]),
+                    max_iter=int(cap[row]),
+                    tol=0,
+                )
                 torch.testing.assert_close(result.z[row : row + 1], alone.z)
         try:
             make().solve(f, torch.zeros_like(f.inj), max_iter=torch.ones(batch + 1, dtype=torch.long), tol=tol)

@@ -52,8 +52,10 @@ class Case:
         try:
             self.contract(self.make)
         except AssertionError as exc:
-            raise AssertionError(f"{self.kind} contract {self.contract.__name__!r} broken by {self.label}: "
-                                 f"{promise(self.contract)}\n{exc}") from exc
+            raise AssertionError(
+                f"{self.kind} contract {self.contract.__name__!r} broken by {self.label}: "
+                f"{promise(self.contract)}\n{exc}"
+            ) from exc
 
     def __call__(self) -> None:
         try:
@@ -78,8 +80,9 @@ def label_of(factory: Callable[..., Any]) -> str:
     return getattr(inner, "__qualname__", None) or type(inner).__name__
 
 
-def implementations(kind: str, where: Callable[..., Any] | Mapping[str, Callable[..., Any]] | Registry,
-                    options: Mapping[str, Any]) -> dict[str, Make]:
+def implementations(
+    kind: str, where: Callable[..., Any] | Mapping[str, Callable[..., Any]] | Registry, options: Mapping[str, Any]
+) -> dict[str, Make]:
     """label -> make for one factory, a {label: factory} mapping, or every `kind` name of a registry."""
     if hasattr(where, "names") and hasattr(where, "create"):
         registry = where
@@ -91,8 +94,9 @@ def implementations(kind: str, where: Callable[..., Any] | Mapping[str, Callable
     raise TypeError(f"expected a factory, a {{label: factory}} mapping or a Registry, got {type(where).__name__}")
 
 
-def run_all(kind: str, contracts: Iterable[Contract], factory: Callable[..., Any],
-            options: Mapping[str, Any]) -> dict[str, str]:
+def run_all(
+    kind: str, contracts: Iterable[Contract], factory: Callable[..., Any], options: Mapping[str, Any]
+) -> dict[str, str]:
     """Every contract against one factory: {contract: 'passed' | 'skipped: why'}; raises on the first broken one."""
     outcome = {}
     make, label = maker(factory, options), label_of(factory)
@@ -110,8 +114,11 @@ def pytest_cases(kind: str, contracts: Iterable[Contract], makes: Mapping[str, M
     """pytest.param(Case, id='LABEL-CONTRACT') for every implementation and contract."""
     import pytest
 
-    return [pytest.param(case, id=case.id)
-            for label, make in makes.items() for case in (Case(kind, label, c, make) for c in contracts)]
+    return [
+        pytest.param(case, id=case.id)
+        for label, make in makes.items()
+        for case in (Case(kind, label, c, make) for c in contracts)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- hypothesis

@@ -69,11 +69,15 @@ def _rank_device(device: torch.device, local_rank: int) -> torch.device:
     if device.type != "cuda":
         return device
     if device.index is not None:
-        raise UsageError(f"train.device={str(device)!r} under torchrun: each rank uses cuda:LOCAL_RANK, "
-                         "set train.device to auto or cuda")
+        raise UsageError(
+            f"train.device={str(device)!r} under torchrun: each rank uses cuda:LOCAL_RANK, "
+            "set train.device to auto or cuda"
+        )
     if local_rank >= torch.cuda.device_count():
-        raise UsageError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} CUDA devices; "
-                         "lower --nproc_per_node")
+        raise UsageError(
+            f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} CUDA devices; "
+            "lower --nproc_per_node"
+        )
     return torch.device("cuda", local_rank)
 
 
@@ -114,8 +118,10 @@ def check_same_config(ctx: DistContext, config: dict[str, Any]) -> None:
     digests = _gather_bytes(ctx, config_digest(config))
     differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
     if differ:
-        raise UsageError(f"the config differs across ranks (rank {differ[0]} vs rank 0; compare their --config and "
-                         "--set): every rank must be launched with the same arguments")
+        raise UsageError(
+            f"the config differs across ranks (rank {differ[0]} vs rank 0; compare their --config and "
+            "--set): every rank must be launched with the same arguments"
+        )
 
 
 def check_in_sync(ctx: DistContext, *modules: nn.Module) -> None:
@@ -162,8 +168,9 @@ def shard(ctx: DistContext, global_batch: int) -> slice:
     """This rank's contiguous slice of a global batch; ranks take equal shares so the mean of their mean
     losses (what DDP's gradient averaging computes) is the global batch's mean loss."""
     if global_batch % ctx.world_size:
-        raise UsageError(f"train.batch_size={global_batch} is the global batch and must divide by the world size "
-                         f"{ctx.world_size}")
+        raise UsageError(
+            f"train.batch_size={global_batch} is the global batch and must divide by the world size {ctx.world_size}"
+        )
     per = global_batch // ctx.world_size
     return slice(ctx.rank * per, (ctx.rank + 1) * per)
 

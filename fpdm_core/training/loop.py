@@ -27,15 +27,31 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fpdm.build import resolve_device, build_denoiser, build_schedule, build_solver, check_compatible, denoiser_options
-from fpdm.io.checkpoint import RunLock, list_checkpoints, load_checkpoint, save_checkpoint, write_text_atomic
+from fpdm.build import (
+    build_dataset,
+    build_denoiser,
+    build_schedule,
+    build_solver,
+    check_compatible,
+    denoiser_options,
+    resolve_device,
+)
 from fpdm.config import Config, to_dict
-from fpdm.build import build_dataset
-from fpdm.training.distributed import DistContext, barrier, check_in_sync, check_same_config, distributed, mean_across_ranks, shard, wrap_model
 from fpdm.diffusion.gaussian import GaussianDiffusion
 from fpdm.errors import FpdmRuntimeError, UsageError
 from fpdm.interfaces import Solver
+from fpdm.io.checkpoint import RunLock, list_checkpoints, load_checkpoint, save_checkpoint, write_text_atomic
 from fpdm.registry import Registry
+from fpdm.training.distributed import (
+    DistContext,
+    barrier,
+    check_in_sync,
+    check_same_config,
+    distributed,
+    mean_across_ranks,
+    shard,
+    wrap_model,
+)
 
 Logger = Callable[[dict[str, Any]], None]
 
@@ -73,8 +89,15 @@ class _Batches:
         return self._perm[b * self.batch_size : (b + 1) * self.batch_size]
 
 
-def train(config: Config, *, resume: bool = False, registry: Registry | None = None, progress: bool = True,
-          is_main: bool = True, log: Logger | None = None) -> TrainResult:
+def train(
+    config: Config,
+    *,
+    resume: bool = False,
+    registry: Registry | None = None,
+    progress: bool = True,
+    is_main: bool = True,
+    log: Logger | None = None,
+) -> TrainResult:
     """Train the configured model; checkpoints and metrics.jsonl go to `config.train.out_dir`. Under torchrun
     this process joins the process group for the run (and leaves it, errors included)."""
     with distributed(resolve_device(config.train.device)) as ctx:
@@ -82,12 +105,27 @@ def train(config: Config, *, resume: bool = False, registry: Registry | None = N
         # One live run per folder: rank 0 holds the lock (a dead holder's lock is taken over).
         lock = RunLock(Path(config.train.out_dir)) if is_main and ctx.is_main else contextlib.nullcontext()
         with lock:
-            return _train(config, ctx, resume=resume, registry=registry, progress=progress,
-                          is_main=is_main and ctx.is_main, log=log)
+            return _train(
+                config,
+                ctx,
+                resume=resume,
+                registry=registry,
+                progress=progress,
+                is_main=is_main and ctx.is_main,
+                log=log,
+            )
 
 
-def _train(config: Config, ctx: DistContext, *, resume: bool, registry: Registry | None, progress: bool,
-           is_main: bool, log: Logger | None) -> TrainResult:
+def _train(
+    config: Config,
+    ctx: DistContext,
+    *,
+    resume: bool,
+    registry: Registry | None,
+    progress: bool,
+    is_main: bool,
+    log: Logger | None,
+) -> TrainResult:
     tc = config.train
     device = ctx.device
     run_dir, started = Path(tc.out_dir), time.perf_counter()
@@ -100,17 +138,27 @@ def _train(config: Config, ctx: DistContext, *, resume: bool, registry: Registry
 
     dataset = build_dataset(config.data)
     images, labels = dataset.tensors()  # (N, C, H, W) in [-1, 1], (N,)
-    family, options = denoiser_options(config.model, input_size=dataset.image_size, in_channels=dataset.channels,
-                                       num_classes=dataset.num_classes)
+    family, options = denoiser_options(
+        config.model, input_size=dataset.image_size, in_channels=dataset.channels, num_classes=dataset.num_classes
+    )
     spec = {"denoiser": family, "options": options, "class_names": list(dataset.class_names)}
     if config.data.name == "latents":  # samples are latents: `fpdm sample --vae` decodes them with this scale
         spec["latent"] = {"scale_factor": float(config.data.scale_factor)}
-    model = build_denoiser(config.model, input_size=dataset.image_size, in_channels=dataset.channels,
-                           num_classes=dataset.num_classes, checkpoint=tc.checkpoint_activations, registry=registry)
+    model = build_denoiser(
+        config.model,
+        input_size=dataset.image_size,
+        in_channels=dataset.channels,
+        num_classes=dataset.num_classes,
+        checkpoint=tc.checkpoint_activations,
+        registry=registry,
+    )
     model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    diffusion = GaussianDiffusion(build_schedule(config.diffusion, registry), prediction=config.diffusion.prediction,
-                                  learn_sigma=config.model.learn_sigma)
+    diffusion = GaussianDiffusion(
+        build_schedule(config.diffusion, registry),
+        prediction=config.diffusion.prediction,
+        learn_sigma=config.model.learn_sigma,
+    )
     solver = build_solver(config.solver, registry)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     config_dict, start = to_dict(config), 0
@@ -120,7 +168,9 @@ def _train(config: Config, ctx: DistContext, *, resume: bool, registry: Registry
         _restore(ckpt, model, ema, optimizer)
         start = ckpt.step
         if start >= tc.steps:
-            raise UsageError(f"{run_dir} is already at step {start} of train.steps={tc.steps}; raise train.steps to continue")
+            raise UsageError(
+                f"{run_dir} is already at step {start} of train.steps={tc.steps}; raise train.steps to continue"
+            )
     if tc.compile:
         for block in model.block_modules():  # per block: one graph reused by every fixed-point iteration
             block.compile()
@@ -160,8 +210,9 @@ def _train(config: Config, ctx: DistContext, *, resume: bool, registry: Registry
         n_no_grad = int(torch.randint(tc.no_grad_iters[0], tc.no_grad_iters[1] + 1, (1,), generator=cpu_gen))
         n_grad = int(torch.randint(tc.grad_iters[0], tc.grad_iters[1] + 1, (1,), generator=cpu_gen))
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            losses, out = sjfb_losses(net, diffusion, solver, x, t, cond, noise, n_no_grad=n_no_grad, n_grad=n_grad,
-                                      tol=tc.no_grad_tol)
+            losses, out = sjfb_losses(
+                net, diffusion, solver, x, t, cond, noise, n_no_grad=n_no_grad, n_grad=n_grad, tol=tc.no_grad_tol
+            )
             loss = losses["loss"].mean()
         means = _global_means(ctx, losses)  # every rank sees the same numbers, so all stop together on a NaN
         value = means["loss"]
@@ -182,13 +233,19 @@ def _train(config: Config, ctx: DistContext, *, resume: bool, registry: Registry
             what = _nonfinite_message(step + 1, value, losses, out)
             if skipped > tc.skip_nonfinite:
                 keep = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written"
-                allowed = (f"after {tc.skip_nonfinite} skipped batch(es)" if tc.skip_nonfinite
-                           else "(train.skip_nonfinite=N skips up to N such batches)")
+                allowed = (
+                    f"after {tc.skip_nonfinite} skipped batch(es)"
+                    if tc.skip_nonfinite
+                    else "(train.skip_nonfinite=N skips up to N such batches)"
+                )
                 raise FpdmRuntimeError(f"{what}; training stopped {allowed}, {keep}")
             window["skipped"] = window.get("skipped", 0) + 1
             if is_main:
-                bar.write(f"fpdm train: warning: {what}; batch skipped ({skipped} of train.skip_nonfinite="
-                          f"{tc.skip_nonfinite})", file=sys.stderr)
+                bar.write(
+                    f"fpdm train: warning: {what}; batch skipped ({skipped} of train.skip_nonfinite="
+                    f"{tc.skip_nonfinite})",
+                    file=sys.stderr,
+                )
         done = step + 1
         if (done % tc.log_every == 0 or done == tc.steps) and window.get("n"):
             now = time.perf_counter()
@@ -205,9 +262,18 @@ def _train(config: Config, ctx: DistContext, *, resume: bool, registry: Registry
         saving = done % tc.ckpt_every == 0 or done == tc.steps
         if is_main and saving:
             trainer_state = {"step": done, "torch_rng": torch.get_rng_state()}
-            last_ckpt = save_checkpoint(ckpt_root, done, model=model, ema=ema, optimizer=optimizer, config=config_dict,
-                                        spec=spec, trainer_state=trainer_state, keep=tc.keep_checkpoints,
-                                        fpdm_version=_version())
+            last_ckpt = save_checkpoint(
+                ckpt_root,
+                done,
+                model=model,
+                ema=ema,
+                optimizer=optimizer,
+                config=config_dict,
+                spec=spec,
+                trainer_state=trainer_state,
+                keep=tc.keep_checkpoints,
+                fpdm_version=_version(),
+            )
         if saving:  # no rank runs ahead of (or exits before) rank 0's save
             barrier(ctx)
     bar.close()
@@ -215,8 +281,19 @@ def _train(config: Config, ctx: DistContext, *, resume: bool, registry: Registry
     return TrainResult(run_dir, last_ckpt or ckpt_root, tc.steps, history, rank=ctx.rank)
 
 
-def sjfb_losses(model: nn.Module, diffusion: GaussianDiffusion, solver: Solver, x: Tensor, t: Tensor,
-                y: Tensor | None, noise: Tensor, *, n_no_grad: int, n_grad: int, tol: float = 0.0) -> tuple[dict[str, Tensor], Any]:
+def sjfb_losses(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    solver: Solver,
+    x: Tensor,
+    t: Tensor,
+    y: Tensor | None,
+    noise: Tensor,
+    *,
+    n_no_grad: int,
+    n_grad: int,
+    tol: float = 0.0,
+) -> tuple[dict[str, Tensor], Any]:
     """Per-sample losses of one S-JFB step and the denoiser's output: `n_no_grad` solver iterations under
     torch.no_grad, then `n_grad` iterations with autograd (DiT ignores both)."""
     outputs = []
@@ -295,7 +372,9 @@ def _restore(ckpt: Any, model: nn.Module, ema: nn.Module, optimizer: torch.optim
         torch.set_rng_state(trainer_state["torch_rng"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise UsageError(f"{ckpt.path} does not fit this run's model or optimizer: {type(exc).__name__}: {first}") from None
+        raise UsageError(
+            f"{ckpt.path} does not fit this run's model or optimizer: {type(exc).__name__}: {first}"
+        ) from None
 
 
 def _progress(start: int, total: int, enabled: bool) -> Any:
