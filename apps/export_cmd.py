@@ -1,4 +1,4 @@
-"""`fpdm export MODEL --onnx [--iters K]`: flags -> `ExportConfig` -> `fpdm.pipeline.export_report`, the function
+"""`fpdm export MODEL --onnx [--iters K]`: flags -> `ExportConfig` -> `fpdm.exporting.export_report`, the function
 `Pipeline.export` runs (the exporter registered as --format, one denoising step or the whole loop, verified).
 Top-level imports stay torch-free."""
 
@@ -49,7 +49,8 @@ def export_command(parser: argparse.ArgumentParser) -> Handler:
     def run(args: argparse.Namespace) -> int:
         from fpdm.apps.presets import default_run
         from fpdm.config import ExportConfig, make_config
-        from fpdm.pipeline import export_report, load
+        from fpdm.exporting import export_report
+        from fpdm.pipeline import load
 
         if args.format is None:
             raise UsageError("choose a format: --onnx (or --format NAME of a registered exporter)")

@@ -330,7 +330,7 @@ def _files(tmp: Path, drawn: _Drawn, report: dict[str, Any], plot: bool) -> None
     from torchvision.utils import make_grid
 
     from fpdm.apps.plots import draw_plot, save_png, stack_images
-    from fpdm.pipeline import to_pil
+    from fpdm.data.images import to_pil
 
     images, cycle = drawn.images, drawn.cycle
     for k, image in enumerate(to_pil(images)):

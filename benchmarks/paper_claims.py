@@ -232,8 +232,8 @@ def fid_cell(
     extractor: Any,
     cache: Path,
 ) -> None:
+    from fpdm.data.images import to_uint8
     from fpdm.diffusion.sampling import generate, plan_iterations, plan_tolerances
-    from fpdm.eval.features import to_uint8
     from fpdm.eval.fidelity import compute_metrics
     from fpdm.plugins.samplers import DDIM
     from fpdm.registry import default_registry

@@ -11,7 +11,6 @@ and `export` it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,9 +22,11 @@ from torch import Tensor
 
 from fpdm.build import load_denoiser, resolve_device
 from fpdm.config import Config, ExportConfig, SampleConfig, from_dict, make_config, to_dict
-from fpdm.diffusion.plan import LoopSpec, base_diffusion, sampling_parts
+from fpdm.data.images import to_pil, to_uint8
+from fpdm.diffusion.plan import base_diffusion, sampling_parts
 from fpdm.diffusion.sampling import StepStats, generate
 from fpdm.errors import UsageError
+from fpdm.exporting import export_report
 from fpdm.interfaces import Denoiser, Solver
 from fpdm.io.checkpoint import Checkpoint, list_checkpoints, load_checkpoint
 from fpdm.io.packed import DTYPES, is_packed, read_packed, write_packed
@@ -440,105 +441,9 @@ def _start(latents: Tensor | None, n: int, shape: tuple[int, ...]) -> Tensor | N
     return latents.float()
 
 
-def to_uint8(images: Tensor) -> Tensor:
-    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), rounded as every image fpdm writes."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def to_pil(images: Tensor) -> list[Any]:
-    """(N, C, H, W) in [-1, 1] -> PIL images: gray for 1 channel, RGB for 3, RGBA for 4."""
-    from PIL import Image
-
-    arrays = to_uint8(images).numpy()
-    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
-
-
 def convert(images: Tensor, output_type: str) -> Any:
     if output_type == "pil":
         return to_pil(images)
     if output_type == "numpy":
-        return to_uint8(images).numpy()
+        return to_uint8(images).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
     return images
-
-
-# ---------------------------------------------------------------------------------------------- export
-def export_report(pipe: Pipeline, config: ExportConfig) -> dict[str, Any]:
-    """Build the exporter `config.format` from the registry and run it on the pipeline's denoiser (on the CPU in
-    float32); its report ({"path", "kind", "precision", "iters", "parity", ...})."""
-    iters = pipe.config.solver.max_iter if config.iters is None else config.iters
-    if iters < 1:
-        raise UsageError(
-            f"iters must be >= 1 to export (the model's solver.max_iter is "
-            f"{pipe.config.solver.max_iter}); give iters (--iters K)"
-        )
-    registry = pipe.registry
-    solver_name = config.solver or pipe.config.solver.name
-    solver_options = {} if config.solver else dict(pipe.config.solver.options)
-    solver = registry.create("solver", solver_name, **solver_options)
-    options: dict[str, Any] = {"iters": iters, "fp16": config.fp16, "verify": config.verify}
-    if config.opset is not None:
-        options["opset"] = config.opset
-    exporter = registry.create("exporter", config.format, **options)
-    model = pipe.denoiser
-    if pipe.device.type != "cpu" or pipe.dtype != torch.float32:  # export traces and checks in fp32 on the CPU
-        model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
-    loop = _loop_spec(pipe, model, config, iters) if config.whole_loop else None
-    out = Path(config.out) if config.out else _export_path(pipe, config, iters)
-    if config.format == "onnx" and out.suffix != ".onnx":
-        raise UsageError(f"out must end in .onnx, got {out}")
-    source = {
-        "checkpoint": None if pipe.path is None else str(pipe.path),
-        "step": pipe.step,
-        "ema": pipe.weights == "ema",
-    }
-    return exporter.export(
-        model,
-        solver=solver,
-        solver_info={"name": solver_name, "options": solver_options},
-        config=to_dict(pipe.config),
-        spec=pipe.spec,
-        out=out,
-        loop=loop,
-        source=source,
-    )
-
-
-def _loop_spec(pipe: Pipeline, model: Denoiser, config: ExportConfig, iters: int) -> LoopSpec:
-    assert config.steps is not None  # ExportConfig requires steps with whole_loop
-    choices = make_config(
-        SampleConfig,
-        steps=config.steps,
-        budget=config.budget,
-        sampler=config.sampler,
-        eta=config.eta,
-        allocator=config.allocator,
-        reuse=config.reuse,
-        cfg_scale=config.cfg_scale,
-        cfg_channels=config.cfg_channels,
-        clip_x0=config.clip_x0,
-    )
-    parts = sampling_parts(pipe.config, model, choices, registry=pipe.registry, iters=iters)
-    if parts.adaptive:
-        raise UsageError(
-            f"allocator {config.allocator!r} decides per sample at run time; a graph needs a fixed "
-            "plan (uniform, increasing, decreasing, ramp)"
-        )
-    return LoopSpec(
-        parts.diffusion,
-        parts.sampler,
-        parts.iterations,
-        parts.reuse,
-        config.cfg_scale,
-        config.cfg_channels,
-        config.clip_x0,
-        not pipe.is_latent,
-        parts.names,
-    )
-
-
-def _export_path(pipe: Pipeline, config: ExportConfig, iters: int) -> Path:
-    what = f"loop-s{config.steps}" if config.whole_loop else f"k{iters}"
-    name = f"{what}{'-fp16' if config.fp16 else ''}.onnx"
-    if pipe.kind == "checkpoint" and pipe.path is not None:
-        return pipe.output_dir("export") / f"{pipe.path.name}-{name}"
-    return pipe.output_dir("export") / name

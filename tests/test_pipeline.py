@@ -21,10 +21,11 @@ from PIL import Image
 import fpdm
 import fpdm.config
 from fpdm.config import ExportConfig, SampleConfig, load_config
+from fpdm.data.images import to_uint8
 from fpdm.errors import UsageError
 from fpdm.io.checkpoint import list_checkpoints, load_checkpoint
 from fpdm.io.packed import dumps_toml
-from fpdm.pipeline import Pipeline, to_uint8
+from fpdm.pipeline import Pipeline
 from support import REGISTRY, one_line_error, tiny_config
 
 FAST = {"steps": 3, "iters": 2}  # a few cheap steps: these tests are about plumbing, not image quality
@@ -142,7 +143,7 @@ def test_output_types(pipe):
     assert tensor.min() >= -1 and tensor.max() <= 1
     array = pipe.sample(n=2, seed=1, output_type="numpy", **FAST).images
     assert array.dtype == np.uint8 and array.shape == (2, 8, 8, 1)
-    assert np.array_equal(array, to_uint8(tensor).numpy())
+    assert np.array_equal(array, to_uint8(tensor).permute(0, 2, 3, 1).numpy())
     pils = pipe.sample(n=2, seed=1, output_type="pil", **FAST).images
     assert np.array_equal(np.asarray(pils[1]), array[1, :, :, 0])
     with pytest.raises(UsageError, match="applies to latent models"):

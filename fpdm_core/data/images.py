@@ -11,6 +11,7 @@ import gzip
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,6 +76,20 @@ def read_idx(path: str | Path) -> Tensor:
 def _to_unit(images: Tensor) -> Tensor:
     """uint8 [0, 255] -> float32 [-1, 1] as (p / 255) * 2 - 1, so 0 (the background) maps to exactly -1."""
     return images.to(torch.float32).div_(255).mul_(2).sub_(1)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """float (N, C, H, W) in [-1, 1] -> uint8 (N, C, H, W) as round((x + 1) * 127.5): every image fpdm writes, the
+    inverse of the [-1, 1] scaling above up to rounding."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_pil(images: Tensor) -> list[Any]:
+    """float (N, C, H, W) in [-1, 1] -> PIL images: gray for 1 channel, RGB for 3, RGBA for 4."""
+    from PIL import Image  # lazy: only writers of image files need PIL
+
+    arrays = to_uint8(images).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
 
 
 def _fit(images: Tensor, size: int) -> Tensor:

@@ -84,11 +84,6 @@ def to_model_input(images: Tensor) -> Tensor:
     return x
 
 
-def to_uint8(images: Tensor) -> Tensor:
-    """float (N, C, H, W) in [-1, 1] -> uint8, as `fpdm sample` writes its PNGs: round((x + 1) * 127.5)."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 @dataclasses.dataclass(frozen=True)
 class ExtractorFile:
     """A trained extractor as loaded: the network (eval mode) and what its file says about it."""

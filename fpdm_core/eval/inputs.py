@@ -16,9 +16,8 @@ import torch
 from torch import Tensor
 
 from fpdm.config import DataConfig
-from fpdm.data.images import IMAGE_EXTENSIONS, fashion_mnist
+from fpdm.data.images import IMAGE_EXTENSIONS, fashion_mnist, to_uint8
 from fpdm.errors import UsageError
-from fpdm.eval.features import to_uint8
 from fpdm.io.packed import is_packed
 
 if TYPE_CHECKING:
