@@ -54,12 +54,15 @@ def eval_command(parser: argparse.ArgumentParser) -> Handler:
         help="local torch-fidelity Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth); never downloaded",
     )
     parser.add_argument(
-        "--cache", metavar="DIR", help="where the fpdm-fmnist-cnn extractor is cached (default: ~/.cache/fpdm)"
+        "--cache",
+        metavar="DIR",
+        help="use the fpdm-fmnist-cnn retrained into DIR instead of the one shipped with fpdm "
+        "(--train-extractor writes to DIR, default ~/.cache/fpdm)",
     )
     parser.add_argument(
         "--train-extractor",
         action="store_true",
-        help="(re)train the fpdm-fmnist-cnn extractor into the cache; without INPUT, only that",
+        help="retrain the fpdm-fmnist-cnn extractor into --cache and evaluate with it; without INPUT, only train",
     )
     add_json_option(parser, help="write the JSON report to PATH; '-': to stdout, instead of the text report")
     parser.add_argument("--no-prc", action="store_true", help="skip precision/recall (k-NN, quadratic in N)")
@@ -99,11 +102,14 @@ def eval_command(parser: argparse.ArgumentParser) -> Handler:
         to_stdout = args.json == "-"  # then stdout holds the JSON alone; status lines go to stderr
         status = sys.stderr if to_stdout else sys.stdout
         if args.train_extractor:
+            import attrs
+
             from fpdm.eval.evaluation import train_fmnist_extractor
 
-            train_fmnist_extractor(args.cache, log=_printer(status, quiet=False))
+            trained = train_fmnist_extractor(args.cache, log=_printer(status, quiet=False))
             if args.input is None:
                 return 0
+            config = attrs.evolve(config, cache=str(trained.weights.parent))  # not the shipped one: this one
         if args.input is None:
             raise UsageError("give a folder of images or a model to evaluate (or --train-extractor alone)")
         from fpdm.eval.evaluation import evaluate

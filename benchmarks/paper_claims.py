@@ -333,13 +333,12 @@ def main() -> int:
     parser.add_argument(
         "--fpdm-steps", type=int, help="FPDM training steps (default 2000, the preset's `fpdm train`; --quick 60)"
     )
-    parser.add_argument("--extractor", help="fpdm-fmnist-cnn file (default: the cached one, trained if missing)")
+    parser.add_argument("--extractor", help="fpdm-fmnist-cnn file (default: the one shipped with fpdm)")
     parser.add_argument("--update-docs", "--update-readme", action="store_true", help="refresh docs/paper-claims.md")
     parser.add_argument("--apart", help=argparse.SUPPRESS)  # internal: one measurement of train.py, see measure_apart
     args = parser.parse_args()
     if args.apart:
         return run_apart(args.apart)
-    from fpdm.eval.features import default_path, train_extractor
     from fpdm.eval.fidelity import cnn_extractor
     from fpdm.eval.inputs import load_reference
 
@@ -364,11 +363,7 @@ def main() -> int:
         "fpdm": train_cell(store, "fpdm", steps=plan["fpdm_steps"], runs=runs_dir, seed=0),
         "dit": train_cell(store, "dit", steps=plan["dit_steps"], runs=runs_dir, seed=0),
     }
-    path = Path(args.extractor) if args.extractor else default_path()
-    if not path.is_file():
-        print(f"training the fpdm-fmnist-cnn feature extractor into {path}", flush=True)
-        train_extractor(path, log=print)
-    extractor = cnn_extractor(path)
+    extractor = cnn_extractor(args.extractor)  # None: the shipped file, its sha256 checked
     reference = load_reference("fashion_mnist", split="test", data_dir=None, limit=ref_n, seed=0).images
     fid_cells(store, runs, n=n, reference=reference, extractor=extractor, cache=args.out / "paper_claims_cache")
     store.data["extractor"] = extractor.description

@@ -1,12 +1,14 @@
 """`fpdm eval` and the torch-fidelity path: known answers on a tiny extractor, the CLI offline, bad input.
 
-The extractor here is trained for a few dozen steps on a small subset (seconds); the real >= 90% one is what
-`fpdm eval --train-extractor` builds. Everything runs offline: no Inception weights, no downloads.
+The tiny extractor here is an untrained, seeded CNN with 8 features (small sample counts then suffice); the real
+one is shipped with fpdm and checked by its sha256. Only one test trains (a few steps, to cover the code that
+made the shipped file). Everything runs offline: no Inception weights, no downloads.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,15 @@ import torch
 from PIL import Image
 
 from fpdm.errors import UsageError
-from fpdm.eval.features import load_extractor, train_extractor
+from fpdm.eval import features
+from fpdm.eval.features import (
+    SHIPPED_SHA256,
+    FmnistCNN,
+    load_extractor,
+    save_extractor,
+    to_model_input,
+    train_extractor,
+)
 from fpdm.eval.fidelity import check_pair, cnn_extractor, compute_metrics
 from support import run_cli
 
@@ -22,11 +32,16 @@ FEATURES = 8  # FID needs more samples than feature dimensions: a small dim keep
 
 
 @pytest.fixture(scope="module")
-def extractor_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def extractor_file(tmp_path_factory: pytest.TempPathFactory, fmnist: torch.Tensor) -> Path:
+    """A seeded, untrained tiny CNN: its features still tell images apart, and nothing trains. Its features are
+    scaled to unit RMS on Fashion-MNIST, as `train_extractor` scales the real one's."""
     path = tmp_path_factory.mktemp("extractor") / "tiny.safetensors"
-    train_extractor(
-        path, steps=40, batch_size=64, train_limit=2560, test_limit=500, widths=(4, 8, 8), features=FEATURES
-    )
+    torch.manual_seed(0)
+    model = FmnistCNN(widths=(4, 8, 8), features=FEATURES).eval()
+    with torch.no_grad():
+        rms = model.embed(to_model_input(fmnist)).pow(2).mean().sqrt()
+        model.feature_scale.fill_(1.0 / float(rms))
+    save_extractor(model, path, test_accuracy=0.1, test_images=0, train_steps=0)
     return path
 
 
@@ -63,11 +78,79 @@ def write_pngs(folder: Path, images: torch.Tensor) -> Path:
 
 
 @pytest.mark.slow
-def test_extractor_file_records_accuracy_and_hash(extractor_file: Path) -> None:
-    loaded = load_extractor(extractor_file)
-    assert 0.0 <= loaded.test_accuracy <= 1.0 and loaded.test_images == 500 and loaded.train_steps == 40
-    assert len(loaded.sha256) == 64 and loaded.sha256[:12] in loaded.describe()
+def test_train_extractor_records_accuracy_and_hash(tmp_path: Path) -> None:
+    """The code that made the shipped file, on a few steps of a subset."""
+    path = tmp_path / "trained.safetensors"
+    report = train_extractor(
+        path, steps=10, batch_size=64, train_limit=640, test_limit=200, widths=(4, 8, 8), features=FEATURES
+    )
+    loaded = load_extractor(path)
+    assert 0.0 <= loaded.test_accuracy <= 1.0 and loaded.test_images == 200 and loaded.train_steps == 10
+    assert loaded.sha256 == report.sha256 and loaded.sha256[:12] in loaded.describe()
     assert loaded.model.features == FEATURES
+
+
+def test_saving_the_same_weights_gives_the_same_bytes(extractor_file: Path, tmp_path: Path) -> None:
+    """safetensors orders its metadata map differently on each save; fpdm sorts it, so a file's sha256 depends
+    on the weights and metadata alone."""
+    model = load_extractor(extractor_file).model
+    hashes = {
+        save_extractor(model, tmp_path / f"{k}.safetensors", test_accuracy=0.1, test_images=0, train_steps=0)
+        for k in range(4)
+    }
+    assert hashes == {load_extractor(extractor_file).sha256}
+
+
+def test_shipped_extractor_is_the_pinned_file() -> None:
+    """Its sha256 is the constant, and its metadata the accuracy docs/evaluation.md states."""
+    path = features.shipped_path()
+    assert path.is_file() and path.parent.name == "weights"
+    loaded = features.load_shipped()
+    assert loaded.sha256 == SHIPPED_SHA256 and loaded.path == path
+    assert loaded.test_accuracy == pytest.approx(0.9105) and loaded.test_images == 10000
+    assert loaded.train_steps == 1404 and loaded.model.features == 128
+    assert SHIPPED_SHA256[:12] in Path(__file__).parents[1].joinpath("docs", "evaluation.md").read_text()
+
+
+def test_a_corrupted_shipped_extractor_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli) -> None:  # type: ignore[no-untyped-def]
+    copy = tmp_path / "weights" / features.FILE_NAME
+    copy.parent.mkdir()
+    data = bytearray(features.shipped_path().read_bytes())
+    data[-1] ^= 0xFF  # one weight's last byte: still a valid safetensors file, other weights
+    copy.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match=re.escape(str(copy)) + f".*not the expected {SHIPPED_SHA256[:12]}"):
+        load_extractor(copy, sha256=SHIPPED_SHA256)
+    monkeypatch.setattr(features, "shipped_path", lambda: copy)
+    samples = write_pngs(tmp_path / "s", torch.zeros(3, 1, 32, 32, dtype=torch.uint8))
+    code, _, err = cli("eval", str(samples), "--extractor", "fpdm-fmnist-cnn", "--ref-n", "10")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and str(copy) in lines[0] and "sha256" in lines[0]
+
+
+@pytest.mark.slow
+def test_default_extractor_is_the_shipped_one_without_a_cache(
+    fmnist: torch.Tensor, extractor_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """auto / fpdm-fmnist-cnn read the shipped file: ~/.cache is neither read nor written, nothing trains;
+    `cache` selects a retrained one."""
+    import fpdm.eval.evaluation as evaluation
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained an extractor")
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(evaluation, "train_extractor", never)
+    samples = fmnist.float() / 127.5 - 1  # (200, 1, 32, 32) in [-1, 1]: more than the 128 features need
+    for choice in ("auto", "fpdm-fmnist-cnn"):
+        result = evaluation.evaluate(samples, ref_n=300, extractor=choice, prc=False, progress=False)
+        assert result.extractor.sha256 == SHIPPED_SHA256 and result.extractor.weights == str(features.shipped_path())
+        assert result.extractor.test_accuracy == pytest.approx(0.9105) and result.extractor.features == 128
+    assert not (tmp_path / "home").exists()
+    cache = tmp_path / "retrained"
+    cache.mkdir()
+    (cache / features.FILE_NAME).write_bytes(extractor_file.read_bytes())
+    result = evaluation.evaluate(samples[:40], ref_n=60, cache=str(cache), prc=False, progress=False)
+    assert result.extractor.sha256 == load_extractor(extractor_file).sha256
 
 
 def test_fid_of_a_set_against_itself_is_zero_and_shift_raises_it(extractor_file: Path, fmnist: torch.Tensor) -> None:
@@ -332,3 +415,24 @@ def test_cli_eval_json_to_stdout_and_weights_aliases(
     assert json.loads(out)["metrics"] == report["metrics"]
     code, out, err = cli("eval", str(samples), *common, "--no-ema")
     assert code == 0 and err.strip().splitlines() == ["fpdm: --no-ema is deprecated; use --weights raw"]
+
+
+def test_cli_train_extractor_then_evaluates_with_the_retrained_one(
+    extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
+) -> None:  # type: ignore[no-untyped-def]
+    """`--train-extractor INPUT` scores INPUT on the fresh file in --cache, not the shipped one (training itself
+    is replaced by a copy of the tiny extractor: the real run takes minutes)."""
+    import fpdm.eval.evaluation as evaluation
+
+    def fake_train(cache: str | None = None, *, log: object = None) -> object:
+        path = features.cache_path(cache)
+        path.write_bytes(extractor_file.read_bytes())
+        return cnn_extractor(path)
+
+    monkeypatch.setattr(evaluation, "train_fmnist_extractor", fake_train)
+    samples = write_pngs(tmp_path / "s", fmnist[:30])
+    ref = write_pngs(tmp_path / "r", fmnist[30:70])
+    args = ["--ref", str(ref), "--train-extractor", "--cache", str(tmp_path), "--no-prc", "--json", "-"]
+    code, out, err = cli("eval", str(samples), *args)
+    assert code == 0, err
+    assert json.loads(out)["extractor"]["sha256"] == load_extractor(extractor_file).sha256 != SHIPPED_SHA256

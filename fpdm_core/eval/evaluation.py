@@ -2,10 +2,10 @@
 
 The samples are a folder of images, an image tensor, or a model (a `Pipeline`, or the path of a run, checkpoint
 or packed folder) that is sampled first. Features come from Inception-v3 when its weights are on this machine,
-or from fpdm's own Fashion-MNIST CNN (trained on first use, cached). The result always names the extractor,
+or from fpdm's own Fashion-MNIST CNN (shipped with fpdm, sha256-checked). The result always names the extractor,
 both sample counts and the reference; a metric on the CNN's features is "FID (fpdm-fmnist-cnn features)",
 never Inception FID. Every cheap check (options, paths, the extractor choice, shapes) runs before a model is
-loaded, sampled or an extractor trained.
+loaded or sampled. Nothing is trained unless asked (`train_fmnist_extractor`, `fpdm eval --train-extractor`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fpdm.config import EvalConfig, make_config
 from fpdm.errors import UsageError
-from fpdm.eval.features import DEFAULT_FEATURES, default_path, load_extractor, train_extractor
+from fpdm.eval.features import cache_path, load_extractor, train_extractor
 from fpdm.eval.fidelity import (
     CNN_NAME,
     INCEPTION,
@@ -209,7 +209,7 @@ def evaluate(
             progress=progress,
             log=say,
         )
-    chosen = _extractor(options, images, say)
+    chosen = _extractor(options, images)
     metrics = compute_metrics(
         images.images,
         reference.images,
@@ -233,9 +233,10 @@ def evaluate(
 
 
 def train_fmnist_extractor(cache: str | None = None, *, log: Log | None = None) -> Extractor:
-    """(Re)train fpdm's Fashion-MNIST CNN extractor into the cache (default ~/.cache/fpdm): a few CPU minutes."""
+    """Retrain fpdm's Fashion-MNIST CNN extractor into the cache (default ~/.cache/fpdm): a few CPU minutes.
+    The default extractor stays the shipped one: evaluate with this one through `cache` or its path."""
     say = log or (lambda line: None)
-    path = default_path(cache)
+    path = cache_path(cache)
     say(f"training the {CNN_NAME} feature extractor on Fashion-MNIST train (CPU, a few minutes; cached at {path})")
     train_extractor(path, log=say)
     return cnn_extractor(path)
@@ -292,8 +293,7 @@ def _check_model_against(pipeline: Pipeline, reference: ImageSet, options: EvalC
     if choice == INCEPTION:
         features = INCEPTION_FEATURES
     elif choice == CNN_NAME:
-        path = default_path(options.cache)
-        features = load_extractor(path).model.features if path.is_file() else DEFAULT_FEATURES
+        features = _default_cnn(options).features  # small, and the shipped one's sha256 is checked before sampling
     else:
         features = load_extractor(choice).model.features
     kind = INCEPTION if choice == INCEPTION else CNN_NAME
@@ -319,7 +319,7 @@ def _resolve_choice(options: EvalConfig, *, channels: int) -> str:
     return CNN_NAME if local is None and channels == 1 else INCEPTION
 
 
-def _extractor(options: EvalConfig, samples: ImageSet, say: Log) -> Extractor:
+def _extractor(options: EvalConfig, samples: ImageSet) -> Extractor:
     choice = _resolve_choice(options, channels=samples.images.shape[1])
     if choice == INCEPTION:
         weights = inception_weights(options.inception_weights)
@@ -327,12 +327,14 @@ def _extractor(options: EvalConfig, samples: ImageSet, say: Log) -> Extractor:
             raise UsageError(NO_INCEPTION)
         return inception_extractor(weights)
     if choice == CNN_NAME:
-        path = default_path(options.cache)
-        if not path.is_file():
-            say(f"no {CNN_NAME} extractor at {path}: training it now (first use)")
-            return train_fmnist_extractor(options.cache, log=say)
-        return cnn_extractor(path)
+        return _default_cnn(options)
     return cnn_extractor(choice)
+
+
+def _default_cnn(options: EvalConfig) -> Extractor:
+    """The shipped CNN, the same file (and so the same FIDs) on every machine; with `cache`, the one retrained
+    into that folder (`fpdm eval --train-extractor --cache DIR`)."""
+    return cnn_extractor(None if options.cache is None else cache_path(options.cache))
 
 
 def _extractor_info(extractor: Extractor) -> ExtractorInfo:

@@ -1,10 +1,14 @@
 """A Fashion-MNIST feature extractor fpdm trains itself, for FID/KID where Inception-v3's weights are absent.
 
 Inception-v3 features are what "FID" means in papers, but its weights download from the internet. Offline,
-fpdm trains a small CNN classifier on Fashion-MNIST train (fixed seed, a few minutes on CPU) and measures on
+fpdm uses a small CNN classifier trained on Fashion-MNIST train (fixed seed, about 100 s on CPU) and measures on
 its penultimate layer: the metric is then "FID (fpdm-fmnist-cnn features)", never Inception FID. The file is
 safetensors; its metadata records the architecture, the test accuracy and the number of training steps, and
 its sha256 names the exact weights in every report.
+
+The extractor is trained once and shipped inside the package (weights/, `SHIPPED_SHA256`): a CNN trained on
+each machine differs in its last bits between machines, and so would every FID measured on it. `train_extractor`
+stays for a deliberate retrain (`fpdm eval --train-extractor`, into ~/.cache/fpdm), used only when asked for.
 
 Input convention (torch-fidelity's): uint8 (N, C, H, W) in [0, 255]. RGB is averaged to gray; 32x32 is the
 native size (Fashion-MNIST's 28x28 padded with the background, as fpdm's data pipeline does), and any other
@@ -29,6 +33,9 @@ from fpdm.io.checkpoint import sha256_file
 NAME = "fpdm-fmnist-cnn"
 DEFAULT_CACHE = "~/.cache/fpdm"
 FILE_NAME = "fpdm-fmnist-cnn.safetensors"
+# the shipped file's hash: a changed file is refused rather than silently giving other FIDs; see docs/evaluation.md
+# for the command that made it
+SHIPPED_SHA256 = "585d51eca82b0422170dc3c0e8885c3b88ef0d71fa1def9d100e0106e38cb2e7"
 DEFAULT_WIDTHS = (16, 32, 64)
 DEFAULT_FEATURES = 128
 
@@ -99,8 +106,23 @@ class ExtractorFile:
         return f"{NAME} (test acc {self.test_accuracy:.1%} on {self.test_images} images, sha256 {self.sha256[:12]})"
 
 
-def default_path(cache: str | Path | None = None) -> Path:
+def shipped_path() -> Path:
+    """The extractor shipped as package data (wheel and editable install alike); every machine uses this file."""
+    return Path(__file__).with_name("weights") / FILE_NAME
+
+
+def cache_path(cache: str | Path | None = None) -> Path:
+    """Where `fpdm eval --train-extractor` writes a retrained extractor (default ~/.cache/fpdm); read only when
+    asked for (`fpdm eval --cache DIR`, or the file as `--extractor`)."""
     return Path(cache or DEFAULT_CACHE).expanduser() / FILE_NAME
+
+
+def load_shipped() -> ExtractorFile:
+    """The shipped extractor, its sha256 checked against `SHIPPED_SHA256`."""
+    path = shipped_path()
+    if not path.is_file():
+        raise UsageError(f"the shipped {NAME} extractor {path} is missing: reinstall fpdm")
+    return load_extractor(path, sha256=SHIPPED_SHA256)
 
 
 def save_extractor(model: FmnistCNN, path: Path, *, test_accuracy: float, test_images: int, train_steps: int) -> str:
@@ -118,18 +140,37 @@ def save_extractor(model: FmnistCNN, path: Path, *, test_accuracy: float, test_i
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
+    _sort_metadata(tmp)
     tmp.replace(path)
     return sha256_file(path)
 
 
-def load_extractor(path: str | Path) -> ExtractorFile:
-    """Load a file written by `save_extractor` (safetensors: no pickled code). A missing or foreign file is a
-    one-line `UsageError`."""
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted. safetensors writes that map in an order that
+    changes from process to process, so the same weights would get another sha256 on every save."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")  # the file: u64 header length, JSON header, tensor bytes
+    header = json.loads(raw[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to keep the tensors 8-byte aligned
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+
+
+def load_extractor(path: str | Path, *, sha256: str | None = None) -> ExtractorFile:
+    """Load a file written by `save_extractor` (safetensors: no pickled code). A missing or foreign file, or
+    one whose sha256 is not `sha256` when given, is a one-line `UsageError`."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise UsageError(f"feature extractor file {path} does not exist (train one with fpdm eval --train-extractor)")
+    digest = sha256_file(path)
+    if sha256 is not None and digest != sha256:
+        raise UsageError(
+            f"{path} has sha256 {digest[:12]}, not the expected {sha256[:12]}: the file is changed or corrupt "
+            "(reinstall fpdm)"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -146,7 +187,7 @@ def load_extractor(path: str | Path) -> ExtractorFile:
         raise UsageError(f"{path}: weights do not match the recorded architecture ({first})") from None
     model.eval().requires_grad_(False)
     return ExtractorFile(
-        model, path, float(meta["test_accuracy"]), int(meta["test_images"]), int(meta["train_steps"]), sha256_file(path)
+        model, path, float(meta["test_accuracy"]), int(meta["test_images"]), int(meta["train_steps"]), digest
     )
 
 

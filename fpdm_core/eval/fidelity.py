@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from fpdm.errors import UsageError
 from fpdm.eval.features import NAME as CNN_NAME
-from fpdm.eval.features import ExtractorFile, load_extractor, to_model_input
+from fpdm.eval.features import ExtractorFile, load_extractor, load_shipped, to_model_input
 
 INCEPTION = "inception-v3"
 INCEPTION_TF_NAME = "inception-v3-compat"  # torch-fidelity's name for the TF-ported FID Inception
@@ -119,8 +119,9 @@ class Extractor:
         return "Inception-v3 features" if self.kind == INCEPTION else f"{self.kind} features"
 
 
-def cnn_extractor(path: str | Path) -> Extractor:
-    loaded = load_extractor(path)
+def cnn_extractor(path: str | Path | None = None) -> Extractor:
+    """The CNN in the file at `path`; None: the extractor shipped with fpdm, its sha256 checked."""
+    loaded = load_shipped() if path is None else load_extractor(path)
     return Extractor(CNN_NAME, loaded.path, loaded.model.features, loaded.describe(), loaded)
 
 
