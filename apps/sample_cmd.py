@@ -131,7 +131,7 @@ def _torch(args: argparse.Namespace, options: Any) -> _Drawn:
         result.stats,
         result.seconds,
         source,
-        {k: plan[k] for k in ("sampler", "allocator", "reuse", "cfg_scale", "budget")},
+        {k: plan[k] for k in ("spacing", "sampler", "allocator", "reuse", "cfg_scale", "budget")},
         out,
         f"torch {pipe.device.type}",
         len(options.classes or ()) or pipe.denoiser.num_classes,
@@ -201,6 +201,8 @@ def _onnx_loop(
         for k, default in (("sampler", "ddpm"), ("allocator", "uniform"), ("reuse", "reuse"))
         if getattr(args, k) != default
     ]
+    if args.spacing is not None and args.spacing != meta["sampling"]["spacing"]:
+        given.append(f"--spacing {args.spacing}")
     if given or args.cfg_scale != 1.0 or args.clip_x0:
         raise UsageError(
             f"this whole-loop graph fixes the sampling choices at export "
@@ -313,7 +315,7 @@ def _report(drawn: _Drawn, args: argparse.Namespace) -> dict[str, Any]:
         "n": n,
         "steps": len(drawn.steps),
         "seed": args.seed,
-        **{k: drawn.names.get(k) for k in ("sampler", "allocator", "reuse", "cfg_scale", "budget")},
+        **{k: drawn.names.get(k) for k in ("spacing", "sampler", "allocator", "reuse", "cfg_scale", "budget")},
         "blocks_per_sample": {
             "mean": blocks.double().mean().item(),
             "max": int(blocks.max()),

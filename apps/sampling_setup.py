@@ -16,8 +16,13 @@ def add_process_arguments(
     steps: int | None = 50,
     steps_help: str = "sampling steps (respaced)",
 ) -> None:
-    """--steps, --budget, --sampler, --eta, --allocator, --reuse, --cfg-scale, --cfg-channels, --clip-x0."""
+    """--steps, --spacing, --budget, --sampler, --eta, --allocator, --reuse, --cfg-scale, --cfg-channels, --clip-x0."""
     parser.add_argument("--steps", type=int, default=steps, help=steps_help)
+    parser.add_argument(
+        "--spacing",
+        help="which training timesteps the steps visit: official (default; guided-diffusion's respacing), "
+        "linspace, leading or trailing",
+    )
     parser.add_argument("--budget", type=int, help="transformer-block evaluations per sample (the paper's unit)")
     parser.add_argument("--sampler", default="ddpm", help="ddpm or ddim (or a plugin's)")
     parser.add_argument("--eta", type=float, help="DDIM eta (default 0)")

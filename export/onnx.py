@@ -204,6 +204,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     missing = [f"fpdm.{k}" for k in ("kind", "config", "spec", "iters", "inputs", "outputs") if k not in meta]
     if missing:
         raise UsageError(f"{path}: fpdm metadata lacks {', '.join(missing)}; re-export the checkpoint")
+    if isinstance(meta.get("sampling"), dict):  # a whole loop exported before spacings were recorded: the default
+        meta["sampling"].setdefault("spacing", "official")
     return meta
 
 

@@ -160,7 +160,8 @@ class EvalConfig:
     `ref`: "fashion_mnist" (its `ref_split`, from `data_dir`) or a folder of images; `ref_n` keeps a seeded
     random subset. `extractor`: "auto" (fpdm's Fashion-MNIST CNN for Fashion-MNIST and gray images,
     Inception-v3 otherwise), "fpdm-fmnist-cnn", "inception-v3" (local `inception_weights` only) or the path of
-    a CNN extractor file; the CNN is cached in `cache` (default ~/.cache/fpdm). When the samples are a model,
+    a CNN extractor file; the shipped CNN is used unless `cache` names a folder holding a retrained one
+    (`fpdm eval --train-extractor`). When the samples are a model,
     `n` images are drawn (required then), `batch_size` at a time, from its `weights` on `device` (`n`,
     `batch_size` and `seed` win over a SampleConfig's). `seed` also seeds the reference subset and KID."""
 
@@ -200,7 +201,8 @@ def _path(value: Any) -> str | None:
 @attrs.frozen
 class SampleConfig:
     """What `Pipeline.sample` and `fpdm sample` do: `n` images in batches of `batch_size`, `steps` respaced
-    steps of `sampler`, the fixed-point solve (`solver`, `iters` per step, or a `budget` in block evaluations
+    steps of `sampler` placed by `spacing` (`fpdm.spacing.SPACINGS`; "official" is guided-diffusion's rule),
+    the fixed-point solve (`solver`, `iters` per step, or a `budget` in block evaluations
     spread by `allocator`; `reuse` warm-starts each step), guidance and the output form.
 
     `classes`: ids or the run's class names, cycled over the n images (None: every class in turn).
@@ -212,6 +214,7 @@ class SampleConfig:
     n: int = attrs.field(default=64, validator=at_least(1))
     classes: tuple[int | str, ...] | None = attrs.field(default=None, converter=_classes)
     steps: int = attrs.field(default=50, validator=at_least(1))
+    spacing: str = attrs.field(default="official", validator=v.instance_of(str))
     budget: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
     sampler: str | object = "ddpm"
     solver: str | object | None = None
@@ -245,6 +248,7 @@ class ExportConfig:
     out: str | None = attrs.field(default=None, converter=_path)
     whole_loop: bool = attrs.field(default=False, validator=v.instance_of(bool))
     steps: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
+    spacing: str = attrs.field(default="official", validator=v.instance_of(str))
     budget: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
     sampler: str = "ddpm"
     eta: float | None = attrs.field(default=None, validator=v.optional([v.instance_of((int, float)), finite]))

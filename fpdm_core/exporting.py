@@ -65,6 +65,7 @@ def _loop_spec(pipe: Pipeline, model: Denoiser, config: ExportConfig, iters: int
     choices = make_config(
         SampleConfig,
         steps=config.steps,
+        spacing=config.spacing,
         budget=config.budget,
         sampler=config.sampler,
         eta=config.eta,

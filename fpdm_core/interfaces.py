@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fpdm.errors import UsageError
+from fpdm.spacing import DEFAULT_SPACING, spaced_timesteps
 
 if TYPE_CHECKING:  # the process holds the tables samplers read; it imports this module, so only for types
     from fpdm.diffusion.gaussian import GaussianDiffusion
@@ -243,16 +244,11 @@ class Schedule(abc.ABC):
         """float64 (T,) cumulative products of 1 - beta."""
         return torch.cumprod(1.0 - self.betas(), dim=0)
 
-    def sampling_timesteps(self, steps: int) -> Tensor:
-        """int64 (steps,) evenly respaced training timesteps, both ends included, highest first
-        (the official respacing); a single step starts from the last timestep."""
-        total = self.num_train_timesteps
-        if not 1 <= steps <= total:
-            raise UsageError(f"steps must be in 1..{total}, got {steps}")
-        if steps == 1:
-            return torch.tensor([total - 1])
-        ts = torch.linspace(0, total - 1, steps, dtype=torch.float64).round().long()
-        return ts.flip(0)
+    def sampling_timesteps(self, steps: int, *, spacing: str = DEFAULT_SPACING) -> Tensor:
+        """int64 (steps,) distinct training timesteps, highest first, placed by `spacing` (one of
+        `fpdm.spacing.SPACINGS`; "official" is guided-diffusion's respacing, a single step starting from the last
+        timestep). A UsageError for an unknown spacing or steps outside 1..T."""
+        return spaced_timesteps(self.num_train_timesteps, steps, spacing=spacing)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -184,6 +184,7 @@ class Pipeline:
         n: int = 64,
         classes: int | str | Sequence[int | str] | None = None,
         steps: int = 50,
+        spacing: str = "official",
         budget: int | None = None,
         sampler: str | object = "ddpm",
         solver: str | object | None = None,

@@ -66,8 +66,8 @@ def test_solver_suite_catches_a_wrong_count_and_a_grad_toggle():
 
 
 class Ascending(LinearSchedule):
-    def sampling_timesteps(self, steps: int) -> Tensor:
-        return super().sampling_timesteps(steps).flip(0)
+    def sampling_timesteps(self, steps: int, *, spacing: str = "official") -> Tensor:
+        return super().sampling_timesteps(steps, spacing=spacing).flip(0)
 
 
 class ZeroFirstBeta(LinearSchedule):

@@ -70,7 +70,7 @@ def sampling_parts(
     base = _diffusion(config, schedule)
     if options.steps > base.num_timesteps:
         raise UsageError(f"steps must be <= {base.num_timesteps}, the training timesteps; got {options.steps}")
-    timesteps = sorted(schedule.sampling_timesteps(options.steps).tolist())
+    timesteps = sorted(schedule.sampling_timesteps(options.steps, spacing=options.spacing).tolist())
     chosen, sampler = _build(
         registry, "sampler", options.sampler, {} if options.eta is None else {"eta": options.eta}, "eta"
     )
@@ -88,6 +88,7 @@ def sampling_parts(
     tolerances = plan_tolerances(allocator, iterations, order, tol=options.tol)
     names = {
         "steps": options.steps,
+        "spacing": options.spacing,
         "budget": options.budget,
         "sampler": sampler,
         "eta": options.eta,

@@ -9,6 +9,7 @@ import torch
 
 from fpdm.errors import UsageError
 from fpdm.interfaces import Schedule
+from fpdm.spacing import SPACINGS
 from fpdm.testing.suite import Make, given, strategies
 
 
@@ -38,35 +39,55 @@ def alphas_cumprod_is_the_decreasing_product(make: Make) -> None:
     assert (ac[1:] < ac[:-1]).all(), "alphas_cumprod must decrease at every step (every beta > 0)"
 
 
+def _first_last(spacing: str, total: int, steps: int) -> tuple[int, int]:
+    """The first and last timestep each rule gives (`fpdm.spacing`'s table)."""
+    if spacing == "leading":
+        return (steps - 1) * (total // steps), 0
+    if spacing == "trailing":
+        return total - 1, round(total / steps) - 1
+    return total - 1, 0 if steps > 1 else total - 1  # official and linspace: both ends; one step: the last
+
+
 def sampling_timesteps_start_at_the_noisiest_step_and_decrease(make: Make) -> None:
-    """sampling_timesteps(S) for every S in 1..T: int64 (S,), distinct, in 0..T-1, highest first, starting at T-1."""
+    """sampling_timesteps(S, spacing=...) for every spacing and S in 1..T: int64 (S,), distinct, in 0..T-1, highest
+    first, with the rule's first and last timestep (official, linspace, trailing start at T-1); T steps visit all."""
     st = strategies()
     schedule = make()
     total = schedule.num_train_timesteps
 
-    @given(steps=st.integers(1, total))
-    def prop(steps: int) -> None:
-        ts = schedule.sampling_timesteps(steps)
-        assert isinstance(ts, torch.Tensor) and ts.dtype == torch.int64, f"{steps} steps: {ts!r}"
-        assert ts.shape == (steps,), f"{steps} steps: shape {tuple(ts.shape)}"
-        assert int(ts[0]) == total - 1, f"{steps} steps: starts at {int(ts[0])}, not the noisiest step {total - 1}"
-        assert (ts[1:] < ts[:-1]).all(), f"{steps} steps: not strictly decreasing: {ts.tolist()}"
-        assert int(ts.min()) >= 0, f"{steps} steps: below 0: {ts.tolist()}"
+    @given(steps=st.integers(1, total), spacing=st.sampled_from(SPACINGS))
+    def prop(steps: int, spacing: str) -> None:
+        ts = schedule.sampling_timesteps(steps, spacing=spacing)
+        what = f"{steps} steps, spacing {spacing}"
+        assert isinstance(ts, torch.Tensor) and ts.dtype == torch.int64, f"{what}: {ts!r}"
+        assert ts.shape == (steps,), f"{what}: shape {tuple(ts.shape)}"
+        first, last = _first_last(spacing, total, steps)
+        assert (int(ts[0]), int(ts[-1])) == (first, last), (
+            f"{what}: runs {int(ts[0])}..{int(ts[-1])}, not {first}..{last}"
+        )
+        assert (ts[1:] < ts[:-1]).all(), f"{what}: not strictly decreasing: {ts.tolist()}"
+        assert int(ts.min()) >= 0, f"{what}: below 0: {ts.tolist()}"
 
     prop()
-    every = schedule.sampling_timesteps(total)
-    assert every.tolist() == list(range(total - 1, -1, -1)), "T steps must visit every timestep"
+    for spacing in SPACINGS:
+        every = schedule.sampling_timesteps(total, spacing=spacing)
+        assert every.tolist() == list(range(total - 1, -1, -1)), f"T steps must visit every timestep ({spacing})"
 
 
 def impossible_step_counts_are_usage_errors(make: Make) -> None:
-    """sampling_timesteps(0) and sampling_timesteps(T + 1) raise UsageError."""
+    """sampling_timesteps(0) and sampling_timesteps(T + 1) raise UsageError under every spacing, and so does an
+    unknown spacing name."""
     schedule = make()
-    for steps in (0, schedule.num_train_timesteps + 1):
+    calls = [(steps, spacing) for spacing in SPACINGS for steps in (0, schedule.num_train_timesteps + 1)]
+    for steps, spacing in [*calls, (1, "no-such-spacing")]:
         try:
-            schedule.sampling_timesteps(steps)
+            schedule.sampling_timesteps(steps, spacing=spacing)
         except UsageError:
             continue
-        raise AssertionError(f"sampling_timesteps({steps}) must raise UsageError (T = {schedule.num_train_timesteps})")
+        raise AssertionError(
+            f"sampling_timesteps({steps}, spacing={spacing!r}) must raise UsageError "
+            f"(T = {schedule.num_train_timesteps})"
+        )
 
 
 def deterministic(make: Make) -> None:
@@ -74,7 +95,9 @@ def deterministic(make: Make) -> None:
     a, b = make(), make()
     assert torch.equal(_betas(a), _betas(b)) and torch.equal(_betas(a), _betas(a)), "betas differ between calls"
     steps = min(10, a.num_train_timesteps)
-    assert torch.equal(a.sampling_timesteps(steps), b.sampling_timesteps(steps)), "timesteps differ between calls"
+    for spacing in SPACINGS:
+        same = torch.equal(a.sampling_timesteps(steps, spacing=spacing), b.sampling_timesteps(steps, spacing=spacing))
+        assert same, f"timesteps differ between calls ({spacing})"
 
 
 CONTRACTS = (
