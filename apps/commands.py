@@ -136,42 +136,21 @@ def _lazy(module: str, factory: str) -> Callable[[argparse.ArgumentParser], Hand
     return build
 
 
+# name -> (module under fpdm.apps, its factory, description); each module loads when its command is parsed.
+LAZY_COMMANDS = {
+    "train": ("train_cmd", "train_command", "train an FPDM or DiT (S-JFB), with checkpoints and a loss log"),
+    "export": ("export_cmd", "export_command", "export a denoising step (or the whole loop) to ONNX, solver unrolled"),
+    "sample": ("sample_cmd", "sample_command", "sample images under a block budget, with per-step stats"),
+    "pack": ("pack_cmd", "pack_command", "pack a run into a shareable model folder (weights, config.toml, model card)"),
+    "encode": ("encode_cmd", "encode_command", "encode an image folder to SD-VAE latents (official feature format)"),
+    "import-official": ("import_cmd", "import_official_command", "map an official FPDM/DiT checkpoint to an fpdm run"),
+    "eval": ("eval_cmd", "eval_command", "FID / KID / precision-recall (torch-fidelity) of samples vs a reference"),
+}
+
+
 @hookimpl
 def register_commands(register: Register) -> None:
     register("plugins", plugins_command, description="list plugins, where they came from and what they registered")
     register("solve", solve_command, description="run solvers on a synthetic contraction and print their stats")
-    register(
-        "train",
-        _lazy("train_cmd", "train_command"),
-        description="train an FPDM or DiT (S-JFB), with checkpoints and a loss log",
-    )
-    register(
-        "export",
-        _lazy("export_cmd", "export_command"),
-        description="export a denoising step (or the whole loop) to ONNX, solver unrolled",
-    )
-    register(
-        "sample",
-        _lazy("sample_cmd", "sample_command"),
-        description="sample images under a block budget, with per-step stats",
-    )
-    register(
-        "pack",
-        _lazy("pack_cmd", "pack_command"),
-        description="pack a run into a shareable model folder (weights, config.toml, model card)",
-    )
-    register(
-        "encode",
-        _lazy("encode_cmd", "encode_command"),
-        description="encode an image folder to SD-VAE latents (official feature format)",
-    )
-    register(
-        "import-official",
-        _lazy("import_cmd", "import_official_command"),
-        description="map an official FPDM/DiT checkpoint to an fpdm run",
-    )
-    register(
-        "eval",
-        _lazy("eval_cmd", "eval_command"),
-        description="FID / KID / precision-recall (torch-fidelity) of samples vs a reference",
-    )
+    for name, (module, factory, description) in LAZY_COMMANDS.items():
+        register(name, _lazy(module, factory), description=description)

@@ -221,8 +221,7 @@ def _onnx_step(
     args: argparse.Namespace, options: Any, model: Any, labels: list[int] | None, device: Any
 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     from fpdm.config import Config, from_dict
-    from fpdm.diffusion.plan import sampling_parts
-    from fpdm.diffusion.sampling import generate
+    from fpdm.diffusion.plan import generate_planned, sampling_parts
     from fpdm.registry import default_registry
 
     meta = model.meta
@@ -240,24 +239,14 @@ def _onnx_step(
             f"step; the graph runs exactly K={model.iters}: use --budget "
             f"{options.steps * model.blocks_per_call(model.iters)} or drop --budget"
         )
-    shape = (model.in_channels, model.input_size, model.input_size)
     result = _with_progress(
         options,
-        lambda bar: generate(
+        lambda bar: generate_planned(
             model,
-            parts.diffusion,
-            n=options.n,
-            batch_size=options.batch_size,
-            seed=options.seed,
+            parts,
+            options,
             labels=labels,
-            shape=shape,
-            sampler=parts.sampler,
             solver=None,
-            iterations=parts.iterations,
-            reuse=parts.reuse,
-            cfg_scale=options.cfg_scale,
-            cfg_channels=options.cfg_channels,
-            clip_x0=options.clip_x0,
             device=device,
             clip_output="latent" not in meta["spec"],
             progress=bar,

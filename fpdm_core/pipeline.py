@@ -23,8 +23,8 @@ from torch import Tensor
 from fpdm.build import load_denoiser, resolve_device
 from fpdm.config import Config, ExportConfig, SampleConfig, from_dict, make_config, to_dict
 from fpdm.data.images import to_pil, to_uint8
-from fpdm.diffusion.plan import base_diffusion, sampling_parts
-from fpdm.diffusion.sampling import StepStats, generate
+from fpdm.diffusion.plan import base_diffusion, generate_planned, sampling_parts
+from fpdm.diffusion.sampling import StepStats
 from fpdm.errors import UsageError
 from fpdm.exporting import export_report
 from fpdm.interfaces import Denoiser, Solver
@@ -299,27 +299,16 @@ def run_sample(
     # autocast picks for it (matmuls and convs in half precision, norms in float32).
     half = torch.autocast(pipe.device.type, dtype=pipe.dtype, enabled=pipe.dtype != torch.float32)
     with tqdm(total=options.n, unit="img", disable=not options.progress) as bar, half:
-        result = generate(
+        result = generate_planned(
             model,
-            parts.diffusion,
-            n=options.n,
-            batch_size=options.batch_size,
-            seed=options.seed,
+            parts,
+            options,
             labels=labels,
-            shape=shape,
-            sampler=parts.sampler,
             solver=solver,
-            iterations=parts.iterations,
-            reuse=parts.reuse,
-            tol=parts.tolerances,
-            cfg_scale=options.cfg_scale,
-            cfg_channels=options.cfg_channels,
-            clip_x0=options.clip_x0,
-            adaptive=parts.adaptive,
             device=pipe.device,
             clip_output=not pipe.is_latent,
-            callback=callback,
             progress=bar.update,
+            callback=callback,
             generators=generators,
             x_T=x_T,
         )

@@ -8,14 +8,18 @@ step sampler of `fpdm sample MODEL.onnx`. Messages name the options as `SampleCo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from fpdm.build import build_schedule
 from fpdm.config import Config, SampleConfig
 from fpdm.diffusion.gaussian import GaussianDiffusion
-from fpdm.diffusion.sampling import StepUpdate, plan_iterations, plan_tolerances
+from fpdm.diffusion.sampling import GenerateResult, StepStats, StepUpdate, generate, plan_iterations, plan_tolerances
 from fpdm.errors import UsageError
-from fpdm.interfaces import BudgetAllocator, Denoiser, ReusePolicy, Sampler, Schedule
+from fpdm.interfaces import BudgetAllocator, Denoiser, ReusePolicy, Sampler, Schedule, Solver
 from fpdm.registry import Registry
 
 
@@ -112,3 +116,45 @@ def _build(registry: Registry, kind: str, value: Any, options: dict[str, Any], o
             f"{type(value).__name__} instance instead"
         )
     return value, type(value).__name__
+
+
+def generate_planned(
+    model: Denoiser,
+    parts: SamplingParts,
+    options: SampleConfig,
+    *,
+    labels: Sequence[int] | None,
+    solver: Solver | None,
+    device: torch.device | str,
+    clip_output: bool,
+    progress: Callable[[int], object] | None = None,
+    callback: Callable[[StepStats], None] | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+    x_T: Tensor | None = None,
+) -> GenerateResult:
+    """`generate` driven by a plan (`sampling_parts`) and the loop options of a SampleConfig (count, batch size,
+    seed, guidance, clipping): the one call `Pipeline.sample` and the ONNX Runtime step backend share."""
+    return generate(
+        model,
+        parts.diffusion,
+        n=options.n,
+        batch_size=options.batch_size,
+        seed=options.seed,
+        labels=labels,
+        shape=(model.in_channels, model.input_size, model.input_size),
+        sampler=parts.sampler,
+        solver=solver,
+        iterations=parts.iterations,
+        reuse=parts.reuse,
+        tol=parts.tolerances,
+        cfg_scale=options.cfg_scale,
+        cfg_channels=options.cfg_channels,
+        clip_x0=options.clip_x0,
+        adaptive=parts.adaptive,
+        device=device,
+        clip_output=clip_output,
+        callback=callback,
+        progress=progress,
+        generators=generators,
+        x_T=x_T,
+    )
