@@ -73,6 +73,7 @@ def export_command(parser: argparse.ArgumentParser) -> Handler:
             reuse=args.reuse,
             cfg_scale=args.cfg_scale,
             cfg_channels=args.cfg_channels,
+            guidance_rescale=args.guidance_rescale,
             clip_x0=args.clip_x0,
         )
         pipe = load(default_run(args.model), device="cpu", weights=args.weights)

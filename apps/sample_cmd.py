@@ -203,10 +203,10 @@ def _onnx_loop(
     ]
     if args.spacing is not None and args.spacing != meta["sampling"]["spacing"]:
         given.append(f"--spacing {args.spacing}")
-    if given or args.cfg_scale != 1.0 or args.clip_x0:
+    if given or args.cfg_scale != 1.0 or args.clip_x0 or args.guidance_rescale:
         raise UsageError(
             f"this whole-loop graph fixes the sampling choices at export "
-            f"({json.dumps(meta['sampling'])}); drop {', '.join(given) or '--cfg-scale/--clip-x0'}"
+            f"({json.dumps(meta['sampling'])}); drop {', '.join(given) or '--cfg-scale/--guidance-rescale/--clip-x0'}"
         )
     result = _with_progress(
         options,

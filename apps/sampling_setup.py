@@ -16,7 +16,8 @@ def add_process_arguments(
     steps: int | None = 50,
     steps_help: str = "sampling steps (respaced)",
 ) -> None:
-    """--steps, --spacing, --budget, --sampler, --eta, --allocator, --reuse, --cfg-scale, --cfg-channels, --clip-x0."""
+    """--steps, --spacing, --budget, --sampler, --eta, --allocator, --reuse, --cfg-scale, --cfg-channels,
+    --guidance-rescale, --clip-x0."""
     parser.add_argument("--steps", type=int, default=steps, help=steps_help)
     parser.add_argument(
         "--spacing",
@@ -30,6 +31,9 @@ def add_process_arguments(
     parser.add_argument("--reuse", default="reuse", help="initial iterate per step: cold, reuse, extrapolate")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--cfg-channels", type=int, help="guide only the first N channels (official: 3)")
+    parser.add_argument(
+        "--guidance-rescale", type=float, default=0.0, help="Lin et al.'s rescale phi in [0, 1] for guided sampling"
+    )
     parser.add_argument("--clip-x0", action="store_true", help="clip predicted x0 to [-1, 1]")
 
 

@@ -166,6 +166,7 @@ class OnnxExporter:
             reuse=loop.reuse,
             cfg_scale=loop.cfg_scale,
             cfg_channels=loop.cfg_channels,
+            guidance_rescale=loop.guidance_rescale,
             clip_x0=loop.clip_x0,
             clip_output=loop.clip_output,
             dtype=dtype,

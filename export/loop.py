@@ -34,6 +34,7 @@ class SamplingLoop(nn.Module):
         reuse: ReusePolicy,
         cfg_scale: float = 1.0,
         cfg_channels: int | None = None,
+        guidance_rescale: float = 0.0,
         clip_x0: bool = False,
         clip_output: bool = True,
         dtype: torch.dtype = torch.float32,
@@ -42,7 +43,7 @@ class SamplingLoop(nn.Module):
         self.model, self.diffusion, self.solver = model, diffusion, solver
         self.sampler = as_sampler(sampler, clip_x0=clip_x0)
         self.iterations, self.reuse = list(iterations), reuse
-        self.cfg_scale, self.cfg_channels = cfg_scale, cfg_channels
+        self.cfg_scale, self.cfg_channels, self.guidance_rescale = cfg_scale, cfg_channels, guidance_rescale
         self.clip_x0, self.clip_output, self.dtype = clip_x0, clip_output, dtype
 
     def forward(self, x_T: Tensor, y: Tensor | None = None, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -57,6 +58,7 @@ class SamplingLoop(nn.Module):
             reuse=self.reuse,
             cfg_scale=self.cfg_scale,
             cfg_channels=self.cfg_channels,
+            guidance_rescale=self.guidance_rescale,
             clip_x0=self.clip_x0,
             solve="unrolled",
             dtype=self.dtype,

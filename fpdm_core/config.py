@@ -205,6 +205,7 @@ class SampleConfig:
     the fixed-point solve (`solver`, `iters` per step, or a `budget` in block evaluations
     spread by `allocator`; `reuse` warm-starts each step), guidance and the output form.
 
+    `guidance_rescale`: Lin et al. 2023's phi in [0, 1] (0: plain guidance).
     `classes`: ids or the run's class names, cycled over the n images (None: every class in turn).
     `sampler` / `solver` / `allocator` / `reuse`: a registered name or an instance (`solver` None: the model's
     configured solver; `iters` None: its solver.max_iter). `seed` gives image k the generator (seed, k), so
@@ -224,6 +225,9 @@ class SampleConfig:
     tol: float = attrs.field(default=0.0, validator=[v.instance_of((int, float)), v.ge(0.0), finite])
     cfg_scale: float = attrs.field(default=1.0, validator=[v.instance_of((int, float)), finite])
     cfg_channels: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
+    guidance_rescale: float = attrs.field(
+        default=0.0, validator=[v.instance_of((int, float)), v.ge(0.0), v.le(1.0), finite]
+    )
     clip_x0: bool = attrs.field(default=False, validator=v.instance_of(bool))
     eta: float | None = attrs.field(default=None, validator=v.optional([v.instance_of((int, float)), finite]))
     batch_size: int = attrs.field(default=64, validator=at_least(1))
@@ -256,6 +260,9 @@ class ExportConfig:
     reuse: str = "reuse"
     cfg_scale: float = attrs.field(default=1.0, validator=[v.instance_of((int, float)), finite])
     cfg_channels: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
+    guidance_rescale: float = attrs.field(
+        default=0.0, validator=[v.instance_of((int, float)), v.ge(0.0), v.le(1.0), finite]
+    )
     clip_x0: bool = attrs.field(default=False, validator=v.instance_of(bool))
 
     def __attrs_post_init__(self) -> None:

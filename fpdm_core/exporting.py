@@ -73,6 +73,7 @@ def _loop_spec(pipe: Pipeline, model: Denoiser, config: ExportConfig, iters: int
         reuse=config.reuse,
         cfg_scale=config.cfg_scale,
         cfg_channels=config.cfg_channels,
+        guidance_rescale=config.guidance_rescale,
         clip_x0=config.clip_x0,
     )
     parts = sampling_parts(pipe.config, model, choices, registry=pipe.registry, iters=iters)
@@ -88,6 +89,7 @@ def _loop_spec(pipe: Pipeline, model: Denoiser, config: ExportConfig, iters: int
         parts.reuse,
         config.cfg_scale,
         config.cfg_channels,
+        config.guidance_rescale,
         config.clip_x0,
         not pipe.is_latent,
         parts.names,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fpdm.errors import UsageError
-from fpdm.spacing import DEFAULT_SPACING, spaced_timesteps
+from fpdm.spacing import DEFAULT_SPACING, karras_timesteps, spaced_timesteps
 
 if TYPE_CHECKING:  # the process holds the tables samplers read; it imports this module, so only for types
     from fpdm.diffusion.gaussian import GaussianDiffusion
@@ -245,9 +245,12 @@ class Schedule(abc.ABC):
         return torch.cumprod(1.0 - self.betas(), dim=0)
 
     def sampling_timesteps(self, steps: int, *, spacing: str = DEFAULT_SPACING) -> Tensor:
-        """int64 (steps,) distinct training timesteps, highest first, placed by `spacing` (one of
-        `fpdm.spacing.SPACINGS`; "official" is guided-diffusion's respacing, a single step starting from the last
-        timestep). A UsageError for an unknown spacing or steps outside 1..T."""
+        """(steps,) distinct training timesteps, highest first, placed by `spacing` (one of `fpdm.spacing.SPACINGS`;
+        "official" is guided-diffusion's respacing, a single step starting from the last timestep): int64, or
+        float64 fractional timesteps for "karras" (Karras et al.'s sigmas). A UsageError for an unknown spacing
+        or steps outside 1..T."""
+        if spacing == "karras":
+            return karras_timesteps(self.alphas_cumprod(), steps)
         return spaced_timesteps(self.num_train_timesteps, steps, spacing=spacing)
 
 
@@ -256,36 +259,50 @@ class Schedule(abc.ABC):
 
 
 class ReusePolicy(abc.ABC):
-    """Chooses the initial iterate of each sampling step's fixed-point solve.
+    """Chooses the initial iterate of each model evaluation's fixed-point solve.
 
-    `history` is how many previous solutions the sampler keeps for this policy (state lives in the sampler).
+    `history` is how many previous solutions the sampling run keeps for this policy (state lives in the run).
+    A policy implements `init`; one that uses the noise levels (uneven steps, a multistep sampler's repeated
+    levels) overrides `warm_start`, which the sampling run calls.
     """
 
     history: int = 1
 
     @abc.abstractmethod
     def init(self, solutions: Sequence[Tensor], step: int) -> Tensor | None:
-        """solutions: earlier steps' fixed-point solutions, oldest first (empty at step 0).
-        Returns z0 for this step, or None for a cold start from the pre-block output."""
+        """solutions: earlier evaluations' fixed-point solutions, oldest first (empty at the first).
+        step: this evaluation's position in the run. Returns z0, or None for a cold start from the pre-block
+        output."""
+
+    def warm_start(
+        self, solutions: Sequence[Tensor], step: int, *, levels: Sequence[float], level: float
+    ) -> Tensor | None:
+        """`init` with the noise levels: levels[j] is the model timestep (a float, fractional under karras
+        spacing) at which solutions[j] was found, `level` this evaluation's. Levels may repeat (Heun and UniPC
+        evaluate twice at one level). The default ignores them."""
+        return self.init(solutions, step)
 
 
 class BudgetAllocator(abc.ABC):
-    """Splits a sampling budget of fixed-point iterations over the sampling steps.
+    """Splits a sampling budget of fixed-point iterations over a run's model evaluations.
 
-    `tol` > 0 makes the allocation adaptive: the sampler solves step i to `tolerances(...)[i]` (by default
-    `tol` at every step), and each sample carries the iterations it did not need into its next step, the plan
-    staying the total cap.
+    `timesteps` holds the model timestep of every evaluation in call order, noisiest first: floats (fractional
+    under karras spacing) that may repeat (Heun and UniPC evaluate twice at one level). One-evaluation-per-step
+    samplers give one per step.
+    `tol` > 0 makes the allocation adaptive: the run solves evaluation i to `tolerances(...)[i]` (by default
+    `tol` everywhere), and each sample carries the iterations it did not need into its next evaluation, the
+    plan staying the total cap.
     """
 
     tol: float = 0.0
 
     @abc.abstractmethod
-    def allocate(self, total_iters: int, timesteps: Sequence[int]) -> list[int]:
-        """Iterations per step: one entry per timestep, each >= 1, summing to at most total_iters."""
+    def allocate(self, total_iters: int, timesteps: Sequence[float]) -> list[int]:
+        """Iterations per evaluation: one entry per timestep, each >= 1, summing to at most total_iters."""
 
-    def tolerances(self, iterations: Sequence[int], timesteps: Sequence[int]) -> list[float]:
-        """Adaptive allocators (tol > 0): the relative residual at which each step may stop early, given the
-        plan `allocate` returned; 0 spends the step's whole cap. One finite value >= 0 per timestep."""
+    def tolerances(self, iterations: Sequence[int], timesteps: Sequence[float]) -> list[float]:
+        """Adaptive allocators (tol > 0): the relative residual at which each evaluation may stop early, given
+        the plan `allocate` returned; 0 spends the whole cap. One finite value >= 0 per timestep."""
         return [float(self.tol)] * len(timesteps)
 
 
@@ -312,9 +329,10 @@ class Denoised:
 class Evaluate(Protocol):
     """The model as samplers call it: x (B, C, H, W) at noise level t -> `Denoised`.
 
-    t is an index into the respaced process's steps (`diffusion.num_timesteps - 1` is the noisiest); a
-    continuous level between steps is reserved for samplers that need one. Guidance, the fixed-point solve (its
-    warm start and iteration cap), the prediction-type conversion and the accounting happen behind the call.
+    t is an index into the respaced process's steps (`diffusion.num_timesteps - 1` is the noisiest): every
+    noise level a sampler visits is one of the process's, fractional model timesteps included (karras spacing
+    respaces to them). Guidance, the fixed-point solve (its warm start and iteration cap), the prediction-type
+    conversion and the accounting happen behind the call.
     """
 
     def __call__(self, x: Tensor, t: int) -> Denoised: ...
@@ -333,9 +351,14 @@ class Sampler(abc.ABC):
     """Integrates the reverse process over the model evaluation: `sampler(evaluate, x_T, diffusion, *, noise)
     -> x_0`, one signature for every sampler (k-diffusion style).
 
+    The noise levels are the respaced process's: index i has alphas_cumprod[i] (VP alpha = sqrt(ac), sigma =
+    sqrt(1 - ac)), i = num_timesteps - 1 the noisiest; after index 0 comes the data (sigma = 0). Under a
+    zero-terminal-SNR schedule the noisiest level has alpha = 0 (an infinite EDM sigma): a sampler takes its
+    first step in the x0 limit there.
+
     Contract (the same sampler object runs eagerly and is traced into an exported whole loop):
-    - calls `evaluate` exactly `evaluations(steps)` times for a process of `steps` respaced steps (the plan
-      holds one iteration cap per evaluation), noisiest first;
+    - calls `evaluate` once per entry of `levels(diffusion)`, at those indices and in that order (the plan
+      holds one iteration cap per evaluation, allocated over these levels);
     - draws randomness only from `noise(k)`, k = 0, 1, ... in order, and none when `deterministic`;
     - keeps any history (a multistep method's previous x0) as local tensors of the call, never on the object;
     - uses tensor ops on x only: no host syncs, no Python branches on tensor values.
@@ -349,9 +372,14 @@ class Sampler(abc.ABC):
         """True when the samples depend on x_T alone (no noise drawn after it)."""
         return True
 
-    def evaluations(self, steps: int) -> int:
-        """Model evaluations of one run over `steps` steps (one per step unless the method says otherwise)."""
-        return steps
+    def levels(self, diffusion: GaussianDiffusion) -> list[int]:
+        """The respaced index of every model evaluation of one run, in call order (one per step, noisiest
+        first, unless the method says otherwise)."""
+        return list(reversed(range(diffusion.num_timesteps)))
+
+    def evaluations(self, diffusion: GaussianDiffusion) -> int:
+        """Model evaluations of one run over `diffusion`'s steps: len(levels(diffusion))."""
+        return len(self.levels(diffusion))
 
     @abc.abstractmethod
     def __call__(self, evaluate: Evaluate, x: Tensor, diffusion: GaussianDiffusion, *, noise: NoiseSource) -> Tensor:

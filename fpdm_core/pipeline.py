@@ -194,6 +194,7 @@ class Pipeline:
         tol: float = 0.0,
         cfg_scale: float = 1.0,
         cfg_channels: int | None = None,
+        guidance_rescale: float = 0.0,
         clip_x0: bool = False,
         eta: float | None = None,
         batch_size: int = 64,

@@ -387,12 +387,25 @@ def test_respaced_process_calls_the_model_with_original_timesteps():
         ([1, 1], "increasing"),
         ([0, 50], r"0\.\.49"),
         ([-1, 2], r"0\.\.49"),
-        ([0.5, 2], "integers"),
+        (["a", 2], "numbers"),
+        ([0.5, float("nan")], "finite"),
+        ([0.5, 49.5], r"0\.\.49"),
     ],
 )
 def test_bad_respace_subsets_are_usage_errors(subset, message):
     with pytest.raises(UsageError, match=message):
         linear_process().respace(subset)
+
+
+def test_fractional_respacing_interpolates_log_sigma_and_keeps_whole_steps_exact():
+    process = linear_process()
+    logs = 0.5 * torch.log((1 - process.alphas_cumprod) / process.alphas_cumprod)
+    half = process.respace([0.0, 2.5, 7.0])
+    assert half.timestep_map.dtype == torch.float64 and half.timestep_map.tolist() == [0.0, 2.5, 7.0]
+    got = 0.5 * torch.log((1 - half.alphas_cumprod) / half.alphas_cumprod)
+    torch.testing.assert_close(got, torch.stack([logs[0], (logs[2] + logs[3]) / 2, logs[7]]), rtol=1e-12, atol=0)
+    whole = process.respace([0.0, 3.0])  # integral floats are whole steps: exact tables, an int64 map
+    assert whole.timestep_map.dtype == torch.int64 and whole.alphas_cumprod.tolist() == process.alphas_cumprod[[0, 3]].tolist()
 
 
 # ---------------------------------------------------------------------------------------------------- registry

@@ -162,7 +162,9 @@ def test_seed_generator_and_latents(pipe):
     assert torch.equal(pipe.sample(n=3, seed=7, latents=x_T, **FAST).images, seeded.images)
     assert not torch.equal(pipe.sample(n=3, seed=7, latents=x_T.flip(0), **FAST).images, seeded.images)
     one = pipe.sample(n=3, generator=torch.Generator().manual_seed(1), **FAST).images
-    assert torch.equal(pipe.sample(n=3, generator=torch.Generator().manual_seed(1), batch_size=1, **FAST).images, one)
+    # The same noise in batches of one: equal up to the float rounding a matmul's batch size may change.
+    single = pipe.sample(n=3, generator=torch.Generator().manual_seed(1), batch_size=1, **FAST).images
+    torch.testing.assert_close(single, one, rtol=0, atol=1e-5)
     with pytest.raises(UsageError, match=r"latents must be a tensor of shape \(n, C, H, W\) = \(3, 1, 8, 8\)"):
         pipe.sample(n=3, latents=torch.zeros(2, 1, 8, 8))
     with pytest.raises(UsageError, match="list of n=3"):

@@ -66,11 +66,11 @@ def test_blocks_spent_are_the_plan_plus_pre_and_post(steps, extra, name):
 def test_budget_that_cannot_pay_and_dit_accounting():
     model = contractive_fpdm()
     uniform = REGISTRY.create("allocator", "uniform")
-    with pytest.raises(UsageError, match="budget 29 cannot pay for 10 FPDM steps: .* 30 in all"):
+    with pytest.raises(UsageError, match="budget 29 cannot pay for 10 FPDM model evaluations: .* 30 in all"):
         plan_iterations(model, list(range(10)), budget=29, iters=0, allocator=uniform)
     dit = DiT(input_size=8, in_channels=1, patch_size=2, hidden_size=32, num_heads=2, depth=4, num_classes=3)
     assert plan_iterations(dit, list(range(5)), budget=20, iters=0, allocator=uniform) == [0] * 5
-    with pytest.raises(UsageError, match="use --steps 4"):
+    with pytest.raises(UsageError, match=r"budget 19 cannot pay for 5 DiT model evaluations of 4 blocks \(20 needed\)"):
         plan_iterations(dit, list(range(5)), budget=19, iters=0, allocator=uniform)
 
 
@@ -336,7 +336,7 @@ def test_library_loads_ema_and_raw_weights(trained):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--budget", "5"], "budget 5 cannot pay for 5 FPDM steps"),
+        (["--budget", "5"], "budget 5 cannot pay for 5 FPDM model evaluations"),
         (["--allocator", "nope"], "unknown allocator 'nope'"),
         (
             ["--allocator", "increasing"],
@@ -578,8 +578,8 @@ def test_the_plan_and_the_warm_start_are_per_evaluation_not_per_step():
     class TwoPerStep(Sampler):
         order = 2
 
-        def evaluations(self, steps: int) -> int:
-            return 2 * steps
+        def levels(self, diffusion):  # type: ignore[no-untyped-def]
+            return [i for i in reversed(range(diffusion.num_timesteps)) for _ in range(2)]
 
         def __call__(self, evaluate, x, diffusion, *, noise):  # type: ignore[no-untyped-def]
             for i in reversed(range(diffusion.num_timesteps)):
@@ -646,7 +646,7 @@ def test_divergence_names_the_evaluation_and_the_part(at, where):
         torch.nn.init.constant_(model.final_layer.linear.bias, math.inf)
     with pytest.raises(
         FpdmRuntimeError,
-        match=rf"sampling diverged at step {at + 1} of 3 \(timestep \d+\): "
+        match=rf"sampling diverged at model evaluation {at + 1} of 3 \(timestep \d+\): "
         rf"non-finite values in {where}, fixed-point residual max",
     ):
         _sample(model, diffusion, Exploding())

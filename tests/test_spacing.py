@@ -64,7 +64,10 @@ def _first_last(spacing: str, total: int, steps: int) -> tuple[int, int]:
     return total - 1, 0 if steps > 1 else total - 1
 
 
-@given(data=st.data(), total=st.integers(1, 1200), spacing=st.sampled_from(SPACINGS))
+INTEGER_SPACINGS = [s for s in SPACINGS if s != "karras"]
+
+
+@given(data=st.data(), total=st.integers(1, 1200), spacing=st.sampled_from(INTEGER_SPACINGS))
 def test_every_rule_gives_distinct_in_range_timesteps_highest_first(data, total, spacing):
     steps = data.draw(st.integers(1, total))
     ts = spaced_timesteps(total, steps, spacing=spacing)
@@ -82,9 +85,9 @@ def test_every_rule_gives_distinct_in_range_timesteps_highest_first(data, total,
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_impossible_steps_and_unknown_names_are_one_line(spacing):
     for steps in (0, T + 1):
-        with pytest.raises(UsageError, match=rf"^steps must be in 1\.\.{T}, got {steps}$"):
-            spaced_timesteps(T, steps, spacing=spacing)
-    with pytest.raises(UsageError, match="^spacing must be one of official, linspace, leading, trailing; got 'x'$"):
+        with pytest.raises(UsageError, match=rf"^steps must be in 1\.\.{T} \(the training timesteps\), got {steps}$"):
+            LinearSchedule(num_train_timesteps=T).sampling_timesteps(steps, spacing=spacing)
+    with pytest.raises(UsageError, match="^unknown spacing 'x'; known: official, linspace, leading, trailing, karras$"):
         LinearSchedule().sampling_timesteps(5, spacing="x")
 
 
@@ -130,7 +133,7 @@ def test_a_bad_spacing_name_is_one_line_exit_2(trained, tmp_path, monkeypatch, c
     code = main(["sample", str(trained), "--n", "2", "--steps", "5", "--spacing", "nope", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert "spacing must be one of official, linspace, leading, trailing; got 'nope'" in err[0]
+    assert "unknown spacing 'nope'; known: official, linspace, leading, trailing, karras" in err[0]
     assert not out.exists()
 
 
@@ -177,3 +180,22 @@ def test_the_onnx_step_sampler_uses_the_same_rule(trained, tmp_path, monkeypatch
     got = torch.from_numpy(_pngs(tmp_path / "ort")).float()
     want = ((eager.images[:, 0] + 1) * 127.5).clamp(0, 255)
     assert (got - want).abs().max().item() <= 1.0
+
+
+@given(steps=st.integers(1, 200), zero_snr=st.booleans())
+def test_karras_levels_follow_the_rho_7_ramp_between_the_finite_sigmas(steps, zero_snr):
+    from fpdm.diffusion.gaussian import GaussianDiffusion
+    from fpdm.spacing import log_sigmas
+
+    schedule = LinearSchedule(zero_terminal_snr=zero_snr)
+    ts = schedule.sampling_timesteps(steps, spacing="karras")
+    assert ts.dtype == torch.float64 and ts.shape == (steps,) and (ts[1:] < ts[:-1]).all()
+    assert float(ts[0]) == (998.0 if zero_snr else 999.0) and (steps == 1 or float(ts[-1]) == 0.0)
+    # The interpolated levels are Karras et al.'s sigmas, eq. 5 with rho = 7.
+    process = GaussianDiffusion(schedule, prediction="v").respace(sorted(ts.tolist()))
+    sigmas = log_sigmas(process.alphas_cumprod).exp().flip(0)  # (steps,) noisiest first
+    logs = log_sigmas(schedule.alphas_cumprod())
+    hi, lo = logs[-2 if zero_snr else -1].exp() ** (1 / 7), logs[0].exp() ** (1 / 7)
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+    torch.testing.assert_close(sigmas, (hi + ramp * (lo - hi)) ** 7, rtol=1e-9, atol=0)
+    assert process.timestep_map.dtype == (torch.int64 if bool((ts == ts.round()).all()) else torch.float64)

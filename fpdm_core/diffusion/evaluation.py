@@ -32,7 +32,7 @@ class StepStats:
     """What one model evaluation spent (one per sampling step for one-evaluation samplers), batch aggregates."""
 
     index: int  # the evaluation's position in the run
-    timestep: int
+    timestep: float  # the model timestep (fractional under karras spacing)
     iterations: int  # allocated (the cap)
     iterations_mean: float  # spent
     iterations_max: int
@@ -41,15 +41,23 @@ class StepStats:
     blocks_mean: float
 
 
-def guide(output: Tensor, scale: float, *, channels: int | None, learn_sigma: bool) -> Tensor:
+def guide(output: Tensor, scale: float, *, channels: int | None, learn_sigma: bool, rescale: float = 0.0) -> Tensor:
     """Classifier-free guidance on a batch of conditional rows followed by the same rows unconditioned:
     uncond + scale * (cond - uncond) on the prediction channels (or the first `channels`); the learned
-    variance channels stay conditional. (B2, C_out, H, W) -> (B, C_out, H, W)."""
+    variance channels stay conditional. (B2, C_out, H, W) -> (B, C_out, H, W).
+
+    `rescale` (phi) is Lin et al. 2023's guidance rescale (sec. 3.4): the guided prediction is scaled to the
+    conditional one's per-sample standard deviation, then mixed back, phi * rescaled + (1 - phi) * guided;
+    it counters the over-exposure that large scales give under zero-terminal-SNR schedules."""
     half = output.shape[0] // 2
     cond, uncond = output[:half], output[half:]  # slices, not chunk(): chunk pins the batch size when exported
     k = channels or (cond.shape[1] // 2 if learn_sigma else cond.shape[1])
-    eps = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
-    return torch.cat([eps, cond[:, k:]], dim=1)
+    guided = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
+    if rescale:
+        dims = tuple(range(1, guided.dim()))
+        ratio = cond[:, :k].std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
+        guided = rescale * guided * ratio + (1.0 - rescale) * guided
+    return torch.cat([guided, cond[:, k:]], dim=1)
 
 
 def unrolled_call(
@@ -111,6 +119,7 @@ class ModelEvaluation:
         adaptive: bool = False,
         cfg_scale: float = 1.0,
         cfg_channels: int | None = None,
+        guidance_rescale: float = 0.0,
         clip_x0: bool = False,
         solve: SolveMode = "solving",
         dtype: torch.dtype | None = None,
@@ -127,6 +136,7 @@ class ModelEvaluation:
             raise UsageError("classifier-free guidance needs a class-conditional model")
         self.model, self.diffusion, self.solver, self.reuse = model, diffusion, solver, reuse
         self.adaptive, self.cfg_scale, self.cfg_channels, self.clip_x0 = adaptive, cfg_scale, cfg_channels, clip_x0
+        self.guidance_rescale = guidance_rescale
         self.unrolled, self.dtype, self.callback = solve == "unrolled", dtype, callback
         # One batch when guided: the conditional rows, then the same rows with the null label.
         self.y = labels
@@ -138,8 +148,9 @@ class ModelEvaluation:
         self.spent: Tensor | None = None
         self.blocks = 0
         self._solutions: list[Tensor] = []  # at most reuse.history of them
+        self._levels: list[float] = []  # the model timestep each of _solutions was found at
         self._carry: Tensor | None = None
-        self._last: tuple[int, int, DenoiserOutput] | None = None  # (index, timestep, output) for messages
+        self._last: tuple[int, float, DenoiserOutput] | None = None  # (index, timestep, output) for messages
 
     def __call__(self, x: Tensor, t: int) -> Denoised:
         k = self.evaluations
@@ -148,18 +159,26 @@ class ModelEvaluation:
         self.evaluations += 1
         n = x.shape[0]
         index = torch.full((n,), t, dtype=torch.long, device=x.device)  # (B,) into the respaced process
-        t_model = self.diffusion.map_timesteps(index)  # (B,) the training timesteps the model knows
+        t_model = self.diffusion.map_timesteps(index)  # (B,) the training timesteps the model knows (maybe float)
         x_in, t_in = (torch.cat([x, x]), torch.cat([t_model, t_model])) if self.guided else (x, t_model)
-        z0 = self.reuse.init(self._solutions, k)
+        level = float(self.diffusion.timestep_map[t])
+        z0 = self.reuse.warm_start(self._solutions, k, levels=self._levels, level=level)
         if self.unrolled:
             pred, z = self._unrolled(x_in, t_in, z0, k, n)
         else:
-            pred, z = self._solving(x, x_in, t_in, z0, k, int(self.diffusion.timestep_map[t]))
+            pred, z = self._solving(x, x_in, t_in, z0, k, level)
         if z is not None and self.reuse.history:
             self._solutions = [*self._solutions, z][-self.reuse.history :]
+            self._levels = [*self._levels, level][-self.reuse.history :]
         output = pred.to(x.dtype)
         if self.guided:
-            output = guide(output, self.cfg_scale, channels=self.cfg_channels, learn_sigma=self.diffusion.learn_sigma)
+            output = guide(
+                output,
+                self.cfg_scale,
+                channels=self.cfg_channels,
+                learn_sigma=self.diffusion.learn_sigma,
+                rescale=self.guidance_rescale,
+            )
         return self._denoised(output, x, index)
 
     def _unrolled(self, x_in: Tensor, t_in: Tensor, z0: Tensor | None, k: int, n: int) -> tuple[Tensor, Tensor | None]:
@@ -171,7 +190,7 @@ class ModelEvaluation:
         return pred, z
 
     def _solving(
-        self, x: Tensor, x_in: Tensor, t_in: Tensor, z0: Tensor | None, k: int, timestep: int
+        self, x: Tensor, x_in: Tensor, t_in: Tensor, z0: Tensor | None, k: int, timestep: float
     ) -> tuple[Tensor, Tensor | None]:
         n, cap = x.shape[0], self.iterations[k]
         if self._carry is None or self.spent is None:  # the batch is known from the first call on
@@ -216,7 +235,7 @@ class ModelEvaluation:
         if not self.unrolled and not bool(torch.isfinite(x).all()):
             self._diverge(x, self.evaluations, 0, None)
 
-    def _diverge(self, x: Tensor, k: int, timestep: int, out: DenoiserOutput | None) -> None:
+    def _diverge(self, x: Tensor, k: int, timestep: float, out: DenoiserOutput | None) -> None:
         """Raise the one-line divergence message. A non-finite x coming in was made by the sampler's update
         after the previous evaluation: that evaluation is the one named."""
         if out is None or not bool(torch.isfinite(x).all()):
@@ -237,13 +256,14 @@ class ModelEvaluation:
             if history:
                 residual += f" (step before: {history[-1].residual_max:.3g})"
         raise FpdmRuntimeError(
-            f"sampling diverged at step {k + 1} of {len(self.iterations)} (timestep {timestep}): non-finite values "
+            f"sampling diverged at model evaluation {k + 1} of {len(self.iterations)} (timestep {timestep:g}): "
+            "non-finite values "
             f"in {where}, {residual}; no images written (try more iterations, a damped or another solver, or "
             "fewer steps)"
         )
 
 
-def _step_stats(index: int, timestep: int, cap: int, out: DenoiserOutput, blocks: Tensor) -> StepStats:
+def _step_stats(index: int, timestep: float, cap: int, out: DenoiserOutput, blocks: Tensor) -> StepStats:
     if out.stats is None:
         return StepStats(index, timestep, cap, 0.0, 0, float("nan"), float("nan"), blocks.double().mean().item())
     s = out.stats

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fpdm.errors import UsageError
 from fpdm.interfaces import Schedule
+from fpdm.spacing import log_sigmas
 
 PREDICTIONS = ("eps", "v")
 ModelOutputFn = Callable[[Tensor, Tensor], Tensor]
@@ -91,9 +92,11 @@ class GaussianDiffusion:
             raise UsageError("every beta must be in (0, 1]")
         self.prediction, self.learn_sigma = prediction, bool(learn_sigma)
         T = betas.numel()
-        self.timestep_map = (
-            torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map, dtype=torch.int64).cpu()
-        )
+        if timestep_map is None:
+            self.timestep_map = torch.arange(T)
+        else:  # int64, or float64 after a fractional (karras) respacing
+            mapped = torch.as_tensor(timestep_map).cpu()
+            self.timestep_map = mapped.double() if mapped.is_floating_point() else mapped.long()
         if self.timestep_map.shape != (T,):
             raise UsageError(f"timestep_map must have shape ({T},), got {tuple(self.timestep_map.shape)}")
 
@@ -146,7 +149,8 @@ class GaussianDiffusion:
         return values.view(-1, *([1] * (x.dim() - 1)))  # (B, 1, ..., 1)
 
     def map_timesteps(self, t: Tensor) -> Tensor:
-        """The training timesteps (int64, t's device) the model is called with at this process's indices t."""
+        """The training timesteps the model is called with at this process's indices t, on t's device: int64, or
+        float64 when the process was respaced to fractional timesteps."""
         return self._table("timestep_map", t.device)[t]
 
     # ---------------------------------------------------------------------------------------------- forward
@@ -272,29 +276,58 @@ class GaussianDiffusion:
         return terms
 
     # ---------------------------------------------------------------------------------------------- respacing
-    def respace(self, timesteps: Sequence[int] | Tensor) -> GaussianDiffusion:
+    def respace(self, timesteps: Sequence[float] | Tensor) -> GaussianDiffusion:
         """A process over a strictly increasing subset of this one's steps, for sampling with fewer of them.
 
         betas_i = 1 - ac[t_i] / ac[t_{i-1}] (the first: 1 - ac[t_0]), so the kept steps keep their alphas_cumprod
         (DiT's respace.py). Same prediction and learn_sigma; `timestep_map` maps to the model's timesteps.
+        Fractional timesteps (karras spacing) are allowed: their alphas_cumprod come from log sigma interpolated
+        linearly between the neighbouring steps, and `timestep_map` becomes float64 (the model's sinusoidal
+        embedding takes real timesteps).
         """
         steps = self._check_subset(timesteps)
-        ac = self.alphas_cumprod[steps]  # (S,)
+        ac = self.alphas_cumprod_at(steps)  # (S,)
         betas = 1.0 - ac / torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        mapped = self.timestep_map[steps] if steps.dtype == torch.int64 else self._map_fractional(steps)
         return GaussianDiffusion.from_betas(
-            betas, prediction=self.prediction, learn_sigma=self.learn_sigma, timestep_map=self.timestep_map[steps]
+            betas, prediction=self.prediction, learn_sigma=self.learn_sigma, timestep_map=mapped
         )
 
-    def _check_subset(self, timesteps: Sequence[int] | Tensor) -> Tensor:
+    def alphas_cumprod_at(self, t: Tensor) -> Tensor:
+        """float64 alphas_cumprod at steps t: exact at integer steps (int64 t, or integral floats), log sigma
+        interpolated linearly in t between neighbours otherwise."""
+        if t.dtype == torch.int64:
+            return self.alphas_cumprod[t]
+        logs = log_sigmas(self.alphas_cumprod)  # (T,), +inf at a zero-SNR last step
+        lo = t.floor().long().clamp(0, self.num_timesteps - 1)
+        hi = (lo + 1).clamp(max=self.num_timesteps - 1)
+        w = t - lo.double()
+        between = logs[lo] + w * (logs[hi] - logs[lo])
+        log_sigma = torch.where(w == 0, logs[lo], between)  # an exact step never meets the other neighbour's inf
+        return torch.sigmoid(-2.0 * log_sigma)  # 1 / (1 + sigma^2)
+
+    def _map_fractional(self, t: Tensor) -> Tensor:
+        """The model timesteps at fractional steps t: the map interpolated linearly (the identity stays one)."""
+        grid = self.timestep_map.double()
+        lo = t.floor().long().clamp(0, self.num_timesteps - 1)
+        hi = (lo + 1).clamp(max=self.num_timesteps - 1)
+        return grid[lo] + (t - lo.double()) * (grid[hi] - grid[lo])
+
+    def _check_subset(self, timesteps: Sequence[float] | Tensor) -> Tensor:
+        """int64 (S,) when every timestep is an integer, else float64 (S,); strictly increasing, in range."""
         values = timesteps.tolist() if isinstance(timesteps, Tensor) else list(timesteps)
-        try:
-            steps = [operator.index(step) for step in values]
-        except TypeError:
-            raise UsageError(f"timesteps must be integers, got {values!r}") from None
-        if not steps:
+        if not values:
             raise UsageError("timesteps must not be empty")
-        if not all(0 <= step < self.num_timesteps for step in steps):
+        try:
+            steps = [operator.index(step) if not isinstance(step, float) else step for step in values]
+        except TypeError:
+            raise UsageError(f"timesteps must be numbers, got {values!r}") from None
+        if not all(isinstance(step, int) or math.isfinite(step) for step in steps):
+            raise UsageError(f"timesteps must be finite, got {values!r}")
+        if not all(0 <= step <= self.num_timesteps - 1 for step in steps):
             raise UsageError(f"timesteps must be in 0..{self.num_timesteps - 1}, got {min(steps)}..{max(steps)}")
         if any(b <= a for a, b in itertools.pairwise(steps)):
             raise UsageError("timesteps must be strictly increasing (sorted, no duplicates)")
-        return torch.tensor(steps, dtype=torch.int64)
+        if all(isinstance(step, int) or float(step).is_integer() for step in steps):
+            return torch.tensor([int(step) for step in steps], dtype=torch.int64)
+        return torch.tensor(steps, dtype=torch.float64)

@@ -17,7 +17,7 @@ from torch import Tensor
 from fpdm.build import build_schedule
 from fpdm.config import Config, SampleConfig
 from fpdm.diffusion.gaussian import GaussianDiffusion
-from fpdm.diffusion.sampling import GenerateResult, StepStats, StepUpdate, generate, plan_iterations, plan_tolerances
+from fpdm.diffusion.sampling import GenerateResult, StepStats, as_sampler, generate, plan_iterations, plan_tolerances
 from fpdm.errors import UsageError
 from fpdm.interfaces import BudgetAllocator, Denoiser, ReusePolicy, Sampler, Schedule, Solver
 from fpdm.registry import Registry
@@ -26,12 +26,12 @@ from fpdm.registry import Registry
 @dataclasses.dataclass(frozen=True)
 class SamplingParts:
     diffusion: GaussianDiffusion  # respaced to the sampling steps
-    timesteps: list[int]  # training timesteps in sampling order (high noise first)
-    sampler: Sampler | StepUpdate  # a registered sampler (an old-style step update is adapted by the loop)
+    timesteps: list[float]  # the model timestep of every model evaluation, in call order (high noise first)
+    sampler: Sampler  # a registered sampler (an old-style step update comes adapted)
     allocator: BudgetAllocator
     reuse: ReusePolicy
-    iterations: list[int]  # per step, in sampling order
-    tolerances: list[float]  # per step: where a sample may stop early (an adaptive allocator's, or `tol`)
+    iterations: list[int]  # per model evaluation, in call order
+    tolerances: list[float]  # per evaluation: where a sample may stop early (an adaptive allocator's, or `tol`)
     names: dict[str, Any]  # the choices as plain values, for reports and export metadata
 
     @property
@@ -49,6 +49,7 @@ class LoopSpec:
     reuse: Any  # ReusePolicy
     cfg_scale: float
     cfg_channels: int | None
+    guidance_rescale: float
     clip_x0: bool
     clip_output: bool  # False for latent models
     names: dict[str, Any]  # sampler / allocator / reuse / budget, for the metadata
@@ -72,12 +73,12 @@ def sampling_parts(
         raise UsageError("this model is unconditional: cfg_scale (guidance) does not apply")
     schedule = build_schedule(config.diffusion, registry)
     base = _diffusion(config, schedule)
-    if options.steps > base.num_timesteps:
-        raise UsageError(f"steps must be <= {base.num_timesteps}, the training timesteps; got {options.steps}")
     timesteps = sorted(schedule.sampling_timesteps(options.steps, spacing=options.spacing).tolist())
-    chosen, sampler = _build(
+    built, sampler = _build(
         registry, "sampler", options.sampler, {} if options.eta is None else {"eta": options.eta}, "eta"
     )
+    chosen = as_sampler(built, clip_x0=options.clip_x0)
+    diffusion = base.respace(timesteps)
     allocator, allocator_name = _build(registry, "allocator", options.allocator, {}, "")
     if options.budget is None and allocator.tol <= 0 and allocator_name != "uniform":
         raise UsageError(
@@ -87,8 +88,14 @@ def sampling_parts(
     if allocator.tol > 0 and options.tol:  # `tol` tunes an adaptive allocator's own tolerance
         allocator, _ = _build(registry, "allocator", options.allocator, {"tol": options.tol}, "tol")
     reuse, reuse_name = _build(registry, "reuse_policy", options.reuse, {}, "")
-    order = timesteps[::-1]
-    iterations = plan_iterations(model, order, budget=options.budget, iters=iters, allocator=allocator)
+    levels = chosen.levels(diffusion)
+    order = [float(diffusion.timestep_map[i]) for i in levels]  # each evaluation's model timestep
+    try:
+        iterations = plan_iterations(model, order, budget=options.budget, iters=iters, allocator=allocator)
+    except UsageError as exc:
+        if options.budget is None:
+            raise
+        raise UsageError(f"{exc} ({sampler} at {options.steps} steps makes {len(order)} model evaluations)") from None
     tolerances = plan_tolerances(allocator, iterations, order, tol=options.tol)
     names = {
         "steps": options.steps,
@@ -100,9 +107,10 @@ def sampling_parts(
         "reuse": reuse_name,
         "cfg_scale": options.cfg_scale,
         "cfg_channels": options.cfg_channels,
+        "guidance_rescale": options.guidance_rescale,
         "clip_x0": options.clip_x0,
     }
-    return SamplingParts(base.respace(timesteps), order, chosen, allocator, reuse, iterations, tolerances, names)
+    return SamplingParts(diffusion, order, chosen, allocator, reuse, iterations, tolerances, names)
 
 
 def _build(registry: Registry, kind: str, value: Any, options: dict[str, Any], option: str) -> tuple[Any, str]:
@@ -149,6 +157,7 @@ def generate_planned(
         tol=parts.tolerances,
         cfg_scale=options.cfg_scale,
         cfg_channels=options.cfg_channels,
+        guidance_rescale=options.guidance_rescale,
         clip_x0=options.clip_x0,
         adaptive=parts.adaptive,
         device=device,

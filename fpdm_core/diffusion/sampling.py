@@ -52,10 +52,10 @@ __all__ = [
 
 
 def plan_iterations(
-    model: Denoiser, timesteps: Sequence[int], *, budget: int | None, iters: int, allocator: BudgetAllocator
+    model: Denoiser, timesteps: Sequence[float], *, budget: int | None, iters: int, allocator: BudgetAllocator
 ) -> list[int]:
-    """Fixed-point iterations per model evaluation (`timesteps` holds one entry per evaluation). Without a
-    budget: `iters` each. With one: the allocator splits what is left after the pre/post blocks of every
+    """Fixed-point iterations per model evaluation (`timesteps` holds each evaluation's model timestep). Without
+    a budget: `iters` each. With one: the allocator splits what is left after the pre/post blocks of every
     evaluation; a budget that cannot pay one iteration per evaluation fails."""
     steps = len(timesteps)
     if iters < 0 or (budget is not None and budget < 1):
@@ -64,9 +64,8 @@ def plan_iterations(
     if not is_fixed_point(model):  # DiT: depth per step, nothing to allocate
         if budget is not None and steps * per_step > budget:
             raise UsageError(
-                f"budget {budget} cannot pay for {steps} DiT steps of {per_step} blocks "
-                f"({steps * per_step} needed); use --steps {max(1, budget // per_step)} or a larger "
-                "budget"
+                f"budget {budget} cannot pay for {steps} DiT model evaluations of {per_step} blocks "
+                f"({steps * per_step} needed); lower --steps or raise the budget"
             )
         return [0] * steps
     if budget is None:
@@ -74,8 +73,8 @@ def plan_iterations(
     total = budget - steps * per_step
     if total < steps:
         raise UsageError(
-            f"budget {budget} cannot pay for {steps} FPDM steps: each needs {per_step} pre/post blocks "
-            f"and at least 1 iteration, {steps * (per_step + 1)} in all"
+            f"budget {budget} cannot pay for {steps} FPDM model evaluations: each needs {per_step} pre/post "
+            f"blocks and at least 1 iteration, {steps * (per_step + 1)} in all"
         )
     plan = allocator.allocate(total, list(timesteps))
     name = type(allocator).__name__
@@ -85,7 +84,7 @@ def plan_iterations(
 
 
 def plan_tolerances(
-    allocator: BudgetAllocator, iterations: Sequence[int], timesteps: Sequence[int], *, tol: float = 0.0
+    allocator: BudgetAllocator, iterations: Sequence[int], timesteps: Sequence[float], *, tol: float = 0.0
 ) -> list[float]:
     """Stopping tolerance per step for `sample`: an adaptive allocator's own (tol > 0), checked, else `tol`
     at every step (0 = spend every cap)."""
@@ -188,6 +187,7 @@ def sample(
     tol: float | Sequence[float] = 0.0,
     cfg_scale: float = 1.0,
     cfg_channels: int | None = None,
+    guidance_rescale: float = 0.0,
     clip_x0: bool = False,
     adaptive: bool = False,
     device: torch.device | str = "cpu",
@@ -201,13 +201,13 @@ def sample(
     tolerance or one per evaluation (`plan_tolerances`). With `adaptive`, each sample carries the iterations it
     did not use into its next evaluation, so the total stays within the plan.
     cfg_channels limits guidance to the first channels (the official code guides 3 of 4); None guides all.
-    `clip_output` clamps the final samples to [-1, 1]: right for pixels, wrong for latents (pass False).
+    `guidance_rescale` is Lin et al.'s phi (`fpdm.diffusion.evaluation.guide`). `clip_output` clamps the final samples to [-1, 1]: right for pixels, wrong for latents (pass False).
     `callback` sees every evaluation's StepStats as it completes. `x_T` (B, C, H, W) replaces the starting
     noise; each generator still makes its first draw, so the noise that follows is the same as without it.
     """
     device = torch.device(device)
     chosen = as_sampler(sampler, clip_x0=clip_x0)
-    evaluations = chosen.evaluations(diffusion.num_timesteps)
+    evaluations = chosen.evaluations(diffusion)
     if len(iterations) != evaluations:
         per = "" if evaluations == diffusion.num_timesteps else f" ({evaluations} model evaluations)"
         raise UsageError(f"{len(iterations)} iteration counts for {diffusion.num_timesteps} steps{per}")
@@ -224,6 +224,7 @@ def sample(
         adaptive=adaptive,
         cfg_scale=cfg_scale,
         cfg_channels=cfg_channels,
+        guidance_rescale=guidance_rescale,
         clip_x0=clip_x0,
         solve="solving",
         callback=callback,
@@ -273,6 +274,7 @@ def generate(
     tol: float | Sequence[float] = 0.0,
     cfg_scale: float = 1.0,
     cfg_channels: int | None = None,
+    guidance_rescale: float = 0.0,
     clip_x0: bool = False,
     adaptive: bool = False,
     device: torch.device | str = "cpu",
@@ -300,6 +302,7 @@ def generate(
             tol=tol,
             cfg_scale=cfg_scale,
             cfg_channels=cfg_channels,
+            guidance_rescale=guidance_rescale,
             clip_x0=clip_x0,
             adaptive=adaptive,
             device=device,
