@@ -35,7 +35,7 @@ def apportion(total: int, weights: Sequence[float]) -> list[int]:
 class Uniform(BudgetAllocator):
     """The same number of iterations at every step (remainders to the earliest steps)."""
 
-    def allocate(self, total_iters: int, timesteps: Sequence[int]) -> list[int]:
+    def allocate(self, total_iters: int, timesteps: Sequence[float]) -> list[int]:
         return apportion(total_iters, [1.0] * len(timesteps))
 
 
@@ -49,7 +49,7 @@ class LinearRamp(BudgetAllocator):
     start: float = attrs.field(default=0.5, converter=float, validator=v.gt(0.0))
     end: float = attrs.field(default=1.5, converter=float, validator=v.gt(0.0))
 
-    def allocate(self, total_iters: int, timesteps: Sequence[int]) -> list[int]:
+    def allocate(self, total_iters: int, timesteps: Sequence[float]) -> list[int]:
         n = len(timesteps)
         weights = [self.start + (self.end - self.start) * i / max(n - 1, 1) for i in range(n)]
         return apportion(total_iters, weights)
@@ -80,10 +80,10 @@ class Adaptive(BudgetAllocator):
 
     tol: float = attrs.field(default=0.2, converter=float, validator=[v.gt(0.0), v.lt(math.inf)])
 
-    def allocate(self, total_iters: int, timesteps: Sequence[int]) -> list[int]:
+    def allocate(self, total_iters: int, timesteps: Sequence[float]) -> list[int]:
         return apportion(total_iters, [1.0] * len(timesteps))
 
-    def tolerances(self, iterations: Sequence[int], timesteps: Sequence[int]) -> list[float]:
+    def tolerances(self, iterations: Sequence[int], timesteps: Sequence[float]) -> list[float]:
         n = len(timesteps)
         span = abs(timesteps[0] - timesteps[-1]) if n else 0
         if n < 3 or span == 0:

@@ -405,7 +405,8 @@ def test_fractional_respacing_interpolates_log_sigma_and_keeps_whole_steps_exact
     got = 0.5 * torch.log((1 - half.alphas_cumprod) / half.alphas_cumprod)
     torch.testing.assert_close(got, torch.stack([logs[0], (logs[2] + logs[3]) / 2, logs[7]]), rtol=1e-12, atol=0)
     whole = process.respace([0.0, 3.0])  # integral floats are whole steps: exact tables, an int64 map
-    assert whole.timestep_map.dtype == torch.int64 and whole.alphas_cumprod.tolist() == process.alphas_cumprod[[0, 3]].tolist()
+    assert whole.timestep_map.dtype == torch.int64
+    assert whole.alphas_cumprod.tolist() == process.alphas_cumprod[[0, 3]].tolist()
 
 
 # ---------------------------------------------------------------------------------------------------- registry

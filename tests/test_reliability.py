@@ -517,7 +517,8 @@ def test_a_diverging_solver_fails_sampling_with_step_and_residual_and_writes_not
     code, _, err = cli(
         "sample", str(trained), "--solver", "diverging", "--n", "2", "--steps", "3", "--out", str(out), "--no-progress"
     )
-    assert_one_line_error(code, err, codes=(1,), kind="divergence_caught", expect="sampling diverged at model evaluation 1 of 3")
+    expect = "sampling diverged at model evaluation 1 of 3"
+    assert_one_line_error(code, err, codes=(1,), kind="divergence_caught", expect=expect)
     assert "fixed-point residual max inf" in err and not out.exists()
 
 

@@ -201,7 +201,8 @@ def sample(
     tolerance or one per evaluation (`plan_tolerances`). With `adaptive`, each sample carries the iterations it
     did not use into its next evaluation, so the total stays within the plan.
     cfg_channels limits guidance to the first channels (the official code guides 3 of 4); None guides all.
-    `guidance_rescale` is Lin et al.'s phi (`fpdm.diffusion.evaluation.guide`). `clip_output` clamps the final samples to [-1, 1]: right for pixels, wrong for latents (pass False).
+    `guidance_rescale` is Lin et al.'s phi (`fpdm.diffusion.evaluation.guide`). `clip_output` clamps the final
+    samples to [-1, 1]: right for pixels, wrong for latents (pass False).
     `callback` sees every evaluation's StepStats as it completes. `x_T` (B, C, H, W) replaces the starting
     noise; each generator still makes its first draw, so the noise that follows is the same as without it.
     """

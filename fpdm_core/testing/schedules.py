@@ -65,7 +65,7 @@ def sampling_timesteps_start_at_the_noisiest_step_and_decrease(make: Make) -> No
         assert (ts[1:] < ts[:-1]).all(), f"{what}: not strictly decreasing: {ts.tolist()}"
         if spacing == "karras":
             assert ts.dtype == torch.float64, f"{what}: {ts!r}"
-            assert 0 <= float(ts.min()) and float(ts.max()) <= total - 1, f"{what}: {ts.tolist()}"
+            assert float(ts.min()) >= 0 and float(ts.max()) <= total - 1, f"{what}: {ts.tolist()}"
             assert steps == 1 or float(ts[-1]) == 0.0, f"{what}: must end at timestep 0: {ts.tolist()}"
             return
         assert ts.dtype == torch.int64, f"{what}: {ts!r}"
