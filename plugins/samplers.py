@@ -1,4 +1,6 @@
-"""Built-in samplers over the model evaluation: DDPM (learned variance when the model has it) and DDIM."""
+"""Built-in samplers over the model evaluation: DDPM (learned variance when the model has it) and DDIM here, the
+EDM and multistep samplers in `fpdm.plugins.multistep`; all registered below, through the same hook a third
+party uses."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from fpdm import hookimpl
 from fpdm.diffusion.gaussian import GaussianDiffusion
 from fpdm.hookspecs import Register
 from fpdm.interfaces import Evaluate, NoiseSource, Sampler
+from fpdm.plugins.multistep import DPMSolverPP, DPMSolverPP2MSDE, Euler, EulerAncestral, Heun, UniPC
 
 
 def _model_log_variance(diffusion: GaussianDiffusion, output: Tensor, x: Tensor, t: Tensor) -> Tensor:
@@ -74,4 +77,21 @@ class DDIM(Sampler):
 @hookimpl
 def register_samplers(register: Register) -> None:
     register("ddpm", DDPM, description="ancestral sampling with the model's variance")
-    register("ddim", DDIM, description="DDIM; eta=0 deterministic")
+    register("ddim", DDIM, description="DDIM (Song et al. 2021); eta=0 deterministic, order 1")
+    register("euler", Euler, description="EDM Euler steps (Karras et al. 2022), order 1")
+    register("euler_ancestral", EulerAncestral, description="Euler with ancestral noise (eta), order 1")
+    register("heun", Heun, description="EDM Heun (Karras et al. 2022), 2 evaluations per step, order 2")
+    register("dpmpp_2m", dpmpp_2m, description="DPM-Solver++(2M) multistep (Lu et al. 2022), order 2")
+    register("dpmpp_3m", dpmpp_3m, description="DPM-Solver++(3M) multistep, order 3")
+    register("dpmpp_2m_sde", DPMSolverPP2MSDE, description="SDE-DPM-Solver++(2M) with seeded noise (eta)")
+    register("unipc", UniPC, description="UniPC bh2 (Zhao et al. 2023), solver_order 2 -> order 3")
+
+
+def dpmpp_2m(*, lower_order_warmup: bool = True, lower_order_final: bool = True) -> DPMSolverPP:
+    """DPM-Solver++(2M): second-order multistep, data prediction."""
+    return DPMSolverPP(2, lower_order_warmup=lower_order_warmup, lower_order_final=lower_order_final)
+
+
+def dpmpp_3m(*, lower_order_warmup: bool = True, lower_order_final: bool = True) -> DPMSolverPP:
+    """DPM-Solver++(3M): third-order multistep, data prediction."""
+    return DPMSolverPP(3, lower_order_warmup=lower_order_warmup, lower_order_final=lower_order_final)
