@@ -21,12 +21,16 @@ def add_process_arguments(
     parser.add_argument("--steps", type=int, default=steps, help=steps_help)
     parser.add_argument(
         "--spacing",
-        help="which training timesteps the steps visit: official (default; guided-diffusion's respacing), "
-        "linspace, leading or trailing",
+        help="which noise levels the steps visit: official (default; guided-diffusion's respacing), "
+        "linspace, leading, trailing, or karras (Karras et al.'s sigmas, fractional timesteps)",
     )
     parser.add_argument("--budget", type=int, help="transformer-block evaluations per sample (the paper's unit)")
-    parser.add_argument("--sampler", default="ddpm", help="ddpm or ddim (or a plugin's)")
-    parser.add_argument("--eta", type=float, help="DDIM eta (default 0)")
+    parser.add_argument(
+        "--sampler",
+        default="ddpm",
+        help="ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, unipc (or a plugin's)",
+    )
+    parser.add_argument("--eta", type=float, help="noise of ddim (default 0), euler_ancestral, dpmpp_2m_sde (1)")
     parser.add_argument("--allocator", default="uniform", help="how --budget is spread over the steps")
     parser.add_argument("--reuse", default="reuse", help="initial iterate per step: cold, reuse, extrapolate")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
