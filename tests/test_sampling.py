@@ -678,3 +678,13 @@ def test_the_exported_loop_module_runs_the_same_sampler_as_sample():
             rtol=0.05,
             atol=1e-6,
         )  # residuals near 1e-5: float32 rounding shows
+
+
+def test_extrapolation_scales_with_uneven_levels_and_restarts_from_a_repeated_level():
+    policy = REGISTRY.create("reuse_policy", "extrapolate", gamma=0.5)
+    z2, z1 = torch.zeros(1, 2, 3), torch.ones(1, 2, 3)
+    even = policy.warm_start([z2, z1], 2, levels=[900.0, 800.0], level=700.0)
+    torch.testing.assert_close(even, policy.init([z2, z1], 2))  # even steps: the old rule, z1 + gamma (z1 - z2)
+    uneven = policy.warm_start([z2, z1], 2, levels=[900.0, 800.0], level=600.0)  # twice as far: twice the step
+    torch.testing.assert_close(uneven, torch.full((1, 2, 3), 2.0))
+    assert policy.warm_start([z2, z1], 2, levels=[900.0, 800.0], level=800.0) is z1  # Heun's repeat
