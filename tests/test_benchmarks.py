@@ -5,6 +5,7 @@ folder on the path for this module's tests only."""
 from __future__ import annotations
 
 import importlib
+import json
 import types
 
 import pytest
@@ -80,3 +81,35 @@ def test_paper_claims_measures_apart_without_path_edits(bench, train):
     assert apart == train.account_memory("FPDM-XS/4 Fashion-MNIST", 2, False, False)  # exact accounting, any process
     with pytest.raises(SystemExit, match="--apart runs one of run_one, account_memory"):
         claims.run_apart('["saved_bytes", []]')
+
+
+def test_quality_per_compute_quick_run_writes_its_cells_and_table(images, tmp_path):
+    """The benchmark's --quick smoke run on a tiny 32x32 model: every cell measured, the table written, and a
+    rerun with the same settings measures nothing again."""
+    import subprocess
+    import sys
+
+    from fpdm.training.loop import train as train_run
+    from support import tiny_config
+
+    run = tmp_path / "run"
+    train_run(tiny_config(images, run, "data.image_size=32", "train.steps=2"), progress=False)
+    command = [sys.executable, str(ROOT / "benchmarks" / "quality_per_compute.py"), "--quick", "--run", str(run)]
+    done = subprocess.run([*command, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "out" / "quality_per_compute.json").read_text())
+    assert sorted(results["cells"]) == [
+        "evals|5|ddim",
+        "evals|5|ddim trailing",
+        "evals|5|euler",
+        "iters|ddim|1",
+        "iters|ddim|2",
+    ]
+    cell = results["cells"]["iters|ddim|1"]
+    assert cell["evaluations"] == 10 and len(cell["residual_per_evaluation"]) == 10 and cell["fid"] >= 0
+    assert (tmp_path / "out" / "quality_per_compute.md").read_text().startswith("FPDM-XS/2 at step 2")
+    again = subprocess.run([*command, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert (
+        again.returncode == 0
+        and json.loads((tmp_path / "out" / "quality_per_compute.json").read_text())["cells"] == results["cells"]
+    )
