@@ -76,10 +76,11 @@ def markdown(data: dict[str, Any]) -> str:
         f"FLOPs counted by torch.utils.flop_counter (forward + backward). Wall-clock: {wall}.",
         "",
         f"**FID (fpdm-fmnist-cnn features), lower is better; KID in parentheses.** "
-        f"{s['n']} samples per cell vs {s['reference_n']} Fashion-MNIST test images, DDIM, classes "
-        f"cycled; mean ± std over seeds {list(SEEDS_AT_LOWEST)} at the lowest budget. Budget = DiT-step "
-        f"equivalents ({DIT_DEPTH} block evaluations each); FPDM spends it as budget // 6 steps (pre + 4 "
-        f'iterations + post each), "2x steps" as budget // 3 steps of 1 iteration.',
+        f"{s['n']} samples per cell vs {s['reference_n']} Fashion-MNIST test images, DDIM unless the row "
+        "names another sampler (one model evaluation per step each), classes cycled; mean ± std over seeds "
+        f"{list(SEEDS_AT_LOWEST)} at the lowest budget. Budget = DiT-step equivalents ({DIT_DEPTH} block "
+        "evaluations each); FPDM spends it as budget // 6 steps (pre + 4 iterations + post each), "
+        '"2x steps" as budget // 3 steps of 1 iteration.',
         "",
         "| variant | " + " | ".join(f"{b} ({b * DIT_DEPTH} blocks)" for b in BUDGETS) + " |",
         "|---|" + "---|" * len(BUDGETS),
@@ -108,7 +109,18 @@ def plot(data: dict[str, Any], path: Path) -> None:
         if points:
             series[variant] = points
     names = list(VARIANTS)
-    groups = [[names[0], names[1], names[6], names[7], names[8]], [names[1], *names[2:6], names[8]]]
+    groups = [
+        [names[0], names[1], names[6], names[7], names[8]],
+        [names[1], *names[2:6], names[8]],
+        [names[1], names[7], *names[9:13]],
+        [names[8], *names[13:15], names[9], names[10]],
+    ]
+    titles = (
+        "FID vs budget: initial iterate, steps",
+        "FID vs budget: allocation, solver",
+        "FID vs budget: multistep samplers (FPDM)",
+        "FID vs budget: DiT and FPDM, multistep",
+    )
     panels = [
         draw_plot(
             shown,
@@ -117,7 +129,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
             xlabel="budget (DiT-step equivalents)",
             ylabel="FID (fpdm-fmnist-cnn features)",
         )
-        for group, title in zip(groups, ("FID vs budget: initial iterate, steps", "FID vs budget: allocation, solver"))
+        for group, title in zip(groups, titles)
         if (shown := {k: series[k] for k in group if k in series})
     ]
     save_png(stack_images(panels), path)

@@ -12,9 +12,10 @@
 3. FID at 2, 5, 10, 20 DiT-step equivalents (DiT-XS depth 6: 12, 30, 60, 120 block evaluations per sample;
    FPDM spends them as budget // 6 DDIM steps with the allocator's split) for FPDM plain (cold start), + reuse,
    + each ramp, + Anderson, + adaptive allocation, + extrapolated reuse, + reuse with twice the steps at
-   one iteration each (budget // 3 steps, the official sampler's trade of iterations for steps), and DiT.
-   FID and KID are torch-fidelity's on fpdm's Fashion-MNIST CNN features (fpdm.features; never Inception FID)
-   against the test split.
+   one iteration each (budget // 3 steps, the official sampler's trade of iterations for steps), and DiT;
+   then fpdm's additions: the multistep samplers dpmpp_3m and unipc with reuse warm starts (at both step
+   counts), and DiT under the same samplers. FID and KID are torch-fidelity's on fpdm's pinned Fashion-MNIST
+   CNN features (fpdm.eval.features; never Inception FID) against the test split.
 
 Resumable: every finished cell is saved to OUT/paper_claims.json as it completes and a rerun skips it; the
 runs live in OUT/paper_claims_runs. Writes OUT/paper_claims.md and OUT/paper_claims.png.
@@ -235,12 +236,11 @@ def fid_cell(
     from fpdm.data.images import to_uint8
     from fpdm.diffusion.sampling import generate, plan_iterations, plan_tolerances
     from fpdm.eval.fidelity import compute_metrics
-    from fpdm.plugins.samplers import DDIM
     from fpdm.registry import default_registry
 
     if store.get(key) is not None:
         return
-    family, solver_name, alloc_name, reuse_name = VARIANTS[variant]
+    family, solver_name, alloc_name, reuse_name, sampler_name = VARIANTS[variant]
     registry = default_registry()
     budget = dit_steps * DIT_DEPTH
     steps = dit_steps if family == "dit" else max(1, budget // STEP_BLOCKS.get(variant, BLOCKS_PER_STEP))
@@ -255,7 +255,7 @@ def fid_cell(
         seed=seed,
         labels=list(range(10)),
         shape=(1, 32, 32),
-        sampler=DDIM(),
+        sampler=registry.create("sampler", sampler_name),
         solver=registry.create("solver", solver_name),
         iterations=plan,
         reuse=registry.create("reuse_policy", reuse_name),
@@ -275,6 +275,7 @@ def fid_cell(
         key,
         {
             "variant": variant,
+            "sampler": sampler_name,
             "dit_steps": dit_steps,
             "budget_blocks": budget,
             "steps": steps,
@@ -345,6 +346,7 @@ def main() -> int:
     n = args.n or (200 if args.quick else 5000)
     fpdm_steps = args.fpdm_steps or (60 if args.quick else 2000)
     ref_n = 2000 if args.quick else None
+    extractor = cnn_extractor(args.extractor)  # None: the shipped file, its sha256 checked
     settings = {
         "quick": args.quick,
         "n": n,
@@ -352,7 +354,9 @@ def main() -> int:
         "reference_n": ref_n or 10000,
         "budgets": list(BUDGETS),
         "seeds_at_lowest": list(SEEDS_AT_LOWEST),
-        "sampler": "ddim",
+        "sampler": "per row (ddim unless named)",
+        # FIDs from different extractors are not comparable: a results file made with another is refused.
+        "extractor_sha256": extractor.cnn.sha256[:16],
     }
     store = Store(args.out / "paper_claims.json", settings)
     started = time.perf_counter()
@@ -363,7 +367,6 @@ def main() -> int:
         "fpdm": train_cell(store, "fpdm", steps=plan["fpdm_steps"], runs=runs_dir, seed=0),
         "dit": train_cell(store, "dit", steps=plan["dit_steps"], runs=runs_dir, seed=0),
     }
-    extractor = cnn_extractor(args.extractor)  # None: the shipped file, its sha256 checked
     reference = load_reference("fashion_mnist", split="test", data_dir=None, limit=ref_n, seed=0).images
     fid_cells(store, runs, n=n, reference=reference, extractor=extractor, cache=args.out / "paper_claims_cache")
     store.data["extractor"] = extractor.description
