@@ -88,8 +88,17 @@ class Adaptive(BudgetAllocator):
         span = abs(timesteps[0] - timesteps[-1]) if n else 0
         if n < 3 or span == 0:
             return [0.0] * n
-        inner = [self.tol * abs(timesteps[i - 1] - timesteps[i]) / span for i in range(1, n - 1)]
+        inner = [self.tol * _gap(timesteps, i) / span for i in range(1, n - 1)]
         return [0.0, *inner, 0.0]
+
+
+def _gap(timesteps: Sequence[float], i: int) -> float:
+    """How far evaluation i's level is from the last different level before it: the step its warm start
+    bridges. A repeated level (Heun's and UniPC's second evaluation at one level) takes its step's size."""
+    j = i - 1
+    while j > 0 and timesteps[j] == timesteps[i]:
+        j -= 1
+    return abs(timesteps[j] - timesteps[i])
 
 
 @hookimpl

@@ -53,6 +53,34 @@ def test_denoiser(case):
     case()
 
 
+@pytest.mark.parametrize("case", cases("sampler", REGISTRY))
+def test_sampler(case):
+    case()
+
+
+SAMPLER_VARIANTS = {  # options that change the method: stochastic DDIM, the eta = 0 ODE limits, UniPC's orders
+    "ddim(eta=1)": ("ddim", {"eta": 1.0}),
+    "euler_ancestral(eta=0)": ("euler_ancestral", {"eta": 0.0}),
+    "dpmpp_2m_sde(eta=0)": ("dpmpp_2m_sde", {"eta": 0.0}),
+    "unipc(solver_order=1)": ("unipc", {"solver_order": 1}),
+    "unipc(solver_order=3)": ("unipc", {"solver_order": 3}),
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    cases(
+        "sampler",
+        {
+            label: functools.partial(REGISTRY.create, "sampler", name, **opts)
+            for label, (name, opts) in SAMPLER_VARIANTS.items()
+        },
+    ),
+)
+def test_sampler_variant(case):
+    case()
+
+
 @pytest.mark.slow  # three ONNX exports and onnxruntime runs: about a minute on 2 CPU cores
 @pytest.mark.parametrize("case", cases("exporter", REGISTRY))
 def test_exporter(case):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,13 +15,15 @@ from torch import Tensor
 
 import fpdm.testing
 from fpdm.errors import UsageError
-from fpdm.interfaces import BudgetAllocator, FixedPointDenoiser, ReusePolicy
+from fpdm.interfaces import BudgetAllocator, FixedPointDenoiser, ReusePolicy, Sampler
 from fpdm.models.transformer import FPDM
 from fpdm.plugins.allocators import LinearRamp, Uniform
 from fpdm.plugins.reuse import Reuse
+from fpdm.plugins.samplers import DDIM, DDPM
 from fpdm.plugins.schedules import LinearSchedule
 from fpdm.plugins.solvers import FixedPointIteration
-from fpdm.testing.suite import Case
+from fpdm.testing import samplers
+from fpdm.testing.suite import Case, maker
 from support import REGISTRY
 
 TINY = {"input_size": 8, "in_channels": 1, "patch_size": 2, "hidden_size": 32, "num_heads": 2, "num_classes": 3}
@@ -181,6 +184,91 @@ def test_exporter_suite_catches_a_missing_file_and_skips_without_onnxruntime(mon
     ]
     with pytest.raises(pytest.skip.Exception, match="needs onnxruntime"):
         case()
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+
+
+class ClaimsSecondOrder(DDIM):
+    """DDIM, a first-order method, declaring order 2."""
+
+    order = 2
+
+
+class EvaluatesOnceMore(DDIM):
+    """Calls the model once more than `levels` declares (a final re-evaluation at index 0)."""
+
+    def __call__(self, evaluate, x, diffusion, *, noise):  # type: ignore[no-untyped-def]
+        x = super().__call__(evaluate, x, diffusion, noise=noise)
+        return evaluate(x, 0).x0
+
+
+class HidesItsNoise(DDPM):
+    """Ancestral sampling, declared deterministic."""
+
+    @property
+    def deterministic(self) -> bool:
+        return True
+
+
+class IgnoresItsNoise(DDPM):
+    """Draws noise and throws it away: stochastic in name only."""
+
+    def __call__(self, evaluate, x, diffusion, *, noise):  # type: ignore[no-untyped-def]
+        return super().__call__(evaluate, x, diffusion, noise=lambda k: 0 * noise(k))
+
+
+class DoublesItsNoise(DDPM):
+    """Ancestral sampling with twice the posterior's standard deviation: the wrong law at every step count."""
+
+    def __call__(self, evaluate, x, diffusion, *, noise):  # type: ignore[no-untyped-def]
+        return super().__call__(evaluate, x, diffusion, noise=lambda k: 2 * noise(k))
+
+
+class RecoversX0FromEps(Sampler):
+    """DDIM through x0 = (x - sigma eps) / alpha: 0 / 0 at zero terminal SNR."""
+
+    def __call__(self, evaluate, x, diffusion, *, noise):  # type: ignore[no-untyped-def]
+        for i in reversed(range(diffusion.num_timesteps)):
+            eps = evaluate(x, i).eps
+            ac, prev = float(diffusion.alphas_cumprod[i]), float(diffusion.alphas_cumprod_prev[i])
+            x0 = (x - math.sqrt(1 - ac) * eps) / math.sqrt(ac)
+            x = math.sqrt(prev) * x0 + math.sqrt(1 - prev) * eps
+        return x
+
+
+@pytest.mark.parametrize(
+    ("contract", "sampler"),
+    [
+        ("order_on_gaussian_data", ClaimsSecondOrder),
+        ("order_on_gaussian_data", DoublesItsNoise),
+        ("evaluations_and_draws_as_declared", EvaluatesOnceMore),
+        ("evaluations_and_draws_as_declared", HidesItsNoise),
+        ("reproducible", IgnoresItsNoise),
+        ("finite_under_zero_terminal_snr", RecoversX0FromEps),
+    ],
+    ids=lambda value: getattr(value, "__name__", value),
+)
+def test_sampler_suite_catches_a_false_order_a_wrong_law_miscounted_evaluations_and_misused_noise(contract, sampler):
+    first = broken("sampler", contract, sampler)
+    assert f"broken by {sampler.__name__}: " in first
+
+
+def test_the_order_test_switches_lowering_off_where_a_sampler_has_the_options():
+    seen = []
+
+    def lowering(*, lower_order_warmup: bool = True, lower_order_final: bool = True) -> DDIM:
+        seen.append((lower_order_warmup, lower_order_final))
+        return DDIM()
+
+    def final_only(*, lower_order_final: bool = True) -> DDIM:
+        seen.append(lower_order_final)
+        return DDIM()
+
+    samplers.without_lowering(maker(lowering, {}))
+    samplers.without_lowering(maker(final_only, {}))
+    assert isinstance(samplers.without_lowering(maker(DDIM, {"eta": 0.0})), DDIM)  # DDIM has neither option
+    assert seen == [(False, False), False]
 
 
 # ---------------------------------------------------------------------------------------------- cases

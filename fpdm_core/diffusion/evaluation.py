@@ -220,6 +220,8 @@ class ModelEvaluation:
         if not self.clip_x0:
             return Denoised(x0, d.predict_eps(pred, x, index), output)
         x0 = x0.clamp(-1, 1)
+        if float(d.alphas_cumprod[int(index[0])]) == 0:  # zero SNR: x is all noise, whatever x0 is
+            return Denoised(x0, x, output)
         eps = (d.extract("sqrt_recip_alphas_cumprod", index, x) * x - x0) / d.extract(
             "sqrt_recipm1_alphas_cumprod", index, x
         )  # the noise consistent with the clamped x0
