@@ -8,6 +8,8 @@ Two settings per model, each in its own process so peak memory is its own:
   attention (F.scaled_dot_product_attention, flash/efficient kernels under bf16), no checkpointing;
 - lean: gradient checkpointing of every block and of each grad-phase fixed-point iteration (the no-grad
   phase always runs under torch.no_grad, so it keeps no activations), no compile.
+`run_one` takes any other mode name as plain eager without checkpointing (benchmarks/gpu_check.py's
+"checkpointing off", the setting of the official figures).
 bf16 autocast and TF32 on CUDA. Inputs are random latents and labels (throughput does not depend on them).
 FPDM draws the official S-JFB counts per step, n_no_grad ~ U{0..10} and n_grad ~ U{1..12}, from a fixed seed
 so both settings see the same sequence. Reports img/s and peak memory (CUDA max_memory_allocated) to

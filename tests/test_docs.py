@@ -385,6 +385,8 @@ BENCH_PAGES = {
     "sampling-allocation": "benchmarks.md",
     "export": "benchmarks.md",
     "cli_start": "benchmarks.md",
+    "gpu_check": "benchmarks.md",
+    "quality_per_compute": "benchmarks.md",
     "paper_claims": "paper-claims.md",
 }
 
