@@ -20,17 +20,25 @@ if TYPE_CHECKING:
 
 Handler = Callable[[argparse.Namespace], int]
 COUNTS = ("n", "batch_size", "ref_n", "kid_subset_size")
+CNN_NAME = "fpdm-fmnist-cnn"
+# The feature sizes of the extractors fpdm names (the shipped CNN's, torch-fidelity's Inception-v3), here so that
+# counts FID cannot work with are refused before torch is imported; tests/test_eval.py keeps them equal to fpdm.eval's.
+NAMED_FEATURES = {CNN_NAME: 128, "inception-v3": 2048}
+N_HINT = "FID needs about 1000 samples or more"
 
 
 def eval_command(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument(
         "input",
         nargs="?",
-        help="a folder of PNGs (or an `fpdm sample` output folder), "
+        help="a folder of images (flat or in class subfolders, or an `fpdm sample` output folder), "
         "or a run, checkpoint or packed model folder to sample from first",
     )
     parser.add_argument(
-        "--ref", default="fashion_mnist", metavar="NAME|DIR", help="fashion_mnist or a folder of images"
+        "--ref",
+        default="fashion_mnist",
+        metavar="NAME|DIR",
+        help="fashion_mnist or a folder of images (flat or in class subfolders)",
     )
     parser.add_argument(
         "--ref-split", default="test", choices=("test", "train"), help="Fashion-MNIST split to compare against"
@@ -90,36 +98,40 @@ def eval_command(parser: argparse.ArgumentParser) -> Handler:
     sampling.add_argument(
         "--seed", type=int, default=0, metavar="N", help="seeds sampling, the reference subset and KID"
     )
+    sampling.add_argument(
+        "--vae",
+        metavar="DIR",
+        help="latent models: the diffusers AutoencoderKL folder that decodes the samples (default: the VAE the run "
+        "recorded)",
+    )
     add_weights_option(sampling)
     add_device_option(sampling)
 
     def run(args: argparse.Namespace) -> int:
-        for name in COUNTS:  # cheap checks first: nothing is loaded, sampled or trained yet
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        _check_flags(args)  # cheap checks first, torch-free: nothing is imported, loaded, sampled or trained yet
         config, sample = _eval_config(args), sample_config(args)
-        to_stdout = args.json == "-"  # then stdout holds the JSON alone; status lines go to stderr
-        status = sys.stderr if to_stdout else sys.stdout
+        to_stdout = args.json == "-"  # stdout holds the report (or the JSON alone); status lines go to stderr
+        log = _printer(sys.stderr)
         if args.train_extractor:
             import attrs
 
-            from fpdm.eval.evaluation import train_fmnist_extractor
+            from fpdm.eval.evaluation import check_inputs, train_fmnist_extractor
 
-            trained = train_fmnist_extractor(args.cache, log=_printer(status, quiet=False))
+            if args.input is not None:  # the evaluation's own checks, before minutes of training
+                check_inputs(args.input, config=config, vae=args.vae, retrain=True)
+            trained = train_fmnist_extractor(args.cache, log=log)
             if args.input is None:
                 return 0
-            config = attrs.evolve(config, cache=str(trained.weights.parent))  # not the shipped one: this one
-        if args.input is None:
-            raise UsageError("give a folder of images or a model to evaluate (or --train-extractor alone)")
+            config = attrs.evolve(config, extractor=CNN_NAME, cache=str(trained.weights.parent))  # this one
         from fpdm.eval.evaluation import evaluate
 
         result = evaluate(
             args.input,
             config=config,
             sample=sample,
+            vae=args.vae,
             progress=not args.no_progress,
-            log=_printer(status, quiet=args.no_progress),
+            log=log,
         )
         if not to_stdout:
             print("\n".join(result.lines()))
@@ -130,10 +142,34 @@ def eval_command(parser: argparse.ArgumentParser) -> Handler:
     return run
 
 
-def _printer(stream: TextIO, *, quiet: bool) -> Callable[[str], None]:
+def _check_flags(args: argparse.Namespace) -> None:
+    """Flag values, flag combinations and counts FID cannot work with, checked without importing torch: `fpdm eval
+    --ref-n 5` is refused at once. `fpdm.eval.evaluation` repeats the count check with the extractor it loads."""
+    for name in COUNTS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.train_extractor and args.extractor not in ("auto", CNN_NAME):
+        raise UsageError(
+            f"--train-extractor retrains {CNN_NAME} and evaluates with it; drop --extractor {args.extractor}"
+        )
+    named = args.extractor in ("auto", *NAMED_FEATURES) and (args.cache is None or args.train_extractor)
+    if named:  # an extractor file's feature size is read from the file, after the imports
+        kind = CNN_NAME if args.extractor == "auto" else args.extractor  # auto: the CNN or the larger Inception
+        features = NAMED_FEATURES[kind]
+        for flag, value in (("ref_n (--ref-n)", args.ref_n), ("n (--n)", args.n)):
+            if value is not None and value <= features:
+                raise UsageError(
+                    f"{flag} is {value}; FID with {kind} features ({features}-d) needs at least {features + 1} "
+                    f"images for a full-rank covariance ({N_HINT})"
+                )
+    if args.input is None and not args.train_extractor:
+        raise UsageError("give a folder of images or a model to evaluate (or --train-extractor alone)")
+
+
+def _printer(stream: TextIO) -> Callable[[str], None]:
     def say(line: str) -> None:
-        if not quiet:
-            print(line, file=stream, flush=True)
+        print(line, file=stream, flush=True)
 
     return say
 

@@ -367,6 +367,46 @@ def test_image_folder_truncated_png_names_the_file(tmp_path):
     one_line_naming(info, str(bad))
 
 
+def test_load_image_scales_16_bit_gray_and_reads_every_mode_alike(tmp_path):
+    """One conversion for every mode: 16-bit gray is scaled to 8 bits (PIL alone clips it at 255), a palette
+    with transparency converts without a warning, and gray stored as RGB, as a palette or with alpha gives
+    the same pixels as plain gray."""
+    import warnings
+
+    from fpdm.data.images import is_gray, load_image
+
+    pixels = np.random.default_rng(3).integers(0, 256, (12, 12), dtype=np.uint8)
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "wide.png")  # exact 16-bit values
+    Image.fromarray(pixels).save(tmp_path / "gray.png")
+    Image.fromarray(pixels).convert("RGB").save(tmp_path / "rgb.png")
+    Image.fromarray(pixels).convert("LA").save(tmp_path / "la.png")
+    palette = Image.fromarray(pixels).convert("P")
+    palette.save(tmp_path / "p.png", transparency=bytes(range(256)))  # per-entry alpha: PIL warns on convert
+    expected = load_image(tmp_path / "gray.png", 12, 1)
+    assert torch.equal(expected[0], torch.from_numpy(pixels))  # same size: no resampling
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL warns on palettes with transparency unless they are expanded first
+        for name in ("wide", "rgb", "la", "p"):
+            assert torch.equal(load_image(tmp_path / f"{name}.png", 12, 1), expected), name
+            with Image.open(tmp_path / f"{name}.png") as image:
+                assert is_gray(image), name
+    assert torch.equal(load_image(tmp_path / "wide.png", 12, 3), expected.expand(3, -1, -1))
+    Image.fromarray(np.stack([pixels, pixels, 255 - pixels], -1)).save(tmp_path / "color.png")
+    with Image.open(tmp_path / "color.png") as image:
+        assert not is_gray(image)
+
+
+def test_unreadable_images_are_their_own_error(tmp_path):
+    """Evaluation skips these and training refuses them; both tell them apart from other usage errors."""
+    from fpdm.data.images import UnreadableImage, load_image
+
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(UnreadableImage) as info:
+        load_image(tmp_path / "bad.png", 8, 1)
+    assert isinstance(info.value, UsageError)
+    one_line_naming(info, str(tmp_path / "bad.png"), "not an image format")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # ImageDataset and DataConfig
 

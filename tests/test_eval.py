@@ -122,7 +122,7 @@ def test_a_corrupted_shipped_extractor_is_refused(tmp_path: Path, monkeypatch: p
         load_extractor(copy, sha256=SHIPPED_SHA256)
     monkeypatch.setattr(features, "shipped_path", lambda: copy)
     samples = write_pngs(tmp_path / "s", torch.zeros(3, 1, 32, 32, dtype=torch.uint8))
-    code, _, err = cli("eval", str(samples), "--extractor", "fpdm-fmnist-cnn", "--ref-n", "10")
+    code, _, err = cli("eval", str(samples), "--extractor", "fpdm-fmnist-cnn", "--ref-n", "200")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and str(copy) in lines[0] and "sha256" in lines[0]
 
@@ -255,21 +255,21 @@ def test_cli_eval_fashion_mnist_reference_names_split(
 
 def _bad_inputs(root: Path, fmnist: torch.Tensor) -> dict[str, tuple[list[str], str]]:
     (root / "empty").mkdir()
-    mixed = write_pngs(root / "mixed", fmnist[:20])
-    Image.fromarray(fmnist[0, 0, 2:30, 2:30].numpy()).save(mixed / "odd.png")
-    rgb = write_pngs(root / "rgb", fmnist[:20].expand(-1, 3, -1, -1).contiguous())
+    (root / "broken").mkdir()
+    for k in range(3):
+        (root / "broken" / f"{k}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(k))  # a signature, then nothing
     few = write_pngs(root / "few", fmnist[:5])
     gray = write_pngs(root / "gray", fmnist[:30])
     return {
         "empty": ([str(root / "empty"), "--ref", str(gray)], "no images"),
-        "mixed": ([str(mixed), "--ref", str(gray)], "mixes image sizes"),
-        "rgb": ([str(rgb), "--ref", str(gray)], "RGB but reference is grayscale"),
+        "broken": ([str(root / "broken"), "--ref", str(gray)], "no readable images"),
+        "unreadable": ([str(gray), "--ref", str(root / "broken")], "all 3 image files failed"),
         "few": ([str(few), "--ref", str(gray)], "needs at least"),
         "inception": ([str(gray), "--ref", str(gray), "--extractor", "inception-v3"], "never downloads"),
     }
 
 
-@pytest.mark.parametrize("case", ["empty", "mixed"])
+@pytest.mark.parametrize("case", ["empty", "broken"])
 def test_folder_refusals(case: str, fmnist: torch.Tensor, tmp_path: Path) -> None:
     from fpdm.eval.inputs import load_folder
 
@@ -278,8 +278,26 @@ def test_folder_refusals(case: str, fmnist: torch.Tensor, tmp_path: Path) -> Non
         load_folder(args[0])
 
 
+def test_folders_convert_as_training_does(fmnist: torch.Tensor, tmp_path: Path) -> None:
+    """Mixed sizes are resized to the most common size and gray stored as RGB is gray, each image through
+    training's own `load_image`; what the folder's own layout leaves open follows the other side."""
+    from fpdm.data.images import load_image
+    from fpdm.eval.inputs import load_folder
+
+    mixed = write_pngs(tmp_path / "mixed", fmnist[:20])
+    Image.fromarray(fmnist[0, 0, 2:30, 2:30].numpy()).save(mixed / "odd.png")  # 28x28 among 32x32
+    loaded = load_folder(mixed)
+    assert loaded.images.shape == (21, 1, 32, 32) and torch.equal(loaded.images[:20], fmnist[:20])
+    assert torch.equal(loaded.images[20], load_image(mixed / "odd.png", 32, 1))
+    rgb = write_pngs(tmp_path / "rgb", fmnist[:20].expand(-1, 3, -1, -1).contiguous())
+    assert torch.equal(load_folder(rgb).images, fmnist[:20])  # gray stored as RGB: gray
+    color = load_folder(rgb, size=16, channels=3)  # as the other side asks: RGB 16x16
+    assert color.images.shape == (20, 3, 16, 16)
+    assert torch.equal(color.images[3], load_image(rgb / "000003.png", 16, 3))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["rgb", "few", "inception"])
+@pytest.mark.parametrize("case", ["unreadable", "few", "inception"])
 def test_cli_eval_bad_input_is_one_line(
     case: str, extractor_file: Path, fmnist: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
 ) -> None:  # type: ignore[no-untyped-def]
@@ -394,10 +412,73 @@ def test_evaluate_refuses_cheaply(
         evaluation.evaluate(tmp_path / "missing", ref=str(ref), progress=False)
     with pytest.raises(UsageError, match="1 or 3 channels"):
         evaluation.evaluate(torch.zeros(4, 2, 8, 8), ref=str(ref), progress=False)
+    monkeypatch.setattr(evaluation, "load_reference", never)
+    monkeypatch.setattr(evaluation, "load_folder", never)
+    with pytest.raises(
+        UsageError, match=r"ref_n \(--ref-n\) is 5; .*fpdm-fmnist-cnn features \(128-d\) needs at least 129"
+    ):
+        evaluation.evaluate(ref, ref_n=5, progress=False)
+    with pytest.raises(UsageError, match=f"n \\(--n\\) is 8; .*needs at least {FEATURES + 1}"):
+        evaluation.evaluate(trained, n=8, ref=str(ref), extractor=str(extractor_file), progress=False)
     code, _, err = cli("eval", str(trained), "--ref", str(ref))
     assert code == 2 and "give n (--n)" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("eval", str(trained), "--n", "0")
     assert code == 2 and "--n must be >= 1" in err
+
+
+def test_cli_checks_before_training_the_extractor(
+    trained: Path, fmnist: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
+) -> None:  # type: ignore[no-untyped-def]
+    """`--train-extractor` trains for minutes: every check that can fail runs before it."""
+    import fpdm.eval.evaluation as evaluation
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained before the cheap checks")
+
+    monkeypatch.setattr(evaluation, "train_fmnist_extractor", never)
+    samples = write_pngs(tmp_path / "s", fmnist[:20])
+    cases = [
+        (["--ref-n", "5"], "ref_n (--ref-n) is 5"),
+        ([str(samples), "--ref-n", "100"], "needs at least 129"),
+        ([str(tmp_path / "missing")], "does not exist"),
+        ([str(trained)], "give n (--n)"),
+        ([str(samples), "--ref", str(tmp_path / "no-ref")], "not a folder and not a known dataset"),
+        ([str(samples), "--vae", str(tmp_path)], "decodes a latent model's samples"),
+        ([str(samples), "--extractor", "inception-v3"], "drop --extractor inception-v3"),
+    ]
+    for args, message in cases:
+        code, _, err = cli("eval", "--train-extractor", *args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (args, err)
+
+
+def test_cli_knows_the_named_extractors_feature_sizes() -> None:
+    """`fpdm eval` refuses impossible counts before importing torch, from its own copy of the feature sizes."""
+    from fpdm.apps import eval_cmd
+    from fpdm.eval.fidelity import CNN_NAME, INCEPTION, INCEPTION_FEATURES
+
+    expected = {CNN_NAME: features.load_shipped().model.features, INCEPTION: INCEPTION_FEATURES}
+    assert expected == eval_cmd.NAMED_FEATURES
+    assert eval_cmd.CNN_NAME == CNN_NAME
+
+
+def test_cli_refuses_a_tiny_ref_n_without_importing_torch(tmp_path: Path) -> None:
+    """The refusal the issue timed at ~100 s (the extractor trained first): now from the flags alone."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from fpdm.apps.cli import main; "
+        "code = main(['eval', sys.argv[1], '--ref-n', '5']); print(code, 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "FPDM_LOAD_PLUGINS": ""}
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ref_n (--ref-n) is 5" in lines[0] and "needs at least 129" in lines[0]
 
 
 def test_cli_eval_json_to_stdout_and_weights_aliases(

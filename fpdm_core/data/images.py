@@ -7,9 +7,10 @@ latent datasets and large, streamed image sets come later. Bad input is a one-li
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,10 +234,11 @@ def _download_fashion_mnist(*, train: bool) -> tuple[Tensor, Tensor]:
 
 
 def image_folder(config: DataConfig) -> ImageDataset:
-    """Every image under `config.path`, loaded with PIL, center-cropped to a square and resized (bicubic,
-    antialiased) to image_size, kept in memory: meant for small datasets on CPU. Class subfolders (torchvision
-    ImageFolder layout; subfolders without images are skipped) give labels from their sorted names; images
-    directly in the folder give an unconditional dataset, as does `class_conditional = false`."""
+    """Every image under `config.path` converted by `load_image` (gray or RGB, center-cropped, resized to
+    image_size), kept in memory: meant for small datasets on CPU. Class subfolders (torchvision ImageFolder
+    layout; subfolders without images are skipped) give labels from their sorted names; images directly in the
+    folder give an unconditional dataset, as does `class_conditional = false`. One unreadable file refuses the
+    folder, naming it (training should not silently learn from less than it was given)."""
     if config.path is None:
         raise UsageError("data.path is required for data.name='image_folder': the folder of images")
     root = Path(config.path).expanduser()
@@ -248,7 +250,7 @@ def image_folder(config: DataConfig) -> ImageDataset:
     labels = torch.tensor(label_list)
     images = torch.empty((len(files), config.channels, config.image_size, config.image_size), dtype=torch.uint8)
     for i, file in enumerate(files):
-        images[i] = _load_image(file, config.image_size, config.channels)
+        images[i] = load_image(file, config.image_size, config.channels)
     return ImageDataset(
         images,
         labels,
@@ -285,24 +287,64 @@ def _images_in(folder: Path, *, recursive: bool) -> list[Path]:
     return sorted(p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def _load_image(path: Path, size: int, channels: int) -> Tensor:
-    """One image file -> (channels, size, size) uint8: converted to L or RGB, center-cropped, resized."""
+class UnreadableImage(UsageError):
+    """An image file PIL cannot read (corrupt, truncated, not an image at all): training refuses the folder,
+    evaluation skips the file and says so."""
+
+
+@contextlib.contextmanager
+def open_image(path: Path) -> Iterator[Any]:
+    """`PIL.Image.open(path)` whose failures, while opening or while decoding inside the block, are one-line
+    `UnreadableImage` errors naming the file."""
     from PIL import Image, UnidentifiedImageError  # lazy: only image folders need PIL
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")  # loads the pixels: corrupt data fails here
-            w, h = im.size
-            side = min(w, h)
-            left, top = (w - side) // 2, (h - side) // 2
-            im = im.crop((left, top, left + side, top + side))
-            im = im.resize((size, size), Image.Resampling.BICUBIC)  # PIL widens the kernel when shrinking
+        with Image.open(path) as image:
+            yield image
     except UnidentifiedImageError:  # its own message repeats the path; say what it means instead
-        raise UsageError(f"cannot read image {path}: not an image format PIL recognises (corrupt?)") from None
+        raise UnreadableImage(f"cannot read image {path}: not an image format PIL recognises (corrupt?)") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:  # truncated data, bad modes, huge files
-        raise UsageError(f"cannot read image {path}: {exc}") from None
+        raise UnreadableImage(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+
+
+def is_gray(image: Any) -> bool:
+    """Whether a PIL image holds gray pixels only: one band besides alpha (L, LA, I;16, I, F, 1), or color bands
+    equal everywhere (gray stored as RGB, a gray palette). Decodes the pixels only in the second case."""
+    bands = [band for band in image.getbands() if band != "A"]
+    if len(bands) == 1 and bands[0] != "P":
+        return True
+    rgb = np.asarray(_eight_bit(image).convert("RGB"))  # (H, W, 3)
+    return bool((rgb[..., :1] == rgb[..., 1:]).all())
+
+
+def load_image(path: Path, size: int, channels: int) -> Tensor:
+    """One image file -> (channels, size, size) uint8: the one conversion of every image file fpdm reads
+    (training's image folders, `fpdm encode`, both sides of `fpdm eval`). Gray or RGB as `channels` asks (PIL's
+    ITU-R 601-2 luma for gray, gray repeated for RGB, alpha dropped, palettes expanded, 16-bit gray scaled to
+    8 bits), center-cropped to a square, resized to `size` (bicubic; PIL widens the kernel when shrinking).
+    An unreadable file is an `UnreadableImage`."""
+    from PIL import Image
+
+    with open_image(path) as image:
+        im = _eight_bit(image).convert("L" if channels == 1 else "RGB")  # loads the pixels: corrupt data fails here
+        w, h = im.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        im = im.crop((left, top, left + side, top + side))
+        im = im.resize((size, size), Image.Resampling.BICUBIC)
     array = np.asarray(im, dtype=np.uint8).reshape(size, size, channels)  # (S, S, C)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (C, S, S)
 
 
-load_image = _load_image  # public name for readers outside this module (fpdm encode)
+def _eight_bit(image: Any) -> Any:
+    """`image` in a mode PIL converts to L or RGB faithfully. PIL clips 16-bit gray (I;16, and I as 16-bit PNGs
+    used to open) at 255 instead of scaling it, and warns on palettes with transparency: scale 65535 -> 255 as
+    torchvision does, and expand such palettes to RGBA first."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        wide = np.asarray(image, dtype=np.float64)  # (H, W) in 0..65535
+        return Image.fromarray(np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA")
+    return image

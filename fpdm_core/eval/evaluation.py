@@ -4,8 +4,10 @@ The samples are a folder of images, an image tensor, or a model (a `Pipeline`, o
 or packed folder) that is sampled first. Features come from Inception-v3 when its weights are on this machine,
 or from fpdm's own Fashion-MNIST CNN (shipped with fpdm, sha256-checked). The result always names the extractor,
 both sample counts and the reference; a metric on the CNN's features is "FID (fpdm-fmnist-cnn features)",
-never Inception FID. Every cheap check (options, paths, the extractor choice, shapes) runs before a model is
-loaded or sampled. Nothing is trained unless asked (`train_fmnist_extractor`, `fpdm eval --train-extractor`).
+never Inception FID. Both sides are converted as training converts images (`fpdm.eval.inputs`). Every cheap
+check (options, counts against the extractor's feature size, paths, the extractor choice) runs before a model
+is loaded or sampled and before an extractor is retrained (`check_inputs`), and the shapes are checked before
+sampling. Nothing is trained unless asked (`train_fmnist_extractor`, `fpdm eval --train-extractor`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,10 @@ from torch import Tensor
 
 from fpdm.config import EvalConfig, make_config
 from fpdm.errors import UsageError
-from fpdm.eval.features import cache_path, load_extractor, train_extractor
+from fpdm.eval.features import DEFAULT_FEATURES, cache_path, train_extractor
 from fpdm.eval.fidelity import (
     CNN_NAME,
     INCEPTION,
-    INCEPTION_FEATURES,
     Extractor,
     check_pair,
     cnn_extractor,
@@ -34,11 +35,15 @@ from fpdm.eval.fidelity import (
     inception_weights,
 )
 from fpdm.eval.inputs import (
+    N_HINT,
     ImageSet,
+    ModelSamples,
+    check_sources,
     from_tensor,
     is_fashion_mnist,
     is_model_path,
     load_folder,
+    load_model,
     load_reference,
     sample_images,
 )
@@ -46,10 +51,10 @@ from fpdm.io.checkpoint import sha256_file
 
 if TYPE_CHECKING:
     from fpdm.config import SampleConfig
+    from fpdm.models.vae import AutoencoderKL
     from fpdm.pipeline import Pipeline
 
 Log = Callable[[str], None]
-N_HINT = "FID needs about 1000 samples or more"
 NO_INCEPTION = (
     "Inception-v3 weights are not on this machine and fpdm never downloads them: pass "
     "--inception-weights PATH, or use --extractor fpdm-fmnist-cnn for gray 32x32 images"
@@ -164,16 +169,20 @@ def evaluate(
     device: str = "auto",
     weights: str = "ema",
     sample: SampleConfig | None = None,
+    vae: str | Path | AutoencoderKL | None = None,
     progress: bool = True,
     log: Log | None = None,
 ) -> EvalResult:
     """Score `samples` against `ref` with torch-fidelity's FID, KID and (with `prc`) precision/recall.
 
-    `samples`: a folder of images (or an `fpdm sample` output folder), float images (N, C, H, W) in [-1, 1],
-    a `Pipeline`, or the path of a run / checkpoint / packed folder; a model draws `n` samples (required),
-    every class in turn, with the sampling options of `sample` (the model's defaults where None). The options
-    are `EvalConfig`'s fields: `config` gives them all at once, and a keyword that differs from its default
-    overrides the config's value. `log` receives status lines (default: stderr, nothing without `progress`)."""
+    `samples`: a folder of images (flat or in class subfolders, or an `fpdm sample` output folder), float images
+    (N, C, H, W) in [-1, 1], a `Pipeline`, or the path of a run / checkpoint / packed folder; a model draws `n`
+    samples (required), every class in turn, with the sampling options of `sample` (the model's defaults where
+    None), and a latent model's samples are decoded by `vae` (a diffusers AutoencoderKL folder or a loaded one;
+    default: the VAE the run recorded). Both sides are converted as training converts images, to the samples'
+    size and channels. The options are `EvalConfig`'s fields: `config` gives them all at once, and a keyword that
+    differs from its default overrides the config's value. `log` receives status lines (only with `progress`)
+    and notes such as skipped unreadable files (always); default: stderr."""
     options = _options(
         config,
         ref=ref,
@@ -191,25 +200,29 @@ def evaluate(
         device=device,
         weights=weights,
     )
-    say = log or ((lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None))
-    images = _cheap_samples(samples, options)  # an ImageSet, or the model still to sample
+    note = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    check_sources(samples, ref=options.ref, n=options.n, vae=vae)
+    chosen = _extractor(options)  # the CNN is small: loading it here also checks its sha256 before anything else
+    _check_counts(options, chosen.kind, chosen.features)
+    side = _samples(samples, options, vae=vae, log=note)  # the images, or the model still to sample
+    channels, size, _ = side.shape if isinstance(side, ModelSamples) else side.images.shape[1:]
+    _check_channels(options, channels)
+    if isinstance(side, ImageSet):
+        _check_count(side.images.shape[0], "the number of samples is", kind=chosen.kind, features=chosen.features)
     reference = load_reference(
-        options.ref, split=options.ref_split, data_dir=options.data_dir, limit=options.ref_n, seed=options.seed
+        options.ref,
+        split=options.ref_split,
+        data_dir=options.data_dir,
+        limit=options.ref_n,
+        seed=options.seed,
+        size=size,
+        channels=channels,
+        log=note,
     )
-    _check_extractor_choice(options)
-    if not isinstance(images, ImageSet):
-        pipeline = _load_pipeline(images, options)
-        _check_model_against(pipeline, reference, options)
-        images = sample_images(
-            pipeline,
-            n=options.n or 0,
-            batch_size=options.batch_size,
-            seed=options.seed,
-            sample=sample,
-            progress=progress,
-            log=say,
-        )
-    chosen = _extractor(options, images)
+    if isinstance(side, ImageSet):
+        images = side
+    else:
+        images = _sample(side, reference, chosen, options, sample=sample, log=note if progress else None)
     metrics = compute_metrics(
         images.images,
         reference.images,
@@ -230,6 +243,52 @@ def evaluate(
         _info(images),
         _info(reference),
     )
+
+
+def _sample(
+    model: ModelSamples,
+    reference: ImageSet,
+    extractor: Extractor,
+    options: EvalConfig,
+    *,
+    sample: SampleConfig | None,
+    log: Log | None,
+) -> ImageSet:
+    """The model's `n` samples, once the shape they will have is known to fit the reference (`log` None: quiet)."""
+    shape = (options.n or 0, *model.shape)
+    planned = reference.images.new_zeros(1, *shape[1:]).expand(*shape)  # no memory: only its shape counts
+    check_pair(planned, reference.images, extractor=extractor)
+    return sample_images(
+        model.pipeline,
+        n=options.n or 0,
+        batch_size=options.batch_size,
+        seed=options.seed,
+        sample=sample,
+        vae=model.vae,
+        vae_source=model.vae_source,
+        progress=log is not None,
+        log=log or (lambda line: None),
+    )
+
+
+def check_inputs(
+    samples: str | Path | Tensor | Pipeline,
+    *,
+    config: EvalConfig | None = None,
+    vae: str | Path | AutoencoderKL | None = None,
+    retrain: bool = False,
+) -> None:
+    """The cheap checks `evaluate` runs before it loads, samples or trains anything (options, counts against
+    the extractor's feature size, paths, the extractor choice): a one-line `UsageError` for the first problem.
+    `retrain`: the CNN extractor is about to be retrained into `config.cache` (`fpdm eval --train-extractor`),
+    so its file is not read yet."""
+    options = config or EvalConfig()
+    check_sources(samples, ref=options.ref, n=options.n, vae=vae)
+    if retrain:
+        _check_counts(options, CNN_NAME, DEFAULT_FEATURES)
+    else:
+        chosen = _extractor(options)
+        _check_counts(options, chosen.kind, chosen.features)
 
 
 def train_fmnist_extractor(cache: str | None = None, *, log: Log | None = None) -> Extractor:
@@ -253,81 +312,73 @@ def _same(value: Any, default: Any) -> bool:
     return value is default or (type(value) is type(default) and value == default)
 
 
-def _cheap_samples(samples: Any, options: EvalConfig) -> ImageSet | Any:
-    """Folders and tensors become images now; a model (path or Pipeline) is returned as it is, checked for `n`."""
+def _check_counts(options: EvalConfig, kind: str, features: int) -> None:
+    """`ref_n` and `n` against the extractor's feature size, before any image is read."""
+    for flag, value in (("ref_n (--ref-n) is", options.ref_n), ("n (--n) is", options.n)):
+        if value is not None:
+            _check_count(value, flag, kind=kind, features=features)
+
+
+def _check_count(count: int, what: str, *, kind: str, features: int) -> None:
+    """One wording for every count below what FID's covariance needs (`fpdm eval`'s own check says it too)."""
+    if count <= features:
+        raise UsageError(
+            f"{what} {count}; FID with {kind} features ({features}-d) needs at least {features + 1} images for a "
+            f"full-rank covariance ({N_HINT})"
+        )
+
+
+def _samples(samples: Any, options: EvalConfig, *, vae: Any, log: Log) -> ImageSet | ModelSamples:
+    """Folders and tensors become images now; a model is loaded (with its VAE, for a latent model) to be sampled
+    once the reference is known to fit."""
     if isinstance(samples, Tensor):
         return from_tensor(samples)
-    if isinstance(samples, (str, Path)):
-        path = Path(samples).expanduser()
-        if not path.exists():
-            raise UsageError(f"{path} does not exist")
-        if not is_model_path(path):
-            return load_folder(path)
-        samples = path
-    elif not callable(getattr(samples, "sample", None)):
-        raise UsageError(f"samples must be a folder, an image tensor or a Pipeline, got {type(samples).__name__}")
-    if options.n is None:
-        raise UsageError(f"evaluating a model draws samples: give n (--n), e.g. 1000 ({N_HINT})")
-    return samples
+    if isinstance(samples, (str, Path)) and not is_model_path(Path(samples).expanduser()):
+        return load_folder(samples, log=log)
+    return load_model(_load_pipeline(samples, options), vae=vae)
 
 
 def _load_pipeline(model: Any, options: EvalConfig) -> Pipeline:
-    if not isinstance(model, Path):
+    if not isinstance(model, (str, Path)):
         return model
     from fpdm.pipeline import load
 
     return load(model, device=options.device, weights=options.weights)
 
 
-def _check_model_against(pipeline: Pipeline, reference: ImageSet, options: EvalConfig) -> None:
-    """Shapes and counts a model's samples will have, checked against the reference before any sampling."""
-    if pipeline.is_latent:
-        raise UsageError(
-            "fpdm eval samples pixel-space models; decode latent samples with fpdm sample --vae, "
-            "then evaluate the images folder"
-        )
-    denoiser: Any = pipeline.denoiser  # FPDM and DiT carry in_channels / input_size; the interface leaves them out
-    shape = (options.n or 0, denoiser.in_channels, denoiser.input_size, denoiser.input_size)
-    planned = reference.images.new_zeros(1, *shape[1:]).expand(*shape)  # no memory: only its shape counts
-    choice = _resolve_choice(options, channels=shape[1])
-    if choice == INCEPTION:
-        features = INCEPTION_FEATURES
-    elif choice == CNN_NAME:
-        features = _default_cnn(options).features  # small, and the shipped one's sha256 is checked before sampling
-    else:
-        features = load_extractor(choice).model.features
-    kind = INCEPTION if choice == INCEPTION else CNN_NAME
-    check_pair(planned, reference.images, extractor=Extractor(kind, Path(choice), features, choice))
+def _check_channels(options: EvalConfig, channels: int) -> None:
+    """auto picks fpdm's gray CNN when no Inception weights are here, which suits Fashion-MNIST and gray images only."""
+    if (
+        options.extractor == "auto"
+        and channels == 3
+        and _choice(options) == CNN_NAME
+        and not is_fashion_mnist(options.ref)
+    ):
+        raise UsageError(f"the images are RGB: {NO_INCEPTION}")
 
 
-def _check_extractor_choice(options: EvalConfig) -> None:
-    choice = options.extractor
-    if choice == INCEPTION and inception_weights(options.inception_weights) is None:
-        raise UsageError(NO_INCEPTION)
-    if choice not in ("auto", CNN_NAME, INCEPTION) and not Path(choice).expanduser().is_file():
-        raise UsageError(f"--extractor {choice!r}: expected auto, {CNN_NAME}, {INCEPTION} or an extractor file path")
-
-
-def _resolve_choice(options: EvalConfig, *, channels: int) -> str:
-    """auto -> fpdm's CNN for Fashion-MNIST, and for gray images when no Inception weights are here;
-    Inception-v3 otherwise. Other choices stay as they are (already checked)."""
+def _choice(options: EvalConfig) -> str:
+    """auto -> fpdm's CNN for Fashion-MNIST and wherever no Inception weights are here, Inception-v3 otherwise;
+    other choices stay as they are."""
     if options.extractor != "auto":
         return options.extractor
-    if is_fashion_mnist(options.ref):
+    if is_fashion_mnist(options.ref) or inception_weights(options.inception_weights) is None:
         return CNN_NAME
-    local = inception_weights(options.inception_weights)
-    return CNN_NAME if local is None and channels == 1 else INCEPTION
+    return INCEPTION
 
 
-def _extractor(options: EvalConfig, samples: ImageSet) -> Extractor:
-    choice = _resolve_choice(options, channels=samples.images.shape[1])
+def _extractor(options: EvalConfig) -> Extractor:
+    """The extractor `options` choose, refused in one line when it is not here (nothing is ever downloaded)."""
+    choice = _choice(options)
     if choice == INCEPTION:
         weights = inception_weights(options.inception_weights)
-        if weights is None:  # checked up front; auto picks Inception only where its weights are
+        if weights is None:
             raise UsageError(NO_INCEPTION)
         return inception_extractor(weights)
     if choice == CNN_NAME:
         return _default_cnn(options)
+    if not Path(choice).expanduser().is_file():
+        raise UsageError(f"--extractor {choice!r}: expected auto, {CNN_NAME}, {INCEPTION} or an extractor file path")
     return cnn_extractor(choice)
 
 
