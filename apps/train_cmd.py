@@ -94,14 +94,26 @@ def _config(args: argparse.Namespace, overrides: list[str]) -> Config:
 
 
 def _report(history: list[dict], out: Path) -> None:
+    """Up to ten of the run's log records, one line each, and loss.png (readable from one record up)."""
     if not history:
         return
     print("loss curve (mean over each logging window):")
     picks = history if len(history) <= 10 else [history[round(i * (len(history) - 1) / 9)] for i in range(10)]
     for rec in picks:
-        print(f"  step {rec['step']:>7}  loss {rec['loss']:.4f}  {rec['img_per_s']:.0f} img/s")
+        print(f"  {log_line(rec)}")
     points = [(rec["step"], rec["loss"]) for rec in history]
     plot = line_plot(
         {"loss": points}, out / "loss.png", title="training loss", xlabel="step", ylabel="loss", log_y=True
     )
     print(f"loss plot: {plot}")
+
+
+def log_line(record: dict) -> str:
+    """One metrics.jsonl record as a line: loss, gradient norm before clipping (and how often and how hard
+    clipping cut it), learning rate, throughput."""
+    clipped = record.get("clipped", 0.0)
+    clip = f" (clipped {clipped:.0%}, x{record['clip_scale']:.2f})" if clipped else ""
+    return (
+        f"step {record['step']:>7}  loss {record['loss']:.4f}  grad norm {record['grad_norm']:.3g}{clip}  "
+        f"lr {record['lr']:.3g}  {record['img_per_s']:.0f} img/s"
+    )

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import attrs
 from attrs import validators as v
 
+from fpdm.budget import budget_value
 from fpdm.errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -117,17 +118,27 @@ def _range(lo: int) -> Any:
 
 @attrs.frozen
 class TrainConfig:
-    """The training loop. S-JFB draws n_no_grad ~ U[no_grad_iters] and n_grad ~ U[grad_iters] each step."""
+    """The training loop. S-JFB draws n_no_grad ~ U[no_grad_iters] and n_grad ~ U[grad_iters] each step.
+
+    Each optimizer step takes `batch_size` samples (the GLOBAL batch: torchrun ranks split it evenly) in
+    `grad_accum` equal micro-batches. The learning rate warms up linearly over `warmup_steps`, then follows
+    `lr_schedule` ("constant"; "cosine" or "linear" decay to lr * min_lr_ratio at `steps`). `min_snr_gamma` > 0
+    weights the mse term by Min-SNR-gamma (Hang et al. 2023); `tensorboard` adds RUN/tb/ event files."""
 
     steps: int = attrs.field(default=2000, validator=v.ge(1))
-    batch_size: int = attrs.field(default=64, validator=v.ge(1))  # GLOBAL batch: torchrun ranks split it evenly
+    batch_size: int = attrs.field(default=64, validator=v.ge(1))
+    grad_accum: int = attrs.field(default=1, validator=at_least(1))  # micro-batches per optimizer step
     lr: float = attrs.field(default=1e-4, validator=[v.gt(0.0), finite])
+    lr_schedule: str = attrs.field(default="constant", validator=v.in_(("constant", "cosine", "linear")))
+    warmup_steps: int = attrs.field(default=0, validator=at_least(0))
+    min_lr_ratio: float = attrs.field(default=0.0, validator=[v.ge(0.0), v.le(1.0), finite])  # the decay's floor
     weight_decay: float = attrs.field(default=0.0, validator=[v.ge(0.0), finite])
     grad_clip: float = attrs.field(default=0.0, validator=[v.ge(0.0), finite])  # 0 = off
     skip_nonfinite: int = attrs.field(default=0, validator=v.ge(0))  # batches with NaN/inf to skip before stopping
     ema_decay: float = attrs.field(default=0.9999, validator=[v.ge(0.0), v.lt(1.0), finite])
     ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): short runs get a useful EMA
     label_dropout: float = attrs.field(default=0.1, validator=[v.ge(0.0), v.lt(1.0), finite])
+    min_snr_gamma: float = attrs.field(default=0.0, validator=[v.ge(0.0), finite])  # 0 = unweighted mse
     no_grad_iters: list[int] = attrs.field(factory=lambda: [0, 10], validator=_range(0))
     grad_iters: list[int] = attrs.field(factory=lambda: [1, 12], validator=_range(0))
     # > 0: the no-grad solve may stop early
@@ -139,9 +150,16 @@ class TrainConfig:
     device: str = "auto"
     seed: int = attrs.field(default=0, validator=v.ge(0))
     log_every: int = attrs.field(default=50, validator=v.ge(1))
+    tensorboard: bool = attrs.field(default=False, validator=v.instance_of(bool))  # RUN/tb/ besides metrics.jsonl
     ckpt_every: int = attrs.field(default=500, validator=v.ge(1))
     keep_checkpoints: int = attrs.field(default=2, validator=v.ge(1))
     out_dir: str = "runs/fashion_mnist"
+
+    def __attrs_post_init__(self) -> None:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size={self.batch_size} does not split into grad_accum={self.grad_accum} equal micro-batches"
+            )
 
 
 @attrs.frozen
@@ -202,8 +220,9 @@ def _path(value: Any) -> str | None:
 class SampleConfig:
     """What `Pipeline.sample` and `fpdm sample` do: `n` images in batches of `batch_size`, `steps` respaced
     steps of `sampler` placed by `spacing` (`fpdm.spacing.SPACINGS`; "official" is guided-diffusion's rule),
-    the fixed-point solve (`solver`, `iters` per step, or a `budget` in block evaluations
-    spread by `allocator`; `reuse` warm-starts each step), guidance and the output form.
+    the fixed-point solve (`solver`, `iters` per step, or a `budget` in block evaluations (60) or DiT-step
+    equivalents ("10dit", `fpdm.budget`) spread by `allocator`; `reuse` warm-starts each step), guidance and
+    the output form.
 
     `guidance_rescale`: Lin et al. 2023's phi in [0, 1] (0: plain guidance).
     `classes`: ids or the run's class names, cycled over the n images (None: every class in turn).
@@ -216,7 +235,7 @@ class SampleConfig:
     classes: tuple[int | str, ...] | None = attrs.field(default=None, converter=_classes)
     steps: int = attrs.field(default=50, validator=at_least(1))
     spacing: str = attrs.field(default="official", validator=v.instance_of(str))
-    budget: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
+    budget: int | str | None = attrs.field(default=None, converter=budget_value)  # blocks, or "10dit"
     sampler: str | object = "ddpm"
     solver: str | object | None = None
     allocator: str | object = "uniform"
@@ -253,7 +272,7 @@ class ExportConfig:
     whole_loop: bool = attrs.field(default=False, validator=v.instance_of(bool))
     steps: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
     spacing: str = attrs.field(default="official", validator=v.instance_of(str))
-    budget: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
+    budget: int | str | None = attrs.field(default=None, converter=budget_value)  # blocks, or "10dit"
     sampler: str = "ddpm"
     eta: float | None = attrs.field(default=None, validator=v.optional([v.instance_of((int, float)), finite]))
     allocator: str = "uniform"
@@ -276,9 +295,49 @@ def make_config(cls: type[T], **values: Any) -> T:
     """`cls(**values)` with a bad value turned into one UsageError line (what the CLI prints, exit 2)."""
     try:
         return cls(**values)
+    except UsageError:
+        raise
     except (TypeError, ValueError) as exc:
-        text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)  # attrs adds more args
-        raise UsageError(text.splitlines()[0] if text else type(exc).__name__) from None
+        raise UsageError(_construction_error(cls, values, exc, path="")) from None
+
+
+def _construction_error(cls: type, values: dict[str, Any], exc: Exception, *, path: str) -> str:
+    """One line for `cls(**values)` failing with `exc`: the field (as `path` + name), its value and what is
+    allowed. attrs' own validators do not say which field of several failed, so each given field's converter
+    and validator runs again, in attrs' order; no field failing alone means a cross-field check failed."""
+    for field in attrs.fields(cls):
+        if field.name not in values:
+            continue
+        value = values[field.name]
+        try:
+            converted = field.converter(value) if callable(field.converter) else value
+            if field.validator is not None:
+                field.validator(None, field, converted)
+        except (TypeError, ValueError) as bad:
+            return _field_message(f"{path}{field.name}", field.name, value, bad)
+    where = f"[{path.rstrip('.')}] " if path else ""
+    return where + _first_line(exc)
+
+
+def _field_message(key: str, name: str, value: Any, exc: Exception) -> str:
+    """attrs' in_ and instance_of errors carry (message, attribute, allowed, value): spelled out here, where
+    str(exc) would print that tuple. Other validators' messages name the field; `key` is prefixed when it says
+    more than the bare name (train.lr vs lr)."""
+    args = exc.args
+    if len(args) >= 4 and isinstance(args[1], attrs.Attribute):
+        allowed = args[2]
+        if isinstance(exc, TypeError):  # instance_of: allowed is a type or a tuple of types
+            types_ = allowed if isinstance(allowed, tuple) else (allowed,)
+            names = " or ".join(getattr(t, "__name__", str(t)) for t in types_)
+            return f"{key} must be {names}, got {type(value).__name__} ({value!r})"
+        return f"{key}: {value!r} is not one of {', '.join(str(option) for option in allowed)}"
+    text = _first_line(exc)
+    return text if key == name else f"{key}: {text}"
+
+
+def _first_line(exc: Exception) -> str:
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
 def from_dict(cls: type[T], data: Any, *, path: str = "") -> T:
@@ -294,8 +353,10 @@ def from_dict(cls: type[T], data: Any, *, path: str = "") -> T:
     values = {name: _coerce(hints[name], data[name], f"{path}{name}") for name in data}
     try:
         return cls(**values)
+    except UsageError:
+        raise
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"bad value in {where}: {exc}") from exc
+        raise UsageError(_construction_error(cls, values, exc, path=path)) from None
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

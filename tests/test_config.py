@@ -99,3 +99,57 @@ def test_arbitrary_solver_tables_build_or_fail_cleanly(table):
     except UsageError:
         return
     assert isinstance(config.solver.max_iter, int) and config.solver.max_iter >= 0
+
+
+CHOICES = {  # fields whose values come from a fixed list, with the list the error must spell out
+    "train.precision": "auto, fp32, bf16",
+    "train.lr_schedule": "constant, cosine, linear",
+    "data.name": "fashion_mnist, image_folder, latents",
+    "data.split": "train, test",
+    "diffusion.prediction": "eps, v",
+}
+BOUNDED = {  # numeric fields and a value out of their range
+    "train.lr": st.floats(max_value=0.0, allow_nan=False, allow_infinity=False),
+    "train.steps": st.integers(max_value=0),
+    "train.grad_accum": st.integers(max_value=0),
+    "train.warmup_steps": st.integers(max_value=-1),
+    "train.min_lr_ratio": st.floats(min_value=1.0, exclude_min=True, allow_infinity=False),
+    "train.min_snr_gamma": st.floats(max_value=0.0, exclude_max=True, allow_infinity=False),
+    "solver.max_iter": st.integers(max_value=-1),
+    "model.mlp_ratio": st.floats(max_value=0.0, allow_nan=False, allow_infinity=False),
+}
+
+
+def _set(key: str, value: object) -> dict:
+    group, name = key.split(".")
+    return {group: {name: value}}
+
+
+@given(st.sampled_from(sorted(CHOICES)), st.text(max_size=12))
+def test_a_value_off_the_list_names_the_field_the_value_and_the_list(key, value):
+    allowed = CHOICES[key]
+    if value in allowed.split(", "):
+        return
+    with pytest.raises(UsageError) as info:
+        load_config(base=_set(key, value))
+    assert str(info.value) == f"{key}: {value!r} is not one of {allowed}"
+
+
+@given(st.sampled_from(sorted(BOUNDED)).flatmap(lambda key: st.tuples(st.just(key), BOUNDED[key])))
+def test_an_out_of_range_value_names_the_field_and_the_value(case):
+    key, value = case
+    with pytest.raises(UsageError) as info:
+        load_config(base=_set(key, value))
+    message = str(info.value)
+    name = key.split(".")[1]
+    assert message.startswith(f"{key}: ") and f"{name} must be " in message.replace("'", "") and "\n" not in message
+    assert repr(value) in message or str(value) in message
+
+
+def test_the_cli_prints_the_field_error_in_one_line(tmp_path):
+    from reliability_support import cli
+
+    code, _, err = cli("train", "--out", str(tmp_path / "r"), "--steps", "1", "--set", "train.precision=fp16")
+    assert code == 2 and err == "fpdm train: error: train.precision: 'fp16' is not one of auto, fp32, bf16\n"
+    code, _, err = cli("train", "--out", str(tmp_path / "r"), "--set", "train.tensorboard=3")
+    assert code == 2 and err == "fpdm train: error: train.tensorboard must be bool, got int (3)\n"

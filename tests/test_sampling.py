@@ -346,7 +346,7 @@ def test_library_loads_ema_and_raw_weights(trained):
         (["--sampler", "nope"], "unknown sampler 'nope'"),
         (["--class", "7"], "class id 7 out of range: the model has classes 0..1 (bright, dark)"),
         (["--n", "0"], "n must be >= 1"),
-        (["--steps", "5000"], "steps must be <= 1000"),
+        (["--steps", "5000"], "steps must be in 1..1000"),
         (["--sampler", "ddim", "--eta", "2"], "'eta' must be <= 1"),
         (["--eta", "0.5"], "sampler 'ddpm' has no option 'eta'"),
     ],

@@ -89,3 +89,34 @@ def test_command_modules_import_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_train_prints_each_record_with_its_gradient_norm_and_plots_one_point(
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    parsers: dict,  # type: ignore[type-arg]
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A run short enough to log once still gets its summary line and a loss.png."""
+    import fpdm.training.loop as loop
+
+    record = {
+        "step": 1,
+        "loss": 0.25,
+        "grad_norm": 3.0,
+        "clipped": 1.0,
+        "clip_scale": 0.5,
+        "lr": 2e-4,
+        "img_per_s": 8.0,
+    }
+
+    def fake_train(config, *, resume, progress):  # type: ignore[no-untyped-def]
+        return SimpleNamespace(history=[record], checkpoint="ckpt")
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    args = parsers["train"].parse_args(["--no-progress", "--out", str(tmp_path / "run")])
+    (tmp_path / "run").mkdir()
+    assert args._run(args) == 0
+    out = capsys.readouterr().out
+    assert "step       1  loss 0.2500  grad norm 3 (clipped 100%, x0.50)  lr 0.0002  8 img/s" in out
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -34,6 +34,7 @@ def test_train_writes_checkpoints_metrics_and_keeps_the_newest(images, tmp_path)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4, 6] and all(r["loss"] > 0 for r in lines)
     assert {"mse", "vb", "fp_residual", "img_per_s", "no_grad_iters", "grad_iters"} <= set(lines[0])
+    assert {"grad_norm", "grad_norm_max", "clipped", "clip_scale", "lr"} <= set(lines[0])
     assert result.checkpoint == ckpt.path
 
 
@@ -181,6 +182,7 @@ def test_cli_trains_resumes_and_plots(images, tmp_path):
         (["--set", "train.lr=-1"], "'lr' must be > 0"),
         (["--set", "model.pre_depth=-1"], "'pre_depth' must be >= 0"),
         (["--set", "train.grad_iters=[5, 2]"], "'grad_iters' must satisfy 0 <= min <= max"),
+        (["--set", "train.lr_schedule=cos"], "train.lr_schedule: 'cos' is not one of constant, cosine, linear"),
         (["--set", "train.lr='fast'"], "train.lr must be float"),
         (["--set", "train.epochs=3"], "unknown key 'train.epochs'"),
         (["--config", "nope"], "neither a file nor a preset; presets: fashion_mnist"),

@@ -164,15 +164,37 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def shard(ctx: DistContext, global_batch: int) -> slice:
+def shard(ctx: DistContext, global_batch: int, *, grad_accum: int = 1) -> slice:
     """This rank's contiguous slice of a global batch; ranks take equal shares so the mean of their mean
-    losses (what DDP's gradient averaging computes) is the global batch's mean loss."""
+    losses (what DDP's gradient averaging computes) is the global batch's mean loss. The share must split
+    further into `grad_accum` equal micro-batches, for the same reason."""
     if global_batch % ctx.world_size:
         raise UsageError(
             f"train.batch_size={global_batch} is the global batch and must divide by the world size {ctx.world_size}"
         )
     per = global_batch // ctx.world_size
+    if per % grad_accum:
+        raise UsageError(
+            f"train.batch_size={global_batch} over {ctx.world_size} ranks gives {per} samples per rank, which do "
+            f"not split into train.grad_accum={grad_accum} equal micro-batches"
+        )
     return slice(ctx.rank * per, (ctx.rank + 1) * per)
+
+
+def micro_batches(size: int, grad_accum: int) -> list[slice]:
+    """`grad_accum` equal, contiguous slices of a rank's `size` samples (`shard` checked that they divide)."""
+    per = size // grad_accum
+    return [slice(m * per, (m + 1) * per) for m in range(grad_accum)]
+
+
+def gradient_sync(net: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager[Any]:
+    """Around a micro-batch's forward and backward: DDP all-reduces gradients only when `sync` (the optimizer
+    step's last micro-batch); the others accumulate locally under `no_sync`. A plain module: nothing to do."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync or not isinstance(net, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return net.no_sync()
 
 
 def wrap_model(ctx: DistContext, model: nn.Module, *, find_unused: bool) -> nn.Module:

@@ -2,13 +2,14 @@
 
 Every random draw of a step (batch, timesteps, noise, label dropout, S-JFB iteration counts) comes from a
 generator seeded by (seed, step), so a resumed run continues exactly where it stopped and every rank of a
-distributed run draws the same iteration counts.
+distributed run draws the same iteration counts. The learning rate is a function of the step too (`lr_at`).
 
 Under torchrun the loop is data-parallel (DDP): `train.batch_size` is the GLOBAL batch. Every rank draws the
 whole global batch's indices, timesteps, noise, flips and label drops from the same generators and keeps its
-own contiguous slice, so a sample's draws do not depend on the world size and N ranks compute the same step
-as one process would (gradients averaged over equal shards = the global batch's mean-loss gradient). Every
-rank keeps its own EMA, bit-identical since the weights are; only rank 0 writes logs and checkpoints.
+own contiguous slice, so sample i's draws at step k depend on (seed, k, i) alone, not on the world size or on
+the `train.grad_accum` micro-batches the slice is split into. N ranks and M micro-batches compute the same step
+one process would on the whole batch (gradients of equal-size mean losses, averaged). Every rank keeps its own
+EMA, bit-identical since the weights are; only rank 0 writes logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from fpdm.build import (
     denoiser_options,
     resolve_device,
 )
-from fpdm.config import Config, to_dict
+from fpdm.config import Config, TrainConfig, to_dict
 from fpdm.diffusion.gaussian import GaussianDiffusion
 from fpdm.errors import FpdmRuntimeError, UsageError
 from fpdm.interfaces import Solver
@@ -48,10 +49,15 @@ from fpdm.training.distributed import (
     check_in_sync,
     check_same_config,
     distributed,
+    gradient_sync,
     mean_across_ranks,
+    micro_batches,
     shard,
     wrap_model,
 )
+from fpdm.training.lr_schedule import lr_at
+from fpdm.training.metrics import LogWindow, MetricsLog, check_tensorboard, trim_metrics
+from fpdm.training.weighting import weight_losses, weight_table
 
 Logger = Callable[[dict[str, Any]], None]
 
@@ -100,6 +106,8 @@ def train(
 ) -> TrainResult:
     """Train the configured model; checkpoints and metrics.jsonl go to `config.train.out_dir`. Under torchrun
     this process joins the process group for the run (and leaves it, errors included)."""
+    if config.train.tensorboard:  # before anything is built or written
+        check_tensorboard()
     with distributed(resolve_device(config.train.device)) as ctx:
         check_same_config(ctx, to_dict(config))
         # One live run per folder: rank 0 holds the lock (a dead holder's lock is taken over).
@@ -132,6 +140,8 @@ def _train(
     ckpt_root = run_dir / "checkpoints"
     if not resume and list_checkpoints(ckpt_root):
         raise UsageError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    part = shard(ctx, tc.batch_size, grad_accum=tc.grad_accum)  # this rank's slice of every global batch
+    micro = micro_batches(part.stop - part.start, tc.grad_accum)  # its micro-batches, indices into the slice
     torch.manual_seed(tc.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tc.tf32
@@ -159,6 +169,9 @@ def _train(
         prediction=config.diffusion.prediction,
         learn_sigma=config.model.learn_sigma,
     )
+    mse_weights = weight_table(  # (T,) Min-SNR-gamma weight per timestep, or None
+        diffusion.alphas_cumprod, gamma=tc.min_snr_gamma, prediction=diffusion.prediction, device=device
+    )
     solver = build_solver(config.solver, registry)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     config_dict, start = to_dict(config), 0
@@ -179,106 +192,204 @@ def _train(
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.json", json.dumps(config_dict, indent=2, sort_keys=True))
         if resume:  # the steps after the checkpoint will run again: drop their records (and a line a kill tore)
-            _trim_metrics(run_dir / "metrics.jsonl", start)
+            trim_metrics(run_dir / "metrics.jsonl", start)
     # A fixed-point block skipped by a step (n_grad = 0) gets no gradient: DDP must be told to look for that.
     net = wrap_model(ctx, model, find_unused=tc.grad_iters[0] == 0)
 
     batches = _Batches(len(images), tc.batch_size, tc.seed)
-    part, global_batch = shard(ctx, tc.batch_size), tc.batch_size
-    num_classes = dataset.num_classes
+    global_batch, num_classes = tc.batch_size, dataset.num_classes
     history: list[dict[str, Any]] = []
-    window: dict[str, float] = {}
+    window = LogWindow()
     last_ckpt = None
     skipped = 0  # non-finite batches skipped so far (train.skip_nonfinite allows that many)
     bar = _progress(start, tc.steps, progress and is_main)
     tick, tick_step = time.perf_counter(), start
-    for step in range(start, tc.steps):
-        gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + step)
-        cpu_gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-        idx = batches.indices(step)[part]  # this rank's slice of the global batch
-        x, y = images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
-        # Draws cover the global batch, then are sliced: a sample's draws do not depend on the world size.
-        if config.data.random_flip:
-            flip = (torch.rand(global_batch, generator=gen, device=device) < 0.5)[part]
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        t = torch.randint(0, diffusion.num_timesteps, (global_batch,), generator=gen, device=device)[part]
-        noise = torch.randn((global_batch, *x.shape[1:]), generator=gen, device=device)[part]
-        if num_classes:  # classifier-free guidance: the null label (index num_classes) replaces some labels
-            drop = (torch.rand(global_batch, generator=gen, device=device) < tc.label_dropout)[part]
-            y = torch.where(drop, torch.full_like(y, num_classes), y)
-        cond = y if num_classes else None
-        n_no_grad = int(torch.randint(tc.no_grad_iters[0], tc.no_grad_iters[1] + 1, (1,), generator=cpu_gen))
-        n_grad = int(torch.randint(tc.grad_iters[0], tc.grad_iters[1] + 1, (1,), generator=cpu_gen))
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            losses, out = sjfb_losses(
-                net, diffusion, solver, x, t, cond, noise, n_no_grad=n_no_grad, n_grad=n_grad, tol=tc.no_grad_tol
+    metrics = MetricsLog(run_dir, tensorboard=tc.tensorboard, start=start) if is_main else None  # rank 0 logs
+    with contextlib.closing(metrics) if metrics is not None else contextlib.nullcontext():
+        for step in range(start, tc.steps):
+            lr = _set_lr(optimizer, tc, step)
+            gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + step)
+            cpu_gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
+            idx = batches.indices(step)[part]  # this rank's slice of the global batch
+            x, y = images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+            # Draws cover the global batch, then are sliced: a sample's draws do not depend on the world size.
+            if config.data.random_flip:
+                flip = (torch.rand(global_batch, generator=gen, device=device) < 0.5)[part]
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            t = torch.randint(0, diffusion.num_timesteps, (global_batch,), generator=gen, device=device)[part]
+            noise = torch.randn((global_batch, *x.shape[1:]), generator=gen, device=device)[part]
+            if num_classes:  # classifier-free guidance: the null label (index num_classes) replaces some labels
+                drop = (torch.rand(global_batch, generator=gen, device=device) < tc.label_dropout)[part]
+                y = torch.where(drop, torch.full_like(y, num_classes), y)
+            # One S-JFB draw per optimizer step, shared by its micro-batches.
+            n_no_grad = int(torch.randint(tc.no_grad_iters[0], tc.no_grad_iters[1] + 1, (1,), generator=cpu_gen))
+            n_grad = int(torch.randint(tc.grad_iters[0], tc.grad_iters[1] + 1, (1,), generator=cpu_gen))
+            optimizer.zero_grad(set_to_none=True)
+            acc = _accumulate_gradients(
+                net,
+                diffusion,
+                solver,
+                ctx,
+                x,
+                t,
+                y if num_classes else None,
+                noise,
+                micro=micro,
+                mse_weights=mse_weights,
+                n_no_grad=n_no_grad,
+                n_grad=n_grad,
+                tol=tc.no_grad_tol,
+                use_bf16=use_bf16,
             )
-            loss = losses["loss"].mean()
-        means = _global_means(ctx, losses)  # every rank sees the same numbers, so all stop together on a NaN
-        value = means["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        grad_norm = math.nan
-        if math.isfinite(value):
-            loss.backward()
-            # The averaged gradients' norm is the same on every rank, so all ranks skip or stop together; an
-            # inf gradient under a finite loss would otherwise poison the weights and the next checkpoint.
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
-        if math.isfinite(value) and math.isfinite(grad_norm):
-            optimizer.step()
-            decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
-            ema_update(ema, model, decay)
-            _accumulate(window, means, out, n_no_grad, n_grad)
-        else:  # a non-finite step changes nothing: no optimizer step, no EMA update, no statistics
-            skipped += 1
-            what = _nonfinite_message(step + 1, value, losses, out)
-            if skipped > tc.skip_nonfinite:
-                keep = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written"
-                allowed = (
-                    f"after {tc.skip_nonfinite} skipped batch(es)"
-                    if tc.skip_nonfinite
-                    else "(train.skip_nonfinite=N skips up to N such batches)"
+            value = acc.means["loss"]
+            grad_norm = math.nan
+            if math.isfinite(value):
+                # The averaged gradients' norm is the same on every rank, so all ranks skip or stop together; an
+                # inf gradient under a finite loss would otherwise poison the weights and the next checkpoint.
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
+            if math.isfinite(value) and math.isfinite(grad_norm):
+                optimizer.step()
+                decay = min(tc.ema_decay, (1 + step) / (10 + step)) if tc.ema_warmup else tc.ema_decay
+                ema_update(ema, model, decay)
+                window.add(
+                    acc.means, acc.residual, n_no_grad, n_grad, grad_norm=grad_norm, grad_clip=tc.grad_clip, lr=lr
                 )
-                raise FpdmRuntimeError(f"{what}; training stopped {allowed}, {keep}")
-            window["skipped"] = window.get("skipped", 0) + 1
-            if is_main:
-                bar.write(
-                    f"fpdm train: warning: {what}; batch skipped ({skipped} of train.skip_nonfinite="
-                    f"{tc.skip_nonfinite})",
-                    file=sys.stderr,
+            else:  # a non-finite step changes nothing: no optimizer step, no EMA update, no statistics
+                skipped += 1
+                what = _nonfinite_message(step + 1, value, acc.losses, acc.out)
+                if skipped > tc.skip_nonfinite:
+                    keep = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                    allowed = (
+                        f"after {tc.skip_nonfinite} skipped batch(es)"
+                        if tc.skip_nonfinite
+                        else "(train.skip_nonfinite=N skips up to N such batches)"
+                    )
+                    raise FpdmRuntimeError(f"{what}; training stopped {allowed}, {keep}")
+                window.skipped += 1
+                if is_main:
+                    bar.write(
+                        f"fpdm train: warning: {what}; batch skipped ({skipped} of train.skip_nonfinite="
+                        f"{tc.skip_nonfinite})",
+                        file=sys.stderr,
+                    )
+            done = step + 1
+            if (done % tc.log_every == 0 or done == tc.steps) and window.n:
+                now = time.perf_counter()
+                record = window.record(done, (done - tick_step) * tc.batch_size / (now - tick), now - started)
+                tick, tick_step, window = now, done, LogWindow()
+                history.append(record)
+                if metrics is not None:
+                    metrics.write(record)
+                    if log is not None:
+                        log(record)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", grad=f"{record['grad_norm']:.3g}", img_s=f"{record['img_per_s']:.0f}"
                 )
-        done = step + 1
-        if (done % tc.log_every == 0 or done == tc.steps) and window.get("n"):
-            now = time.perf_counter()
-            record = _record(window, done, (done - tick_step) * tc.batch_size / (now - tick), now - started)
-            tick, tick_step, window = now, done, {}
-            history.append(record)
-            if is_main:
-                with open(run_dir / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                if log is not None:
-                    log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
-        bar.update(1)
-        saving = done % tc.ckpt_every == 0 or done == tc.steps
-        if is_main and saving:
-            trainer_state = {"step": done, "torch_rng": torch.get_rng_state()}
-            last_ckpt = save_checkpoint(
-                ckpt_root,
-                done,
-                model=model,
-                ema=ema,
-                optimizer=optimizer,
-                config=config_dict,
-                spec=spec,
-                trainer_state=trainer_state,
-                keep=tc.keep_checkpoints,
-                fpdm_version=_version(),
-            )
-        if saving:  # no rank runs ahead of (or exits before) rank 0's save
-            barrier(ctx)
+            bar.update(1)
+            saving = done % tc.ckpt_every == 0 or done == tc.steps
+            if is_main and saving:
+                trainer_state = {"step": done, "torch_rng": torch.get_rng_state()}
+                last_ckpt = save_checkpoint(
+                    ckpt_root,
+                    done,
+                    model=model,
+                    ema=ema,
+                    optimizer=optimizer,
+                    config=config_dict,
+                    spec=spec,
+                    trainer_state=trainer_state,
+                    keep=tc.keep_checkpoints,
+                    fpdm_version=_version(),
+                )
+            if saving:  # no rank runs ahead of (or exits before) rank 0's save
+                barrier(ctx)
     bar.close()
     check_in_sync(ctx, model, ema)
     return TrainResult(run_dir, last_ckpt or ckpt_root, tc.steps, history, rank=ctx.rank)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, tc: TrainConfig, step: int) -> float:
+    """Set and return step `step`'s learning rate: a function of the step, so resuming needs no scheduler state
+    (the optimizer's saved lr is overwritten here, and a changed train.lr takes effect)."""
+    lr = lr_at(
+        step,
+        lr=tc.lr,
+        total_steps=tc.steps,
+        schedule=tc.lr_schedule,
+        warmup_steps=tc.warmup_steps,
+        min_lr_ratio=tc.min_lr_ratio,
+    )
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@dataclasses.dataclass
+class _Accumulated:
+    """What one optimizer step's micro-batches left besides their summed gradients: global-batch means of the
+    loss terms (a non-finite "loss" if a micro-batch went non-finite, which then stopped the step), the mean
+    no-grad residual (None for DiT), and the last micro-batch's losses and output, for an error message."""
+
+    means: dict[str, float]
+    residual: float | None
+    losses: dict[str, Tensor]
+    out: Any
+
+
+def _accumulate_gradients(
+    net: nn.Module,
+    diffusion: GaussianDiffusion,
+    solver: Solver,
+    ctx: DistContext,
+    x: Tensor,
+    t: Tensor,
+    y: Tensor | None,
+    noise: Tensor,
+    *,
+    micro: list[slice],
+    mse_weights: Tensor | None,
+    n_no_grad: int,
+    n_grad: int,
+    tol: float,
+    use_bf16: bool,
+) -> _Accumulated:
+    """Forward and backward of this rank's samples (x (B, C, H, W), t (B,), y (B,) or None, noise like x) in
+    micro-batches: each backpropagates its mean loss / len(micro), so the gradients sum to those of the whole
+    batch's mean loss. DDP all-reduces once, in the last micro-batch's backward."""
+    means: dict[str, float] = {}
+    residuals: list[float] = []
+    losses: dict[str, Tensor] = {}
+    out: Any = None
+    for m, part in enumerate(micro):
+        with gradient_sync(net, sync=m == len(micro) - 1):
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                y_part = None if y is None else y[part]
+                losses, out = sjfb_losses(
+                    net,
+                    diffusion,
+                    solver,
+                    x[part],
+                    t[part],
+                    y_part,
+                    noise[part],
+                    n_no_grad=n_no_grad,
+                    n_grad=n_grad,
+                    tol=tol,
+                )
+                if mse_weights is not None:
+                    losses = weight_losses(losses, mse_weights[t[part]])
+                loss = losses["loss"].mean() / len(micro)
+            # Every rank sees the same numbers, so all skip (or stop) together on a non-finite micro-batch.
+            part_means = _global_means(ctx, losses)
+            if not math.isfinite(part_means["loss"]):
+                return _Accumulated({**means, "loss": part_means["loss"]}, None, losses, out)
+            loss.backward()
+        for key, mean in part_means.items():
+            means[key] = means.get(key, 0.0) + mean / len(micro)
+        if out.stats is not None:  # relative residual of the no-grad phase's last step: is the block contracting?
+            residuals.append(out.stats.residual.nanmean().item())
+    residual = sum(residuals) / len(residuals) if residuals else None
+    return _Accumulated(means, residual, losses, out)
 
 
 def sjfb_losses(
@@ -314,27 +425,6 @@ def _global_means(ctx: DistContext, losses: dict[str, Tensor]) -> dict[str, floa
     return dict(zip(keys, mean_across_ranks(ctx, local).tolist()))
 
 
-def _accumulate(window: dict[str, float], means: dict[str, float], out: Any, n_no_grad: int, n_grad: int) -> None:
-    window["n"] = window.get("n", 0) + 1
-    for key, mean in means.items():
-        window[key] = window.get(key, 0.0) + mean
-    window["no_grad_iters"] = window.get("no_grad_iters", 0.0) + n_no_grad
-    window["grad_iters"] = window.get("grad_iters", 0.0) + n_grad
-    if out.stats is not None:  # relative residual of the no-grad phase's last step: is the block contracting?
-        window["fp_residual"] = window.get("fp_residual", 0.0) + out.stats.residual.nanmean().item()
-        window["fp_n"] = window.get("fp_n", 0) + 1
-
-
-def _record(window: dict[str, float], step: int, img_per_s: float, elapsed: float) -> dict[str, Any]:
-    n = window.pop("n")
-    fp_n = window.pop("fp_n", 0)
-    record: dict[str, Any] = {"step": step}
-    for key, total in window.items():
-        record[key] = int(total) if key == "skipped" else total / (fp_n if key == "fp_residual" else n)
-    record.update(img_per_s=img_per_s, elapsed_s=elapsed)
-    return record
-
-
 def _nonfinite_message(step: int, loss: float, losses: dict[str, Tensor], out: Any) -> str:
     """Which part went non-finite first: the fixed-point state feeds the loss, the loss feeds the gradients."""
     parts = [f"{k}={losses[k].detach().float().mean().item():.4g}" for k in ("mse", "vb") if k in losses]
@@ -345,21 +435,6 @@ def _nonfinite_message(step: int, loss: float, losses: dict[str, Tensor], out: A
     else:
         where = f"the gradients (loss {loss:.4g} finite)"
     return f"non-finite values in {where} at step {step} ({', '.join(parts)})"
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Keep the whole records of metrics.jsonl up to `step`, so a resumed run's log has each step once."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line + "\n")
-    write_text_atomic(path, "".join(kept))
 
 
 def _restore(ckpt: Any, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> None:
