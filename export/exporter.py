@@ -16,8 +16,9 @@ from attrs import validators as v
 from torch import Tensor, nn
 
 from fpdm.diffusion.plan import LoopSpec  # what Pipeline.export hands an exporter for a whole loop
+from fpdm.diffusion.sampling import as_sampler
 from fpdm.errors import FpdmRuntimeError, UsageError
-from fpdm.export.loop import SamplingLoop
+from fpdm.export.loop import SamplingLoop, noise_draws
 from fpdm.export.onnx import (
     DEFAULT_OPSET,
     MIN_OPSET,
@@ -87,9 +88,11 @@ class OnnxExporter:
                 self._loop(traced, solver, loop, dtype),
                 self._loop(reference, solver, loop, torch.float32),
             )
-            names = ["x_T", *(["y"] if model.num_classes else []), "noise"]
+            shape = (model.in_channels, model.input_size, model.input_size)
+            draws = noise_draws(loop.sampler, loop.diffusion, shape)  # a deterministic sampler has no noise input
+            names = ["x_T", *(["y"] if model.num_classes else []), *(["noise"] if draws else [])]
             outputs = ["images", "residual"]
-            make_inputs = lambda b, g: loop_inputs(model, loop, b, g)  # noqa: E731
+            make_inputs = lambda b, g: loop_inputs(model, draws, b, g)  # noqa: E731
             kind, tolerance = "loop", LOOP_TOLERANCE[precision]
         program = trace(
             module.eval(),
@@ -111,7 +114,9 @@ class OnnxExporter:
                 steps=loop.diffusion.num_timesteps,
                 iterations=loop.iterations,
                 sampling=loop.names,
-                timesteps=[int(t) for t in loop.diffusion.timestep_map.tolist()],
+                timesteps=loop.diffusion.timestep_map.tolist(),  # per respaced index: ints, floats when fractional
+                levels=as_sampler(loop.sampler).levels(loop.diffusion),  # per model evaluation, in call order
+                draws=draws,
             )
         iters = self.iters if fixed_point and loop is None else 0  # a DiT step has no iterations to unroll
         metadata = export_metadata(
@@ -184,12 +189,14 @@ class _Named(nn.Module):
         return self.module(**{k: t for k, t in inputs.items() if k in self.names})
 
 
-def loop_inputs(model: Denoiser, loop: LoopSpec, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+def loop_inputs(model: Denoiser, draws: int, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """Random inputs of a whole loop: x_T, y (conditional models) and noise, one row per draw (none without)."""
     c, s = model.in_channels, model.input_size
-    inputs = {"x_T": torch.randn(batch, c, s, s, generator=generator)}
+    inputs = {"x_T": torch.randn(batch, c, s, s, generator=generator)}  # (B, C, H, W)
     if model.num_classes:
         inputs["y"] = torch.randint(0, model.num_classes, (batch,), generator=generator)
-    inputs["noise"] = torch.randn(loop.diffusion.num_timesteps, batch, c, s, s, generator=generator)
+    if draws:
+        inputs["noise"] = torch.randn(draws, batch, c, s, s, generator=generator)  # (D, B, C, H, W)
     return inputs
 
 

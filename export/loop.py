@@ -1,15 +1,18 @@
-"""The whole sampling loop as one traceable module: S steps, each with its unrolled solve, for runtimes that
-want one call per image batch (`fpdm export --onnx --whole-loop --steps S`).
+"""The whole sampling loop as one traceable module: every model evaluation of S steps, each with its unrolled
+solve, for runtimes that want one call per image batch (`fpdm export --onnx --whole-loop --steps S`).
 
 It runs the very sampler `fpdm.diffusion.sampling.sample` runs, over the same `ModelEvaluation` built in its
 "unrolled" mode, with the random draws moved to inputs: x_T (B, C, H, W) and, for samplers that add noise,
-noise (S, B, C, H, W), row k being the sampler's k-th draw (DDPM: the noise added after step k). Feeding the
-draws `sample` makes from its per-sample generators reproduces its images.
+noise (D, B, C, H, W), row k being the sampler's k-th draw (DDPM: the noise added after step k, D = S - 1) and D
+what `noise_draws` counts. Feeding the draws `sample` makes from its per-sample generators reproduces its images.
+Tracing unrolls the sampler's Python loop, so a multistep sampler's history (its earlier x0, local tensors of the
+call) becomes values carried from one unrolled step to the next.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +20,28 @@ from torch import Tensor, nn
 from fpdm.diffusion.evaluation import ModelEvaluation
 from fpdm.diffusion.gaussian import GaussianDiffusion
 from fpdm.diffusion.sampling import StepUpdate, TensorNoise, as_sampler
-from fpdm.interfaces import Denoiser, ReusePolicy, Sampler, Solver
+from fpdm.interfaces import Denoised, Denoiser, ReusePolicy, Sampler, Solver
+
+
+class ConstantTables:
+    """The respaced process as the traced loop hands it to the sampler and the model evaluation: its methods are
+    the process's own (tensor ops on its tables, which the exporter stores as graph constants), and its 1-D
+    tables read as Python lists. A sampler that turns a noise level into a Python coefficient,
+    `float(diffusion.alphas_cumprod[i])`, then reads a constant: on the tensor, the tracer records a
+    data-dependent read (`aten._local_scalar_dense`) instead, which fails to export."""
+
+    def __init__(self, diffusion: GaussianDiffusion) -> None:
+        self.process = diffusion
+        self.tables = {
+            name: value.tolist()
+            for name, value in vars(diffusion).items()
+            if isinstance(value, Tensor) and value.dim() == 1
+        }
+
+    def __getattr__(self, name: str) -> Any:  # called only for names the view does not hold itself
+        if name in ("process", "tables"):  # not set yet: copy and pickle look up attributes before __init__ ran
+            raise AttributeError(name)
+        return self.tables[name] if name in self.tables else getattr(self.process, name)
 
 
 class SamplingLoop(nn.Module):
@@ -40,7 +64,9 @@ class SamplingLoop(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        self.model, self.diffusion, self.solver = model, diffusion, solver
+        self.model, self.solver = model, solver
+        # The sampler and the evaluation take a GaussianDiffusion; the view answers every name they read on one.
+        self.diffusion = cast(GaussianDiffusion, ConstantTables(diffusion))
         self.sampler = as_sampler(sampler, clip_x0=clip_x0)
         self.iterations, self.reuse = list(iterations), reuse
         self.cfg_scale, self.cfg_channels, self.guidance_rescale = cfg_scale, cfg_channels, guidance_rescale
@@ -67,3 +93,26 @@ class SamplingLoop(nn.Module):
         evaluate.check_output(x)
         images = x.clamp(-1, 1) if self.clip_output else x  # latents are not clipped: the VAE decodes them later
         return images, torch.stack(evaluate.residuals)  # (B, C, H, W), (E, B)
+
+
+def noise_draws(sampler: Sampler | StepUpdate, diffusion: GaussianDiffusion, shape: tuple[int, ...]) -> int:
+    """How many noise draws one run of `sampler` over `diffusion` makes for samples of `shape` (C, H, W): the rows
+    of a whole loop's noise input. The sampler runs once, on a batch of one, over a stand-in evaluation that
+    predicts zeros: by the sampler contract it draws in order and never branches on tensor values, so the count
+    is the one it makes with the model."""
+    x = torch.zeros(1, *shape)  # (1, C, H, W)
+    channels = 2 * shape[0] if diffusion.learn_sigma else shape[0]  # the output DDPM's variance reads
+
+    def evaluate(x: Tensor, t: int) -> Denoised:
+        zero = torch.zeros_like(x)
+        return Denoised(zero, zero, torch.zeros(x.shape[0], channels, *x.shape[2:]))
+
+    drawn: list[int] = []
+
+    def noise(k: int) -> Tensor:
+        drawn.append(k)
+        return torch.zeros_like(x)
+
+    with torch.no_grad():
+        as_sampler(sampler)(evaluate, x, diffusion, noise=noise)
+    return max(drawn) + 1 if drawn else 0

@@ -1,11 +1,11 @@
 """ONNX export of one denoising step with the fixed-point solver unrolled K times (and of a whole sampling loop).
 
-The step graph takes x_t (B, C, H, W), t (B,) the model timestep, y (B,) the class (conditional models
-only), z0 (B, T, D) and use_z0 (B,) (FPDM only: 1 starts the solve from z0, 0 from the pre-layer output,
-the cold start); it returns pred (B, C_out, H, W), z (B, T, D) and residual (B,), the relative residual of
-the last iteration, which is what the PyTorch solver reports. Float inputs and outputs are fp32 whatever
-the graph's compute dtype, so one sampler drives fp32 and fp16 graphs alike. Everything about the model,
-the solver and the schedule travels in the file's metadata_props (`fpdm.*`).
+The step graph takes x_t (B, C, H, W), t (B,) the model timestep (float32: fractional under karras spacing; int64 in
+format version 1 files), y (B,) the class (conditional models only), z0 (B, T, D) and use_z0 (B,) (FPDM only: 1
+starts the solve from z0, 0 from the pre-layer output, the cold start); it returns pred (B, C_out, H, W), z (B, T,
+D) and residual (B,), the relative residual of the last iteration, which is what the PyTorch solver reports. Float
+inputs and outputs are fp32 whatever the graph's compute dtype, so one sampler drives fp32 and fp16 graphs alike.
+Everything about the model, the solver and the schedule travels in the file's metadata_props (`fpdm.*`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ from fpdm.interfaces import Denoiser, FixedPointDenoiser, Solver
 from fpdm.version import __version__
 
 FORMAT = "fpdm-onnx"
-FORMAT_VERSION = 1  # bump when inputs, outputs or metadata change meaning; readers refuse newer files
+FORMAT_VERSION = 2  # bump when inputs, outputs or metadata change meaning; readers refuse newer files
+# What this version changed from the one before, written into every file (`fpdm.format_changes`) for whoever holds
+# files of both. Older versions still load: `fpdm.export.ort` reads each one's inputs as that version declared them.
+FORMAT_CHANGES = (
+    "2: step input t is float32, so fractional model timesteps (karras spacing) reach the model (1: int64); a "
+    "whole loop's noise input holds one row per noise draw its sampler makes (1: one per step), its metadata adds "
+    "levels (the respaced index of every model evaluation) and draws, and its timesteps are floats when fractional"
+)
 MIN_OPSET, DEFAULT_OPSET = 18, 20
 TWO_GB = 2 * 1024**3
 
@@ -70,12 +77,13 @@ def output_names(step: DenoisingStep) -> list[str]:
 def example_inputs(
     model: Denoiser, batch: int, *, num_timesteps: int = 1000, generator: torch.Generator | None = None
 ) -> dict[str, Tensor]:
-    """Random inputs of every kind the step takes, for tracing and parity checks."""
+    """Random inputs of every kind the step takes, for tracing and parity checks; t (B,) float32 fractional
+    timesteps in [0, num_timesteps - 1], what the graph's t input declares."""
     g = generator or torch.Generator().manual_seed(0)
     c, s = model.in_channels, model.input_size
     inputs = {
         "x_t": torch.randn(batch, c, s, s, generator=g),
-        "t": torch.randint(0, num_timesteps, (batch,), generator=g),
+        "t": torch.rand(batch, generator=g) * (num_timesteps - 1),
     }
     if model.num_classes:
         inputs["y"] = torch.randint(0, model.num_classes + 1, (batch,), generator=g)  # the null label too
@@ -197,7 +205,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         if key.startswith("fpdm."):
             name = key[len("fpdm.") :]
             try:
-                meta[name] = value if name in ("format", "version", "format_version") else json.loads(value)
+                plain = name in ("format", "version", "format_version", "format_changes")
+                meta[name] = value if plain else json.loads(value)
             except json.JSONDecodeError:
                 raise UsageError(f"{path}: metadata {key} is not valid JSON; re-export the checkpoint") from None
     # Every reader needs these; a file missing one (hand-edited, another tool's) is refused here, not deep inside.
@@ -256,6 +265,7 @@ def export_metadata(
     return {
         "fpdm.format": FORMAT,
         "fpdm.format_version": str(FORMAT_VERSION),
+        "fpdm.format_changes": FORMAT_CHANGES,
         "fpdm.version": __version__,
         **{f"fpdm.{k}": json.dumps(v) for k, v in values.items()},
     }

@@ -24,6 +24,7 @@ from fpdm.interfaces import DenoiserOutput, SolverStats
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 NUMPY = {torch.float32: np.float32, torch.int64: np.int64, torch.float16: np.float16}
+TORCH = {"tensor(float)": torch.float32, "tensor(int64)": torch.int64, "tensor(float16)": torch.float16}
 
 
 class OrtSession:
@@ -58,20 +59,24 @@ class OrtSession:
         self.cuda_graph = cuda_graph and self.cuda
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
+        # What the file declares: fixed axes are ints, the batch axis a name; the dtype is the one fed (a format
+        # 1 step graph takes t as int64, later ones as float32).
+        self.input_shapes = {i.name: list(i.shape) for i in self.session.get_inputs()}
+        self.input_dtypes = {i.name: TORCH[i.type] for i in self.session.get_inputs() if i.type in TORCH}
         self._buffers: dict[str, Tensor] = {}
 
     def run(self, feeds: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]) -> list[Tensor]:
-        """Run on torch tensors; returns torch tensors (on the CUDA device for the CUDA provider).
-        `shapes` gives each output's shape, which IO binding needs up front."""
+        """Run on torch tensors, each cast to the dtype the graph declares for it; returns torch tensors (on the
+        CUDA device for the CUDA provider). `shapes` gives each output's shape, which IO binding needs up front."""
         feeds = {k: v for k, v in feeds.items() if k in self.inputs}  # inputs the exporter kept
         missing = set(self.inputs) - set(feeds)
         if missing:
             raise UsageError(f"the ONNX graph needs inputs {sorted(missing)} that were not given")
-        expected = {i.name: i.shape for i in self.session.get_inputs()}
         for name, value in feeds.items():  # fixed axes must match; the batch axis is symbolic (a str)
-            want = expected[name]
+            want = self.input_shapes[name]
             if len(want) != value.dim() or any(isinstance(w, int) and w != g for w, g in zip(want, value.shape)):
                 raise UsageError(f"input {name} has shape {tuple(value.shape)}; the graph expects {tuple(want)}")
+        feeds = {k: v.to(self.input_dtypes.get(k, v.dtype)) for k, v in feeds.items()}
         if not self.cuda:
             got = self.session.run(self.outputs, {k: v.detach().cpu().numpy() for k, v in feeds.items()})
             return [torch.from_numpy(np.ascontiguousarray(a)) for a in got]
@@ -141,6 +146,7 @@ class OrtDenoiser(_ModelFacts):
         if session.meta.get("kind") != "step":
             raise UsageError("this .onnx holds a whole sampling loop, not a step; it runs through `OrtLoop`")
         self.session, self.iters = session, int(session.meta["iters"])
+        self.integer_t = session.input_dtypes.get("t") == torch.int64  # format 1
 
     def to(self, device: Any) -> OrtDenoiser:  # the sampler moves models; the session's device is fixed
         return self
@@ -167,7 +173,12 @@ class OrtDenoiser(_ModelFacts):
                 f"{' with a tolerance' if tol > 0 else ''}: export another --iters or use the "
                 "PyTorch backend"
             )
-        feeds = {"x_t": x.float(), "t": t.long()}
+        if self.integer_t and t.is_floating_point() and bool((t != t.round()).any()):
+            raise UsageError(
+                f"this .onnx (fpdm ONNX format {self.meta['format_version']}) takes integer timesteps and the "
+                "sampling asks for fractional ones (karras spacing): export the model again with this fpdm"
+            )
+        feeds = {"x_t": x.float(), "t": t}  # t (B,) as the graph declares it: float32, int64 in format 1
         if y is not None:
             feeds["y"] = y.long()
         shapes: dict[str, tuple[int, ...]] = {"pred": (b, self.out_channels, self.input_size, self.input_size)}
@@ -186,15 +197,26 @@ class OrtDenoiser(_ModelFacts):
 
 
 class OrtLoop(_ModelFacts):
-    """An exported whole loop: one ONNX call per batch, fed the same draws `fpdm.diffusion.sampling.sample` makes."""
+    """An exported whole loop: one ONNX call per batch, fed the same draws `fpdm.diffusion.sampling.sample` makes.
+
+    Its plan is per model evaluation (a sampler may evaluate more than once per step): `iterations`, `levels`
+    (respaced indices) and `timesteps` (model timesteps), in call order. Format 1 files recorded neither levels
+    nor draws: one evaluation per step, noisiest first, a noise row per step and a draw after every step but
+    the last."""
 
     def __init__(self, session: OrtSession) -> None:
         super().__init__(session.meta)
-        if session.meta.get("kind") != "loop":
+        meta = session.meta
+        if meta.get("kind") != "loop":
             raise UsageError("this .onnx holds one denoising step, not a whole loop")
         self.session = session
-        self.iterations: list[int] = list(session.meta["iterations"])
-        self.timesteps: list[int] = list(session.meta["timesteps"])[::-1]  # sampling order
+        self.iterations: list[int] = list(meta["iterations"])
+        steps = int(meta["steps"])
+        self.levels: list[int] = list(meta.get("levels", range(steps - 1, -1, -1)))
+        self.timesteps: list[float] = [meta["timesteps"][i] for i in self.levels]
+        self.draws = int(meta.get("draws", steps - 1))
+        # Rows of the noise input: `draws` since format 2; format 1 had one per step, the last one never read.
+        self.rows = int(session.input_shapes["noise"][0]) if "noise" in session.inputs else 0
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -204,44 +226,44 @@ class OrtLoop(_ModelFacts):
         self, generators: list[torch.Generator], labels: Tensor | None, x_T: Tensor | None = None
     ) -> SampleResult:
         """One batch (a `BatchSampler`): the sampling choices are fixed inside the graph. The draws are the ones
-        `sample` makes: x_T first (replaced by the x_T given, if any), then the noise."""
-        steps, b, shape = len(self.iterations), len(generators), self.shape
+        `sample` makes: x_T first (replaced by the x_T given, if any), then the sampler's noise draws in order."""
+        evaluations, b, shape = len(self.iterations), len(generators), self.shape
         drawn = step_noise(generators, shape, torch.device("cpu"))  # (B, C, H, W)
         if x_T is not None and tuple(x_T.shape) != tuple(drawn.shape):
             raise UsageError(f"x_T must have shape {tuple(drawn.shape)}, got {tuple(x_T.shape)}")
-        x_T = drawn if x_T is None else x_T.float().cpu()
-        noise = torch.stack(
-            [
-                step_noise(generators, shape, torch.device("cpu")) if s < steps - 1 else torch.zeros(b, *shape)
-                for s in range(steps)
-            ]
-        )  # (S, B, C, H, W)
-        feeds = {"x_T": x_T, "noise": noise, **({"y": labels.long()} if labels is not None else {})}
-        images, residual = self.session.run(feeds, {"images": (b, *shape), "residual": (steps, b)})
-        residual = residual.float().cpu()
-        history = [self._step(s, residual[s]) for s in range(steps)]
+        feeds = {"x_T": drawn if x_T is None else x_T.float().cpu()}
+        if labels is not None:
+            feeds["y"] = labels.long()
+        if self.rows:
+            real = min(self.draws, self.rows)
+            rows = [step_noise(generators, shape, torch.device("cpu")) for _ in range(real)]
+            rows += [torch.zeros(b, *shape)] * (self.rows - real)
+            feeds["noise"] = torch.stack(rows)  # (D, B, C, H, W)
+        images, residual = self.session.run(feeds, {"images": (b, *shape), "residual": (evaluations, b)})
+        residual = residual.float().cpu()  # (E, B)
+        history = [self._evaluation(k, residual[k]) for k in range(evaluations)]
         blocks = torch.full((b,), sum(self.blocks_per_call(k) for k in self.iterations), dtype=torch.int64)
         return SampleResult(images.cpu(), history, blocks)
 
-    def _step(self, s: int, residual: Tensor) -> StepStats:
-        k = self.iterations[s]
+    def _evaluation(self, k: int, residual: Tensor) -> StepStats:
+        cap, timestep = self.iterations[k], float(self.timesteps[k])
         if not self.fixed_point:
-            return StepStats(s, self.timesteps[s], 0, 0.0, 0, float("nan"), float("nan"), float(self.base_blocks))
+            return StepStats(k, timestep, 0, 0.0, 0, float("nan"), float("nan"), float(self.base_blocks))
         return StepStats(
-            s,
-            self.timesteps[s],
             k,
-            float(k),
-            k,
+            timestep,
+            cap,
+            float(cap),
+            cap,
             residual.double().nanmean().item(),
             residual.double().nan_to_num(nan=0.0).max().item(),
-            float(self.blocks_per_call(k)),
+            float(self.blocks_per_call(cap)),
         )
 
 
 def session_summary(session: OrtSession) -> str:
     meta = session.meta
-    what = f"K={meta['iters']}" if meta["kind"] == "step" else f"{len(meta['iterations'])} steps"
+    what = f"K={meta['iters']}" if meta["kind"] == "step" else f"{meta['steps']} steps"
     return (
         f"onnxruntime {session.provider}{' + CUDA graphs' if session.cuda_graph else ''} ({meta['kind']}, {what}, "
         f"{meta['precision']})"

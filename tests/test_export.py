@@ -178,11 +178,12 @@ def test_whole_loop_export_reproduces_pytorch_samples(trained, tmp_path):
         parts.sampler,
         parts.iterations,
         parts.reuse,
-        2.0,
-        None,
-        False,
-        True,
-        {"steps": 4, "sampler": "ddpm", "reuse": "extrapolate", "cfg_scale": 2.0},
+        cfg_scale=2.0,
+        cfg_channels=None,
+        guidance_rescale=0.0,
+        clip_x0=False,
+        clip_output=True,
+        names={"steps": 4, "sampler": "ddpm", "reuse": "extrapolate", "cfg_scale": 2.0},
     )
     report = _export(trained, tmp_path / "loop.onnx", loop=loop)
     assert report["kind"] == "loop" and report["inputs"] == ["x_T", "y", "noise"]
@@ -348,3 +349,230 @@ def test_the_cards_command_names_the_missing_default_run(tmp_path):
         "fpdm export: error: no checkpoint given and the default run runs/fashion_mnist "
         "has none: train one with `fpdm train` or name a run, checkpoint or .onnx file"
     )
+
+
+# ---------------------------------------------------------------------------------------------- every sampler
+# Whole loops of every registered sampler; fractional (karras) timesteps; files of format version 1.
+
+DETERMINISTIC = [name for name in REGISTRY.names("sampler") if REGISTRY.create("sampler", name).deterministic]
+STOCHASTIC = [name for name in REGISTRY.names("sampler") if name not in DETERMINISTIC]
+
+
+def _parts(trained: Path, *, iters: int = 1, **options):  # type: ignore[no-untyped-def]
+    """(model, SamplingParts, SampleConfig) of the tiny run for SampleConfig(**options), `iters` per evaluation."""
+    from fpdm.config import Config, SampleConfig, from_dict
+    from fpdm.diffusion.plan import sampling_parts
+
+    ckpt = load_checkpoint(trained)
+    model = load_denoiser(ckpt, registry=REGISTRY)
+    config, sample_options = from_dict(Config, ckpt.config), SampleConfig(**options)
+    return model, sampling_parts(config, model, sample_options, registry=REGISTRY, iters=iters), sample_options
+
+
+def _loop_parity(trained: Path, out: Path, sampler: str, *, steps: int, iters: int, spacing: str = "official"):  # type: ignore[no-untyped-def]
+    """Export `sampler`'s whole loop, run it in ONNX Runtime (CPU) and eagerly (`generate_planned`, the call
+    `Pipeline.sample` makes) from the same x_T and seeds; {"max_abs", "relative", "got", "want"}.
+
+    The loop is exported and sampled without the final clamp to [-1, 1]: the tiny model's samples are far
+    outside it (|x| up to ~460; clamped, 99% of pixels sit at +-1), so clamped images would hide any difference.
+    "max_abs" is the issue's measure on the images as written (clamped), "relative" the unclamped max error
+    relative to the samples' largest magnitude."""
+    from fpdm.diffusion.plan import generate_planned
+    from fpdm.diffusion.sampling import generate_batches
+
+    model, parts, options = _parts(
+        trained, iters=iters, n=4, batch_size=4, seed=2, steps=steps, sampler=sampler, spacing=spacing
+    )
+    loop = LoopSpec(
+        parts.diffusion, parts.sampler, parts.iterations, parts.reuse, 1.0, None, 0.0, False, False, parts.names
+    )
+    _export(trained, out, iters=iters, loop=loop, verify=False)
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(11))
+    got = generate_batches(OrtLoop(OrtSession(out, provider="cpu")), n=4, batch_size=4, seed=2, labels=[0, 1], x_T=x_T)
+    solver = REGISTRY.create("solver", "fixed_point")
+    want = generate_planned(
+        model, parts, options, labels=[0, 1], solver=solver, device="cpu", clip_output=False, x_T=x_T
+    )
+    return {
+        "max_abs": (got.images.clamp(-1, 1) - want.images.clamp(-1, 1)).abs().max().item(),
+        "relative": _relative(got.images, want.images),
+        "got": got,
+        "want": want,
+    }
+
+
+@pytest.mark.parametrize("name", REGISTRY.names("sampler"))
+def test_the_noise_input_has_one_row_per_draw_that_eager_sampling_makes(trained, name):
+    """`noise_draws` (the rows of a whole loop's noise input) against the draws `sample` takes from a generator:
+    after x_T and `draws` draws, the generator's next draw is the same as the sampled one's."""
+    from fpdm.diffusion.sampling import sample
+    from fpdm.export.loop import noise_draws
+
+    model, parts, _ = _parts(trained, steps=4, sampler=name)
+    shape = (1, 8, 8)
+    used = torch.Generator().manual_seed(0)
+    sample(
+        model,
+        parts.diffusion,
+        generators=[used],
+        shape=shape,
+        labels=torch.tensor([0]),
+        sampler=parts.sampler,
+        solver=REGISTRY.create("solver", "fixed_point"),
+        iterations=parts.iterations,
+        reuse=parts.reuse,
+    )
+    draws = noise_draws(parts.sampler, parts.diffusion, shape)
+    replay = torch.Generator().manual_seed(0)
+    for _ in range(1 + draws):  # x_T, then the sampler's draws
+        torch.randn(shape, generator=replay)
+    assert torch.equal(torch.randn(shape, generator=used), torch.randn(shape, generator=replay))
+    assert (draws == 0) == parts.sampler.deterministic
+
+
+def test_a_multistep_whole_loop_at_karras_timesteps_equals_eager_and_samples_through_the_cli(
+    trained, tmp_path, monkeypatch, record_property
+):
+    """dpmpp_2m (its history carried through the unrolled graph) at fractional timesteps: ONNX Runtime equals
+    eager, and `fpdm sample LOOP.onnx` (in-process) writes the images `Pipeline.sample` gives."""
+    import numpy as np
+    from PIL import Image
+
+    from fpdm.apps.cli import main
+    from fpdm.pipeline import load
+
+    path = tmp_path / "loop.onnx"
+    parity = _loop_parity(trained, path, "dpmpp_2m", steps=3, iters=1, spacing="karras")  # step 2 extrapolates
+    record_property("max_abs", parity["max_abs"])
+    record_property("relative", parity["relative"])
+    assert parity["max_abs"] <= 1e-4 and parity["relative"] <= 1e-5
+    meta = read_metadata(path)
+    assert meta["format_version"] == str(FORMAT_VERSION) == "2" and meta["format_changes"].startswith("2: ")
+    assert meta["inputs"] == ["x_T", "y"] and meta["draws"] == 0  # deterministic: no noise input
+    assert meta["levels"] == [2, 1, 0] and meta["iterations"] == [1] * 3
+    assert any(t != int(t) for t in meta["timesteps"])  # fractional model timesteps, stored as floats
+    monkeypatch.setenv("FPDM_LOAD_PLUGINS", "")
+    out = tmp_path / "ort"
+    assert main(["sample", str(path), "--n", "3", "--seed", "4", "--out", str(out), "--no-progress"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["sampler"] == "dpmpp_2m" and stats["spacing"] == "karras"
+    assert [s["timestep"] for s in stats["per_step"]] == [meta["timesteps"][i] for i in meta["levels"]]
+    eager = load(trained, device="cpu").sample(
+        n=3, steps=3, iters=1, sampler="dpmpp_2m", spacing="karras", seed=4, output_type="numpy"
+    )
+    got = np.stack([np.array(Image.open(p)) for p in sorted((out / "images").iterdir())])  # (N, H, W) uint8
+    assert np.abs(got.astype(int) - eager.images[..., 0].astype(int)).max() <= 1  # uint8 rounding only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_every_deterministic_sampler_exports_as_a_whole_loop_equal_to_eager(trained, tmp_path, name, record_property):
+    """The issue's parity: 10 steps x 3 iterations, fp32, ONNX Runtime CPU against eager, max-abs <= 1e-4.
+    (Karras timesteps: the dpmpp_2m test above and the heun command below.)"""
+    parity = _loop_parity(trained, tmp_path / "loop.onnx", name, steps=10, iters=3)
+    record_property("max_abs", parity["max_abs"])
+    record_property("relative", parity["relative"])
+    assert parity["max_abs"] <= 1e-4 and parity["relative"] <= 1e-5
+    got, want = parity["got"], parity["want"]
+    assert [s["timestep"] for s in got.steps] == [s["timestep"] for s in want.steps]  # one per model evaluation
+    assert got.blocks.tolist() == want.blocks.tolist()
+    meta = read_metadata(tmp_path / "loop.onnx")
+    assert meta["draws"] == 0 and "noise" not in meta["inputs"]
+    assert len(meta["levels"]) == len(meta["iterations"]) == len(want.steps)  # heun: 2 per step but the last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_stochastic_samplers_export_with_one_noise_row_per_draw(trained, tmp_path, name, record_property):
+    """Their draws become the noise input (D, B, C, H, W); ONNX Runtime fed the draws `sample` makes from the
+    same seeds gives its images."""
+    parity = _loop_parity(trained, tmp_path / "loop.onnx", name, steps=4, iters=1)
+    record_property("max_abs", parity["max_abs"])
+    record_property("relative", parity["relative"])
+    assert parity["max_abs"] <= 1e-4 and parity["relative"] <= 1e-5
+    meta = read_metadata(tmp_path / "loop.onnx")
+    noise = onnx.load(str(tmp_path / "loop.onnx")).graph.input[meta["inputs"].index("noise")]
+    assert meta["draws"] == 3 == noise.type.tensor_type.shape.dim[0].dim_value  # after every step but the last
+
+
+@pytest.mark.slow
+def test_the_cli_exports_heun_at_karras_timesteps_as_a_whole_loop(trained, tmp_path):
+    """`fpdm export RUN --onnx --whole-loop --sampler heun --spacing karras`: two evaluations per step but the
+    last, at fractional timesteps, verified against PyTorch by the export itself."""
+    path = tmp_path / "heun.onnx"
+    sampling = ["--steps", "3", "--iters", "1", "--sampler", "heun", "--spacing", "karras"]
+    done = run_cli("export", str(trained), "--onnx", "--whole-loop", *sampling, "--out", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "parity vs PyTorch at batch 3" in done.stdout
+    meta = read_metadata(path)
+    assert meta["levels"] == [2, 1, 1, 0, 0] and meta["iterations"] == [1] * 5 and meta["draws"] == 0
+    assert meta["sampling"]["sampler"] == "heun" and meta["timesteps"][1] != int(meta["timesteps"][1])
+
+
+def _as_format_1(path: Path, out: Path, *, drop: tuple[str, ...] = ()) -> None:
+    """Rewrite an export's metadata as format version 1 wrote it: that version, without the keys it lacked."""
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key not in ("fpdm.format_changes", *(f"fpdm.{k}" for k in drop))]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    next(p for p in model.metadata_props if p.key == "fpdm.format_version").value = "1"
+    onnx.save(model, str(out))
+
+
+@pytest.mark.slow
+def test_the_step_graph_takes_fractional_timesteps_and_format_1_files_still_sample(trained, tmp_path, monkeypatch):
+    """Format 2 declares t float32 and samples karras timesteps as eager does; a format 1 file (t int64)
+    samples integer spacings the same and refuses fractional timesteps in one line."""
+    from fpdm.diffusion.sampling import generate
+
+    _export(trained, tmp_path / "v2.onnx", iters=1, verify=False)
+
+    def integer_t(*args, **kwargs):  # type: ignore[no-untyped-def]  # format 1 traced with int64 timesteps
+        inputs = example_inputs(*args, **kwargs)
+        return {**inputs, "t": inputs["t"].long()}
+
+    monkeypatch.setattr(exporter_module, "example_inputs", integer_t)
+    _export(trained, tmp_path / "int.onnx", iters=1, verify=False)
+    _as_format_1(tmp_path / "int.onnx", tmp_path / "v1.onnx")
+    v1, v2 = (OrtSession(tmp_path / f"{v}.onnx", provider="cpu") for v in ("v1", "v2"))
+    assert v1.meta["format_version"] == "1" and v1.input_dtypes["t"] == torch.int64
+    assert v2.input_dtypes["t"] == torch.float32
+    for session, spacing in [(v2, "karras"), (v1, "official"), (v1, "karras")]:
+        model, parts, _ = _parts(trained, steps=4, sampler="ddim", spacing=spacing)
+        common = dict(
+            n=3,
+            batch_size=3,
+            seed=1,
+            labels=[0, 1],
+            shape=(1, 8, 8),
+            sampler=parts.sampler,
+            iterations=parts.iterations,
+            reuse=parts.reuse,
+        )
+        ort = OrtDenoiser(session)
+        if session is v1 and spacing == "karras":
+            with pytest.raises(UsageError, match=r"format 1\) takes integer timesteps .* \(karras spacing\)"):
+                generate(ort, parts.diffusion, solver=None, **common)
+            continue
+        want = generate(model, parts.diffusion, solver=REGISTRY.create("solver", "fixed_point"), **common)
+        got = generate(ort, parts.diffusion, solver=None, **common)
+        assert (got.images - want.images).abs().max().item() <= 1e-4, spacing
+
+
+@pytest.mark.slow
+def test_a_format_1_whole_loop_still_samples(trained, tmp_path, monkeypatch):
+    """Format 1 loops had a noise row per step (the last never read) and recorded neither levels nor draws:
+    ONNX Runtime still feeds them the draws `sample` makes."""
+    from fpdm.diffusion.sampling import generate_batches
+    from fpdm.pipeline import load
+
+    monkeypatch.setattr(exporter_module, "noise_draws", lambda sampler, diffusion, shape: diffusion.num_timesteps)
+    _, parts, _ = _parts(trained, steps=3, sampler="ddpm")
+    loop = LoopSpec(parts.diffusion, parts.sampler, [1] * 3, parts.reuse, 1.0, None, 0.0, False, True, parts.names)
+    _export(trained, tmp_path / "rows.onnx", loop=loop, verify=False)
+    _as_format_1(tmp_path / "rows.onnx", tmp_path / "v1.onnx", drop=("levels", "draws"))
+    ort = OrtLoop(OrtSession(tmp_path / "v1.onnx", provider="cpu"))
+    assert (ort.rows, ort.draws, ort.levels) == (3, 2, [2, 1, 0])
+    got = generate_batches(ort, n=3, batch_size=3, seed=6, labels=[0, 1])
+    want = load(trained, device="cpu").sample(n=3, steps=3, iters=1, sampler="ddpm", seed=6, classes=[0, 1])
+    assert (got.images - want.images).abs().max().item() <= 1e-4
