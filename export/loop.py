@@ -12,7 +12,6 @@ call) becomes values carried from one unrolled step to the next.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,27 +20,6 @@ from fpdm.diffusion.evaluation import ModelEvaluation
 from fpdm.diffusion.gaussian import GaussianDiffusion
 from fpdm.diffusion.sampling import StepUpdate, TensorNoise, as_sampler
 from fpdm.interfaces import Denoised, Denoiser, ReusePolicy, Sampler, Solver
-
-
-class ConstantTables:
-    """The respaced process as the traced loop hands it to the sampler and the model evaluation: its methods are
-    the process's own (tensor ops on its tables, which the exporter stores as graph constants), and its 1-D
-    tables read as Python lists. A sampler that turns a noise level into a Python coefficient,
-    `float(diffusion.alphas_cumprod[i])`, then reads a constant: on the tensor, the tracer records a
-    data-dependent read (`aten._local_scalar_dense`) instead, which fails to export."""
-
-    def __init__(self, diffusion: GaussianDiffusion) -> None:
-        self.process = diffusion
-        self.tables = {
-            name: value.tolist()
-            for name, value in vars(diffusion).items()
-            if isinstance(value, Tensor) and value.dim() == 1
-        }
-
-    def __getattr__(self, name: str) -> Any:  # called only for names the view does not hold itself
-        if name in ("process", "tables"):  # not set yet: copy and pickle look up attributes before __init__ ran
-            raise AttributeError(name)
-        return self.tables[name] if name in self.tables else getattr(self.process, name)
 
 
 class SamplingLoop(nn.Module):
@@ -65,8 +43,7 @@ class SamplingLoop(nn.Module):
     ) -> None:
         super().__init__()
         self.model, self.solver = model, solver
-        # The sampler and the evaluation take a GaussianDiffusion; the view answers every name they read on one.
-        self.diffusion = cast(GaussianDiffusion, ConstantTables(diffusion))
+        self.diffusion = diffusion
         self.sampler = as_sampler(sampler, clip_x0=clip_x0)
         self.iterations, self.reuse = list(iterations), reuse
         self.cfg_scale, self.cfg_channels, self.guidance_rescale = cfg_scale, cfg_channels, guidance_rescale

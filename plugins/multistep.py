@@ -62,7 +62,7 @@ def noise_levels(diffusion: GaussianDiffusion) -> list[Level]:
     """The process's levels from the noisiest to index 0, then the data: num_timesteps + 1 entries."""
     levels = []
     for i in reversed(range(diffusion.num_timesteps)):
-        ac = float(diffusion.alphas_cumprod[i])
+        ac = diffusion.ac_values[i]
         levels.append(Level(i, math.sqrt(ac), math.sqrt(1.0 - ac)))
     return [*levels, Level(None, 1.0, 0.0)]
 

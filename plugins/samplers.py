@@ -62,7 +62,7 @@ class DDIM(Sampler):
         for step, i in enumerate(reversed(range(diffusion.num_timesteps))):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)  # (B,)
             x0 = evaluate(x, i).x0
-            if float(diffusion.alphas_cumprod[i]) == 0:  # zero SNR: x_T is all noise (eq. 12's form is inf / inf)
+            if diffusion.ac_values[i] == 0:  # zero SNR: x_T is all noise (eq. 12's form is inf / inf)
                 eps = x
             else:  # the noise consistent with the (clipped) x0, in eq. 12's own form
                 eps = (diffusion.extract("sqrt_recip_alphas_cumprod", t, x) * x - x0) / diffusion.extract(

@@ -161,7 +161,7 @@ class ModelEvaluation:
         index = torch.full((n,), t, dtype=torch.long, device=x.device)  # (B,) into the respaced process
         t_model = self.diffusion.map_timesteps(index)  # (B,) the training timesteps the model knows (maybe float)
         x_in, t_in = (torch.cat([x, x]), torch.cat([t_model, t_model])) if self.guided else (x, t_model)
-        level = float(self.diffusion.timestep_map[t])
+        level = self.diffusion.timestep_values[t]
         z0 = self.reuse.warm_start(self._solutions, k, levels=self._levels, level=level)
         if self.unrolled:
             pred, z = self._unrolled(x_in, t_in, z0, k, n)
@@ -179,7 +179,7 @@ class ModelEvaluation:
                 learn_sigma=self.diffusion.learn_sigma,
                 rescale=self.guidance_rescale,
             )
-        return self._denoised(output, x, index)
+        return self._denoised(output, x, index, zero_snr=self.diffusion.ac_values[t] == 0)
 
     def _unrolled(self, x_in: Tensor, t_in: Tensor, z0: Tensor | None, k: int, n: int) -> tuple[Tensor, Tensor | None]:
         iters = self.iterations[k]
@@ -213,14 +213,14 @@ class ModelEvaluation:
             self.callback(stats)
         return out.pred, out.z
 
-    def _denoised(self, output: Tensor, x: Tensor, index: Tensor) -> Denoised:
+    def _denoised(self, output: Tensor, x: Tensor, index: Tensor, *, zero_snr: bool) -> Denoised:
         d = self.diffusion
         pred, _ = d.split_output(output, x)
         x0 = d.predict_x0(pred, x, index)
         if not self.clip_x0:
             return Denoised(x0, d.predict_eps(pred, x, index), output)
         x0 = x0.clamp(-1, 1)
-        if float(d.alphas_cumprod[int(index[0])]) == 0:  # zero SNR: x is all noise, whatever x0 is
+        if zero_snr:  # x is all noise, whatever x0 is
             return Denoised(x0, x, output)
         eps = (d.extract("sqrt_recip_alphas_cumprod", index, x) * x - x0) / d.extract(
             "sqrt_recipm1_alphas_cumprod", index, x

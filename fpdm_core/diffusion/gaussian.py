@@ -120,6 +120,10 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = torch.cat([floor, self.posterior_variance[1:]]).log()
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        # The noise levels as Python numbers, for samplers and plans that turn a level into a coefficient: read
+        # from a tensor, a traced whole loop would record a data-dependent read instead of a constant.
+        self.ac_values: list[float] = self.alphas_cumprod.tolist()
+        self.timestep_values: list[float] = [float(t) for t in self.timestep_map.tolist()]
         self._on_device: dict[torch.device, dict[str, Tensor]] = {}
 
     @property

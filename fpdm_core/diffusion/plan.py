@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fpdm.budget import resolve_blocks
 from fpdm.build import build_schedule
 from fpdm.config import Config, SampleConfig
 from fpdm.diffusion.gaussian import GaussianDiffusion
@@ -89,18 +90,23 @@ def sampling_parts(
         allocator, _ = _build(registry, "allocator", options.allocator, {"tol": options.tol}, "tol")
     reuse, reuse_name = _build(registry, "reuse_policy", options.reuse, {}, "")
     levels = chosen.levels(diffusion)
-    order = [float(diffusion.timestep_map[i]) for i in levels]  # each evaluation's model timestep
+    order = [diffusion.timestep_values[i] for i in levels]  # each evaluation's model timestep
+    blocks = resolve_blocks(options.budget, config)  # "10dit" -> 10 x the DiT depth of the model's size
     try:
-        iterations = plan_iterations(model, order, budget=options.budget, iters=iters, allocator=allocator)
+        iterations = plan_iterations(model, order, budget=blocks, iters=iters, allocator=allocator)
     except UsageError as exc:
         if options.budget is None:
             raise
-        raise UsageError(f"{exc} ({sampler} at {options.steps} steps makes {len(order)} model evaluations)") from None
+        unit = "" if blocks == options.budget else f"{options.budget} = {blocks} blocks; "
+        raise UsageError(
+            f"{exc} ({unit}{sampler} at {options.steps} steps makes {len(order)} model evaluations)"
+        ) from None
     tolerances = plan_tolerances(allocator, iterations, order, tol=options.tol)
     names = {
         "steps": options.steps,
         "spacing": options.spacing,
         "budget": options.budget,
+        "budget_blocks": blocks,
         "sampler": sampler,
         "eta": options.eta,
         "allocator": allocator_name,
