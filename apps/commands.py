@@ -141,6 +141,7 @@ LAZY_COMMANDS = {
     "train": ("train_cmd", "train_command", "train an FPDM or DiT (S-JFB), with checkpoints and a loss log"),
     "export": ("export_cmd", "export_command", "export a denoising step (or the whole loop) to ONNX, solver unrolled"),
     "sample": ("sample_cmd", "sample_command", "sample images under a block budget, with per-step stats"),
+    "plan": ("plan_cmd", "plan_command", "measure the best sampling settings for each budget and store them"),
     "pack": ("pack_cmd", "pack_command", "pack a run into a shareable model folder (weights, config.toml, model card)"),
     "encode": ("encode_cmd", "encode_command", "encode an image folder to SD-VAE latents (official feature format)"),
     "import-official": ("import_cmd", "import_official_command", "map an official FPDM/DiT checkpoint to an fpdm run"),

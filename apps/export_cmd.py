@@ -65,7 +65,7 @@ def export_command(parser: argparse.ArgumentParser) -> Handler:
             out=args.out,
             whole_loop=args.whole_loop,
             steps=args.steps,
-            spacing=args.spacing or "official",
+            spacing=args.spacing,
             budget=args.budget,
             sampler=args.sampler,
             eta=args.eta,

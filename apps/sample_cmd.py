@@ -73,11 +73,19 @@ def sample_command(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("--plot", action="store_true", help="also write stats.png (residual, iterations per step)")
     add_json_option(parser, help="also write the report (stats.json) to PATH; '-': stdout, instead of the summary")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--plan",
+        metavar="FILE",
+        help="with --budget: the plan file `fpdm plan --out FILE` wrote (default: the model's own plan, if any)",
+    )
+    parser.add_argument("--no-plan", action="store_true", help="with --budget: ignore any stored plan")
 
     def run(args: argparse.Namespace) -> int:
         from fpdm.apps.presets import default_run
 
         options = sample_config(args, output_type="tensor")  # cheap checks before anything is loaded
+        if args.plan and args.no_plan:
+            raise UsageError("--plan FILE and --no-plan contradict each other; give one")
         args.model = default_run(args.model)
         onnx = args.backend == "onnxruntime" or (args.backend is None and args.model.endswith(".onnx"))
         if args.backend == "torch" and args.model.endswith(".onnx"):
@@ -113,7 +121,7 @@ def _torch(args: argparse.Namespace, options: Any) -> _Drawn:
     pipe = load(args.model, device=args.device, weights=args.weights)
     out = Path(args.out) if args.out else pipe.output_dir("samples")
     _check_out(out)
-    result = pipe.sample(options, vae=args.vae)
+    result = pipe.sample(options, vae=args.vae, plan=False if args.no_plan else args.plan or True)
     plan = result.plan
     source = {
         "checkpoint": str(pipe.path),
@@ -122,6 +130,7 @@ def _torch(args: argparse.Namespace, options: Any) -> _Drawn:
         "solver": plan["solver"],
         "tol": plan["tol"],
         "iterations_plan": plan["iterations"],
+        "stored_plan": plan["stored_plan"],
     }
     labels = None if result.labels is None else result.labels.tolist()
     return _Drawn(
@@ -131,7 +140,7 @@ def _torch(args: argparse.Namespace, options: Any) -> _Drawn:
         result.stats,
         result.seconds,
         source,
-        {k: plan[k] for k in ("spacing", "sampler", "allocator", "reuse", "cfg_scale", "budget")},
+        {k: plan[k] for k in ("spacing", "sampler", "allocator", "reuse", "cfg_scale", "budget", "budget_blocks")},
         out,
         f"torch {pipe.device.type}",
         len(options.classes or ()) or pipe.denoiser.num_classes,
@@ -149,6 +158,8 @@ def _onnx(args: argparse.Namespace, options: Any) -> _Drawn:
         raise UsageError(
             "--solver, --tol, --iters and --weights are fixed when a graph is exported; export again to change them"
         )
+    if args.plan or args.no_plan:
+        raise UsageError("--plan and --no-plan apply to model folders; an .onnx graph runs the choices given here")
     session = OrtSession(args.model, provider=args.provider, cuda_graph=args.cuda_graph)
     if session.cuda_graph and options.n % options.batch_size:
         raise UsageError("--cuda-graph replays one batch size: make --n a multiple of --batch-size")
@@ -290,10 +301,16 @@ def _write(drawn: _Drawn, args: argparse.Namespace) -> None:
     print(
         f"{report['n']} images, {report['steps']} steps, blocks per sample mean {spent['mean']:.1f} "
         f"max {spent['max']}"
-        + (f" (budget {report['budget']})" if report["budget"] else "")
+        + (f" (budget {_budget(report)})" if report["budget"] else "")
         + f", {report['images_per_s']:.2f} img/s, {drawn.backend}"
     )
     print(f"grid: {out / 'grid.png'}\nstats: {out / 'stats.json'}")
+
+
+def _budget(report: dict[str, Any]) -> str:
+    """The budget as the summary says it: "60", or "10dit = 60 blocks" for a budget in DiT steps."""
+    blocks = report.get("budget_blocks")
+    return str(report["budget"]) if blocks in (None, report["budget"]) else f"{report['budget']} = {blocks} blocks"
 
 
 def _report(drawn: _Drawn, args: argparse.Namespace) -> dict[str, Any]:
@@ -304,7 +321,10 @@ def _report(drawn: _Drawn, args: argparse.Namespace) -> dict[str, Any]:
         "n": n,
         "steps": len(drawn.steps),
         "seed": args.seed,
-        **{k: drawn.names.get(k) for k in ("spacing", "sampler", "allocator", "reuse", "cfg_scale", "budget")},
+        **{
+            k: drawn.names.get(k)
+            for k in ("spacing", "sampler", "allocator", "reuse", "cfg_scale", "budget", "budget_blocks")
+        },
         "blocks_per_sample": {
             "mean": blocks.double().mean().item(),
             "max": int(blocks.max()),

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from fpdm.budget import FORMS, parse_budget
+from fpdm.errors import UsageError
+
 if TYPE_CHECKING:
     from fpdm.config import SampleConfig
 
@@ -21,10 +24,16 @@ def add_process_arguments(
     parser.add_argument("--steps", type=int, default=steps, help=steps_help)
     parser.add_argument(
         "--spacing",
-        help="which noise levels the steps visit: official (default; guided-diffusion's respacing), "
-        "linspace, leading, trailing, or karras (Karras et al.'s sigmas, fractional timesteps)",
+        help="which noise levels the steps visit: official (guided-diffusion's respacing; the default of ddpm "
+        "and ddim), trailing (the default of the other samplers), linspace, leading, or karras",
     )
-    parser.add_argument("--budget", type=int, help="transformer-block evaluations per sample (the paper's unit)")
+    parser.add_argument(
+        "--budget",
+        type=budget_text,
+        metavar="B",
+        help="transformer-block evaluations per sample (60, the paper's unit) or DiT-step equivalents (10dit: 10 x "
+        "the depth of the DiT of the model's size)",
+    )
     parser.add_argument(
         "--sampler",
         default="ddpm",
@@ -39,6 +48,14 @@ def add_process_arguments(
         "--guidance-rescale", type=float, default=0.0, help="Lin et al.'s rescale phi in [0, 1] for guided sampling"
     )
     parser.add_argument("--clip-x0", action="store_true", help="clip predicted x0 to [-1, 1]")
+
+
+def budget_text(text: str) -> int | str:
+    """`--budget 60` (blocks) or `--budget 10dit`, checked while the flags are parsed (`fpdm.budget`)."""
+    try:
+        return parse_budget(text).option
+    except UsageError:
+        raise argparse.ArgumentTypeError(f"invalid budget {text!r}: give {FORMS}") from None
 
 
 def class_value(text: str) -> int | str:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
         SolverStats,
     )
     from fpdm.pipeline import Pipeline, SampleOutput, load
+    from fpdm.planning import plan
     from fpdm.registry import Registry, default_registry
     from fpdm.solving.iterative import IterativeSolver, relative_residual
     from fpdm.training.loop import train
@@ -46,6 +47,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("Config", "SampleConfig", "ExportConfig", "EvalConfig", "load_config"), "fpdm.config"),
     "train": "fpdm.training.loop",
     "evaluate": "fpdm.eval.evaluation",
+    "plan": "fpdm.planning",
     **dict.fromkeys(
         (
             "BudgetAllocator",
@@ -91,6 +93,7 @@ __all__ = [
     "hookimpl",
     "load",
     "load_config",
+    "plan",
     "relative_residual",
     "train",
 ]

@@ -219,7 +219,8 @@ def _path(value: Any) -> str | None:
 @attrs.frozen
 class SampleConfig:
     """What `Pipeline.sample` and `fpdm sample` do: `n` images in batches of `batch_size`, `steps` respaced
-    steps of `sampler` placed by `spacing` (`fpdm.spacing.SPACINGS`; "official" is guided-diffusion's rule),
+    steps of `sampler` placed by `spacing` (`fpdm.spacing.SPACINGS`; "official" is guided-diffusion's rule; None:
+    the sampler's own default, official for ddpm and ddim, trailing for the others),
     the fixed-point solve (`solver`, `iters` per step, or a `budget` in block evaluations (60) or DiT-step
     equivalents ("10dit", `fpdm.budget`) spread by `allocator`; `reuse` warm-starts each step), guidance and
     the output form.
@@ -234,7 +235,7 @@ class SampleConfig:
     n: int = attrs.field(default=64, validator=at_least(1))
     classes: tuple[int | str, ...] | None = attrs.field(default=None, converter=_classes)
     steps: int = attrs.field(default=50, validator=at_least(1))
-    spacing: str = attrs.field(default="official", validator=v.instance_of(str))
+    spacing: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))
     budget: int | str | None = attrs.field(default=None, converter=budget_value)  # blocks, or "10dit"
     sampler: str | object = "ddpm"
     solver: str | object | None = None
@@ -271,7 +272,7 @@ class ExportConfig:
     out: str | None = attrs.field(default=None, converter=_path)
     whole_loop: bool = attrs.field(default=False, validator=v.instance_of(bool))
     steps: int | None = attrs.field(default=None, validator=v.optional(at_least(1)))
-    spacing: str = attrs.field(default="official", validator=v.instance_of(str))
+    spacing: str | None = attrs.field(default=None, validator=v.optional(v.instance_of(str)))
     budget: int | str | None = attrs.field(default=None, converter=budget_value)  # blocks, or "10dit"
     sampler: str = "ddpm"
     eta: float | None = attrs.field(default=None, validator=v.optional([v.instance_of((int, float)), finite]))

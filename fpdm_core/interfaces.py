@@ -366,6 +366,9 @@ class Sampler(abc.ABC):
     """
 
     order: int = 1
+    # The spacing used when none is given: guided-diffusion's "official" for DDPM and DDIM; samplers whose last
+    # step jumps to the data waste an evaluation at t = 0 under it, and say "trailing".
+    default_spacing: str = DEFAULT_SPACING
 
     @property
     def deterministic(self) -> bool:

@@ -12,6 +12,7 @@ and `export` it.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from fpdm.build import load_denoiser, resolve_device
 from fpdm.config import Config, ExportConfig, SampleConfig, from_dict, make_config, to_dict
 from fpdm.data.images import to_pil, to_uint8
 from fpdm.diffusion.plan import base_diffusion, generate_planned, sampling_parts
+from fpdm.diffusion.planner import plan_location, use_stored_plan
 from fpdm.diffusion.sampling import StepStats
 from fpdm.errors import UsageError
 from fpdm.exporting import export_report
@@ -184,8 +186,8 @@ class Pipeline:
         n: int = 64,
         classes: int | str | Sequence[int | str] | None = None,
         steps: int = 50,
-        spacing: str = "official",
-        budget: int | None = None,
+        spacing: str | None = None,
+        budget: int | str | None = None,
         sampler: str | object = "ddpm",
         solver: str | object | None = None,
         allocator: str | object = "uniform",
@@ -205,14 +207,17 @@ class Pipeline:
         progress: bool = False,
         output_type: str = "tensor",
         vae: str | Path | AutoencoderKL | None = None,
+        plan: str | Path | bool = True,
     ) -> SampleOutput:
         """`n` samples; the options are `SampleConfig`'s (see it). With `config`, each keyword that differs from
         its default overrides the config's value. `generator` (one torch.Generator, or one per image) replaces
         `seed`; `latents` (n, C, H, W) is x_T given directly; `callback(StepStats)` sees every model evaluation;
-        `vae` (a diffusers AutoencoderKL folder or a loaded one) decodes a latent model's samples."""
+        `vae` (a diffusers AutoencoderKL folder or a loaded one) decodes a latent model's samples. `plan`: with
+        a `budget`, the settings `fpdm plan` stored for it (True: the model's own plan, a path: that plan file,
+        False: none; see `fpdm.diffusion.planner`)."""
         given = {key: value for key, value in locals().items() if key in _SAMPLE_FIELDS}
         options = _merged(config, given)
-        return run_sample(self, options, generator=generator, latents=latents, callback=callback, vae=vae)
+        return run_sample(self, options, generator=generator, latents=latents, callback=callback, vae=vae, plan=plan)
 
     def save_pretrained(
         self, out: str | Path, *, dtype: str = "fp32", weights: str = "ema", command: str | None = None
@@ -283,8 +288,10 @@ def run_sample(
     latents: Tensor | None = None,
     callback: Callable[[StepStats], None] | None = None,
     vae: str | Path | AutoencoderKL | None = None,
+    plan: str | Path | bool = True,
 ) -> SampleOutput:
-    """`Pipeline.sample` with its options resolved: checks first (classes, VAE, plan), then the loop."""
+    """`Pipeline.sample` with its options resolved: checks first (stored plan, classes, VAE, plan), then the loop."""
+    options, stored = _stored_plan(pipe, options, plan)
     model = pipe.denoiser
     shape = (model.in_channels, model.input_size, model.input_size)
     labels = class_ids(options.classes, pipe.class_names, model.num_classes)
@@ -316,16 +323,27 @@ def run_sample(
     images = result.images.float()
     if decode is not None:  # latents -> images in [-1, 1]
         images = decode(images)
-    plan = {
+    report = {
         **parts.names,
         "solver": solver_name,
         "iterations": parts.iterations,
         "tol": parts.tolerances,
         "device": str(pipe.device),
+        "stored_plan": None if stored is None else stored["file"],
     }
     return SampleOutput(
-        convert(images, options.output_type), result.labels, result.blocks, result.steps, result.seconds, plan
+        convert(images, options.output_type), result.labels, result.blocks, result.steps, result.seconds, report
     )
+
+
+def _stored_plan(pipe: Pipeline, options: SampleConfig, plan: str | Path | bool) -> tuple[SampleConfig, Any]:
+    """`options` with the stored plan for its budget applied (`fpdm.diffusion.planner`), notes on stderr."""
+    if plan is False or options.budget is None or (plan is True and pipe.path is None):
+        return options, None
+    location = plan_location(pipe.path, pipe.kind, pipe.weights, file=None if plan is True else plan)
+    if plan is not True and not location.file.is_file():
+        raise UsageError(f"plan file not found: {location.file}")
+    return use_stored_plan(options, location, say=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def class_ids(classes: Sequence[int | str] | None, names: Sequence[str], num_classes: int) -> list[int] | None:

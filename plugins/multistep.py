@@ -94,9 +94,10 @@ def _lowered(order: int, step: int, steps: int, *, warmup_history: int, lower_fi
 class Euler(Sampler):
     """Karras et al. 2022 (EDM), Algorithm 1 without the second-order correction: one Euler step of the
     probability-flow ODE in sigma per evaluation. Nominal order 1. In x0 form it equals DDIM (eta 0).
-    Default spacing: official (give `--spacing karras` for the EDM levels)."""
+    Default spacing: trailing."""
 
     order = 1
+    default_spacing = "trailing"
 
     def __call__(self, evaluate: Evaluate, x: Tensor, diffusion: GaussianDiffusion, *, noise: NoiseSource) -> Tensor:
         levels = noise_levels(diffusion)
@@ -114,6 +115,7 @@ class EulerAncestral(Sampler):
 
     eta: float = attrs.field(default=1.0, converter=float, validator=[v.ge(0.0), v.le(1.0)])
     order = 1
+    default_spacing = "trailing"
 
     @property
     def deterministic(self) -> bool:
@@ -146,9 +148,10 @@ class Heun(Sampler):
     """Karras et al. 2022 (EDM), Algorithm 1 (S_churn = 0): an Euler step to the next level, a second evaluation
     there, and the trapezoidal average of the two slopes. Nominal order 2. Costs 2 evaluations per step, except
     the last (to the data, an Euler step) and a first step from zero SNR (the x0 limit, whose slope is
-    undefined). Default spacing: official (`--spacing karras` for EDM's levels)."""
+    undefined). Default spacing: trailing."""
 
     order = 2
+    default_spacing = "trailing"
 
     def levels(self, diffusion: GaussianDiffusion) -> list[int]:
         out = []
@@ -194,11 +197,12 @@ class DPMSolverPP(Sampler):
     `lower_order_warmup`: the first steps use the order their history supports (1, then 2, ...). Off, dpmpp_3m
     starts with one Heun-corrected step (one extra evaluation at its next level) so the start costs no order.
     `lower_order_final`: with fewer than 15 steps the last steps lower their order (diffusers' rule).
-    Default spacing: official."""
+    Default spacing: trailing."""
 
     order: int = attrs.field(default=2, validator=v.in_((1, 2, 3)))
     lower_order_warmup: bool = attrs.field(default=True, validator=v.instance_of(bool))
     lower_order_final: bool = attrs.field(default=True, validator=v.instance_of(bool))
+    default_spacing = "trailing"
 
     def _heun_start(self, levels: Sequence[Level]) -> bool:
         """Whether the first step is Heun-corrected: only dpmpp_3m without warm-up, with finite levels."""
@@ -282,12 +286,13 @@ class DPMSolverPP2MSDE(Sampler):
     the exponential integrator, x_t = (sigma_t / sigma_s) e^(-eta h) x_s + alpha_t (1 - e^-(1+eta) h) D +
     sigma_t sqrt(1 - e^(-2 eta h)) z, D the latest x0 plus half the first difference. Nominal order 2 in
     the ODE limit (eta = 0), weak order 1 as an SDE. One evaluation and one noise draw per step (none on the
-    last). Default spacing: official."""
+    last). Default spacing: trailing."""
 
     eta: float = attrs.field(default=1.0, converter=float, validator=[v.ge(0.0), v.le(1.0)])
     lower_order_warmup: bool = attrs.field(default=True, validator=v.instance_of(bool))
     lower_order_final: bool = attrs.field(default=True, validator=v.instance_of(bool))
     order = 2
+    default_spacing = "trailing"
 
     @property
     def deterministic(self) -> bool:
@@ -335,11 +340,12 @@ class UniPC(Sampler):
 
     `lower_order_warmup`: the first steps use the order their history supports (always on: a multistep
     predictor has no other start; the corrector keeps the start at second order). `lower_order_final`: with
-    fewer than 15 steps the last steps lower their order (diffusers' rule). Default spacing: official."""
+    fewer than 15 steps the last steps lower their order (diffusers' rule). Default spacing: trailing."""
 
     solver_order: int = attrs.field(default=2, validator=v.in_((1, 2, 3)))
     lower_order_warmup: bool = attrs.field(default=True, validator=v.instance_of(bool))
     lower_order_final: bool = attrs.field(default=True, validator=v.instance_of(bool))
+    default_spacing = "trailing"
 
     @property
     def order(self) -> int:  # type: ignore[override]  # a property of the option, where the base has a constant

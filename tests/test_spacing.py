@@ -95,12 +95,13 @@ def test_the_flag_parses_for_eval_and_export_and_sample_help_names_the_default(c
     parser = build_parser()
     args = parser.parse_args(["eval", "RUN", "--ref", "D", "--spacing", "leading"])
     assert sample_config(args).spacing == "leading"
-    assert sample_config(parser.parse_args(["eval", "RUN", "--ref", "D"])).spacing == "official"
+    assert sample_config(parser.parse_args(["eval", "RUN", "--ref", "D"])).spacing is None  # the sampler's default
     export = ["export", "RUN", "--onnx", "--whole-loop", "--steps", "4", "--spacing", "trailing"]
     assert parser.parse_args(export).spacing == "trailing"
     with pytest.raises(SystemExit):
         parser.parse_args(["sample", "--help"])
-    assert "official (default; guided-diffusion's respacing)" in " ".join(capsys.readouterr().out.split())
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "official (guided-diffusion's respacing; the default of ddpm and ddim), trailing (the default of" in shown
 
 
 def _cli_sample(model: str, out, *extra: str) -> dict:  # type: ignore[no-untyped-def]
@@ -199,3 +200,12 @@ def test_karras_levels_follow_the_rho_7_ramp_between_the_finite_sigmas(steps, ze
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
     torch.testing.assert_close(sigmas, (hi + ramp * (lo - hi)) ** 7, rtol=1e-9, atol=0)
     assert process.timestep_map.dtype == (torch.int64 if bool((ts == ts.round()).all()) else torch.float64)
+
+
+@pytest.mark.parametrize("sampler, spacing", [("ddpm", "official"), ("ddim", "official"), ("dpmpp_3m", "trailing")])
+def test_without_a_spacing_each_sampler_takes_its_default(trained, sampler, spacing):
+    pipe = load(trained, device="cpu")
+    out = pipe.sample(n=1, steps=5, iters=1, sampler=sampler)
+    assert out.plan["spacing"] == spacing
+    first = [s["timestep"] for s in out.stats][-1]
+    assert first == (0 if spacing == "official" else 199)  # trailing never spends an evaluation at t = 0

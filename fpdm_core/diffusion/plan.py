@@ -74,11 +74,12 @@ def sampling_parts(
         raise UsageError("this model is unconditional: cfg_scale (guidance) does not apply")
     schedule = build_schedule(config.diffusion, registry)
     base = _diffusion(config, schedule)
-    timesteps = sorted(schedule.sampling_timesteps(options.steps, spacing=options.spacing).tolist())
     built, sampler = _build(
         registry, "sampler", options.sampler, {} if options.eta is None else {"eta": options.eta}, "eta"
     )
     chosen = as_sampler(built, clip_x0=options.clip_x0)
+    spacing = options.spacing or chosen.default_spacing  # official for ddpm/ddim, trailing for the multistep ones
+    timesteps = sorted(schedule.sampling_timesteps(options.steps, spacing=spacing).tolist())
     diffusion = base.respace(timesteps)
     allocator, allocator_name = _build(registry, "allocator", options.allocator, {}, "")
     if options.budget is None and allocator.tol <= 0 and allocator_name != "uniform":
@@ -104,7 +105,7 @@ def sampling_parts(
     tolerances = plan_tolerances(allocator, iterations, order, tol=options.tol)
     names = {
         "steps": options.steps,
-        "spacing": options.spacing,
+        "spacing": spacing,
         "budget": options.budget,
         "budget_blocks": blocks,
         "sampler": sampler,

@@ -55,7 +55,7 @@ FORMAT_VERSION = 1
 PLAN_NAME = "plan.toml"
 PLAN_TABLE = "plan"  # the table of a packed folder's config.toml
 # What a plan chooses (with the types a valid entry holds), and the options whose explicit values drop it.
-SETTINGS: dict[str, type | tuple[type, ...]] = {
+SETTINGS: dict[str, type] = {
     "sampler": str,
     "spacing": str,
     "steps": int,
@@ -152,8 +152,9 @@ def grid_cells(
             for key, cell in _resolved(config, model, registry, blocks, sampler, spacing, steps, grid):
                 cells.setdefault(key, cell)
     if not cells:
+        given = budget if budget == str(blocks) else f"{budget} ({blocks} blocks)"
         floor = "" if cheapest is None else f"; the least is {cheapest[0]} blocks ({cheapest[1]})"
-        raise UsageError(f"budget {budget} ({blocks} blocks) cannot pay one step of any sampler in the grid{floor}")
+        raise UsageError(f"budget {given} cannot pay one step of any sampler in the grid{floor}")
     return list(cells.values()), skipped
 
 
