@@ -244,7 +244,9 @@ def fid_cell(
     registry = default_registry()
     budget = dit_steps * DIT_DEPTH
     steps = dit_steps if family == "dit" else max(1, budget // STEP_BLOCKS.get(variant, BLOCKS_PER_STEP))
-    ts = sorted(schedule.sampling_timesteps(steps).tolist())
+    sampler = registry.create("sampler", sampler_name)
+    spacing = sampler.default_spacing  # official for DDIM (the paper's rows), trailing for the multistep ones
+    ts = sorted(schedule.sampling_timesteps(steps, spacing=spacing).tolist())
     allocator = registry.create("allocator", alloc_name)
     plan = plan_iterations(model, ts[::-1], budget=budget, iters=0, allocator=allocator)
     result = generate(
@@ -255,7 +257,7 @@ def fid_cell(
         seed=seed,
         labels=list(range(10)),
         shape=(1, 32, 32),
-        sampler=registry.create("sampler", sampler_name),
+        sampler=sampler,
         solver=registry.create("solver", solver_name),
         iterations=plan,
         reuse=registry.create("reuse_policy", reuse_name),
@@ -276,6 +278,7 @@ def fid_cell(
         {
             "variant": variant,
             "sampler": sampler_name,
+            "spacing": spacing,
             "dit_steps": dit_steps,
             "budget_blocks": budget,
             "steps": steps,
