@@ -65,7 +65,7 @@ def plan_iterations(
         if budget is not None and steps * per_step > budget:
             raise UsageError(
                 f"budget {budget} cannot pay for {steps} DiT model evaluations of {per_step} blocks "
-                f"({steps * per_step} needed); lower --steps or raise the budget"
+                f"({steps * per_step} needed); {budget // per_step} fit: lower --steps or raise the budget"
             )
         return [0] * steps
     if budget is None:

@@ -75,8 +75,10 @@ def _feed(session: Any, model: Denoiser, batch: int, seed: int) -> tuple[dict[st
             start = model.prepare(values["x_t"], values["t"], values["y"]).start
         values["z0"] = start + 0.1 * torch.randn(start.shape, generator=gen)
         values["use_z0"] = torch.arange(batch, dtype=torch.float32) % 2  # warm and cold rows in one batch
-    names = [i.name for i in session.get_inputs()]
-    return {k: values[k].numpy() for k in names}, values
+    # Each input in the dtype the file declares (fpdm's format 2 takes float32 timesteps, format 1 int64).
+    declared = {i.name: i.type for i in session.get_inputs()}
+    feed = {k: values[k].float() if declared[k] == "tensor(float)" else values[k] for k in declared}
+    return {k: v.numpy() for k, v in feed.items()}, values
 
 
 def _reference(model: Denoiser, values: dict[str, Tensor], iters: int) -> Tensor:
