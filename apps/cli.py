@@ -102,6 +102,15 @@ def write_json(payload: Any, target: str) -> None:
     path.write_text(text + "\n")
 
 
+def add_model_argument(
+    parser: argparse.ArgumentParser,
+    *,
+    help: str = "a run, checkpoint or packed model folder (default: the run `fpdm train` writes)",
+) -> argparse.Action:
+    """The optional MODEL positional into `args.model` (None: the run `fpdm train` writes)."""
+    return parser.add_argument("model", nargs="?", metavar="MODEL", help=help)
+
+
 def add_weights_option(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     *,

@@ -8,18 +8,13 @@ import argparse
 import json
 from typing import Any
 
-from fpdm.apps.cli import Handler, add_json_option, add_weights_option, write_json
+from fpdm.apps.cli import Handler, add_json_option, add_model_argument, add_weights_option, write_json
 from fpdm.apps.sampling_setup import add_process_arguments
 from fpdm.errors import UsageError
 
 
 def export_command(parser: argparse.ArgumentParser) -> Handler:
-    parser.add_argument(
-        "model",
-        nargs="?",
-        metavar="MODEL",
-        help="a run, checkpoint or packed model folder (default: the run `fpdm train` writes)",
-    )
+    add_model_argument(parser)
     parser.add_argument(
         "--onnx",
         dest="format",

@@ -7,13 +7,11 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from fpdm.apps.cli import Handler, add_json_option, add_weights_option, write_json
+from fpdm.apps.cli import Handler, add_json_option, add_model_argument, add_weights_option, write_json
 
 
 def pack_command(parser: argparse.ArgumentParser) -> Handler:
-    parser.add_argument(
-        "model", nargs="?", metavar="MODEL", help="a run or checkpoint folder (default: the run `fpdm train` writes)"
-    )
+    add_model_argument(parser, help="a run or checkpoint folder (default: the run `fpdm train` writes)")
     parser.add_argument("--out", required=True, help="the packed folder to write (replaced if it is one already)")
     parser.add_argument(
         "--dtype",

@@ -8,17 +8,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fpdm.apps.cli import Handler, add_device_option, add_json_option, add_weights_option, write_json
+from fpdm.apps.cli import (
+    Handler,
+    add_device_option,
+    add_json_option,
+    add_model_argument,
+    add_weights_option,
+    write_json,
+)
 from fpdm.apps.sampling_setup import budget_text
 
 
 def plan_command(parser: argparse.ArgumentParser) -> Handler:
-    parser.add_argument(
-        "model",
-        nargs="?",
-        metavar="MODEL",
-        help="a run, checkpoint or packed model folder (default: the run `fpdm train` writes)",
-    )
+    add_model_argument(parser)
     parser.add_argument(
         "--budget",
         action="append",

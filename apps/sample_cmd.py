@@ -16,16 +16,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fpdm.apps.cli import Handler, add_device_option, add_json_option, add_weights_option, write_json
+from fpdm.apps.cli import (
+    Handler,
+    add_device_option,
+    add_json_option,
+    add_model_argument,
+    add_weights_option,
+    write_json,
+)
 from fpdm.apps.sampling_setup import add_process_arguments, class_value, sample_config
 from fpdm.errors import UsageError
 
 
 def sample_command(parser: argparse.ArgumentParser) -> Handler:
-    parser.add_argument(
-        "model",
-        nargs="?",
-        metavar="MODEL",
+    add_model_argument(
+        parser,
         help="a run, checkpoint or packed model folder, or an exported .onnx (default: the run `fpdm train` writes)",
     )
     parser.add_argument("--n", type=int, default=64, help="number of images")
